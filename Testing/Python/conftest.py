@@ -1,0 +1,34 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+# Test the working tree's engine, whether or not the package is also installed.
+if str(REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY))
+
+# Real labelled datasets live beside the repository, never inside it (see shared/data/README.md).
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.fixture
+def shared_dataset() -> Callable[[str], Path]:
+    """Locate a real dataset folder by name, e.g. ``shared_dataset("msd_hippocampus")``.
+
+    The test is skipped, with the path it looked for, where the folder is absent: the real data
+    is optional and the rest of the suite must run without it.
+    """
+
+    def locate(name: str) -> Path:
+        folder = SHARED_DATA / name
+        if not folder.is_dir():
+            pytest.skip(f"real dataset {name!r} not found at {folder}: place it there to run this test")
+        return folder
+
+    return locate

@@ -1,0 +1,128 @@
+"""`unet3d-segmenter predict` end to end: real files in, labelmaps out, one clear line for mistakes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from UNet3DSegmenterLib.checkpoint import Checkpoint, Label, save_checkpoint
+from UNet3DSegmenterLib.io import read_volume, write_dicom_series, write_volume
+from UNet3DSegmenterLib.models import build_model
+from UNet3DSegmenterLib.preprocess import Preprocessing
+from UNet3DSegmenterLib.volume import Volume
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = build_model("unet3d", dict(in_channels=1, out_channels=3, depth=3, base_width=4))
+    labels = [Label(0, "background"), Label(1, "anterior", (1, 0, 0)), Label(2, "posterior", (0, 0, 1))]
+    checkpoint = Checkpoint.from_model(model, labels, Preprocessing(spacing=(1.0, 1.0, 1.0)), (32, 32, 32))
+    return save_checkpoint(checkpoint, tmp_path_factory.mktemp("model") / "model.pt")
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "UNet3DSegmenterLib", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def small_volume(seed: int = 0) -> Volume:
+    array = np.random.default_rng(seed).normal(100, 10, size=(20, 24, 28)).astype(np.float32)
+    return Volume(array, spacing=(1.0, 1.2, 1.5), origin=(3, 4, 5))
+
+
+def test_predict_real_hippocampus_case_keeps_its_grid(model_path, shared_dataset, tmp_path):
+    source = shared_dataset("msd_hippocampus") / "images" / "hippocampus_001.nii.gz"
+    output, probabilities = tmp_path / "seg.nii.gz", tmp_path / "prob.nii.gz"
+    result = run_cli("predict", "-c", model_path, "-i", source, "-o", output, "--probabilities", probabilities,
+                     "--largest-component", "--tta", "--overlap", "0.25")
+    assert result.returncode == 0, result.stderr
+    image, labelmap = read_volume(source), read_volume(output)
+    assert labelmap.same_grid(image) and labelmap.array.dtype == np.uint8
+    assert read_volume(probabilities).channels == 3
+
+
+def test_predict_folder_writes_each_case_under_its_name(model_path, tmp_path):
+    for name in ("alpha", "beta"):
+        write_volume(small_volume(), tmp_path / "in" / f"{name}.nrrd")
+    result = run_cli("predict", "-c", model_path, "-i", tmp_path / "in", "-o", tmp_path / "out", "--progress-json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["alpha.nrrd", "beta.nrrd"]
+    assert '"event": "progress"' in result.stdout and '"event": "written"' in result.stdout
+
+
+def test_predict_dicom_series_folder(model_path, tmp_path):
+    volume = small_volume()
+    write_dicom_series(volume.with_array(volume.array.astype(np.int16)), tmp_path / "dicom")
+    result = run_cli("predict", "-c", model_path, "-i", tmp_path / "dicom", "-o", tmp_path / "seg.nii.gz")
+    assert result.returncode == 0, result.stderr
+    assert read_volume(tmp_path / "seg.nii.gz").same_grid(volume, tolerance=1e-3)
+
+
+def test_missing_input(model_path, tmp_path):
+    result = run_cli("predict", "-c", model_path, "-i", tmp_path / "nope.nii.gz", "-o", tmp_path / "o.nii.gz")
+    assert_one_line_error(result, "not found", "nope.nii.gz")
+
+
+def test_corrupt_input_leaves_no_output(model_path, tmp_path):
+    (tmp_path / "bad.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    result = run_cli("predict", "-c", model_path, "-i", tmp_path / "bad.nii.gz", "-o", tmp_path / "o.nii.gz")
+    assert_one_line_error(result, "cannot read", "bad.nii.gz")
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_2d_input(model_path, tmp_path):
+    sitk.WriteImage(sitk.Image(30, 30, sitk.sitkFloat32), str(tmp_path / "flat.nrrd"))
+    assert_one_line_error(run_cli("predict", "-c", model_path, "-i", tmp_path / "flat.nrrd", "-o", tmp_path / "o.nrrd"),
+                          "3D volume is needed")
+
+
+def test_nan_input(model_path, tmp_path):
+    array = small_volume().array
+    array[3, 3, 3] = np.nan
+    nibabel.save(nibabel.Nifti1Image(array.transpose(2, 1, 0), np.eye(4)), tmp_path / "nan.nii.gz")
+    assert_one_line_error(run_cli("predict", "-c", model_path, "-i", tmp_path / "nan.nii.gz", "-o", tmp_path / "o.nii.gz"),
+                          "NaN")
+
+
+def test_channel_mismatch(model_path, tmp_path):
+    write_volume(Volume(np.zeros((2, 10, 12, 14), np.float32)), tmp_path / "two.nrrd")
+    result = run_cli("predict", "-c", model_path, "-i", tmp_path / "two.nrrd", "-o", tmp_path / "o.nrrd")
+    assert_one_line_error(result, "2 channels", "expects 1")
+    assert not (tmp_path / "o.nrrd").exists()
+
+
+def test_unreadable_checkpoint(tmp_path):
+    write_volume(small_volume(), tmp_path / "in.nii.gz")
+    (tmp_path / "model.pt").write_text("not a checkpoint")
+    assert_one_line_error(run_cli("predict", "-c", tmp_path / "model.pt", "-i", tmp_path / "in.nii.gz",
+                                  "-o", tmp_path / "o.nii.gz"), "model.pt")
+
+
+def test_output_folder_not_writable(model_path, tmp_path):
+    write_volume(small_volume(), tmp_path / "in.nii.gz")
+    (tmp_path / "file").write_text("a file where a folder should be")
+    result = run_cli("predict", "-c", model_path, "-i", tmp_path / "in.nii.gz", "-o", tmp_path / "file" / "o.nii.gz")
+    assert_one_line_error(result, "not writable")
+
+
+def test_folder_input_with_file_output_is_refused(model_path, tmp_path):
+    write_volume(small_volume(), tmp_path / "in" / "a.nii.gz")
+    assert_one_line_error(run_cli("predict", "-c", model_path, "-i", tmp_path / "in", "-o", tmp_path / "o.nii.gz"),
+                          "must be a folder")

@@ -1,0 +1,7 @@
+"""``python -m UNet3DSegmenterLib``: the same as the ``unet3d-segmenter`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,259 @@
+"""3D segmentation networks and the registry that rebuilds them from a checkpoint.
+
+- :class:`UNet3D`: Cicek et al. 2016. Two 3x3x3 conv + norm + ReLU per level, max pooling down,
+  transposed conv up, skip concatenation.
+- :class:`ResidualUNet3D`: the same U shape with ResNet basic blocks in the encoder and bottleneck.
+- :class:`VNet`: Milletari et al. 2016. Residual stages of 5x5x5 convs with PReLU, strided-conv
+  downsampling, transposed-conv upsampling.
+
+All take ``(in_channels, out_channels)`` first, and ``depth`` (levels including the bottleneck),
+``base_width`` (channels at the first level, doubled per level), ``norm`` ('instance' or 'batch')
+and ``dropout`` (probability in the bottleneck). Inputs must be divisible by ``model.size_divisor``
+along each axis; the sliding window takes care of that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NORMS = ("instance", "batch")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    raise ValueError(f"unknown normalisation {kind!r}: choose one of {NORMS}")
+
+
+class ConvNormAct(nn.Sequential):
+    """conv -> norm -> activation, the unit every network here is made of."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, norm: str = "instance",
+                 activation: type[nn.Module] = nn.ReLU, stride: int = 1):
+        super().__init__(
+            nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2, bias=False),
+            _norm(norm, out_channels),
+            activation(inplace=True) if activation is nn.ReLU else activation(out_channels),
+        )
+
+
+class _SegmentationNetwork(nn.Module):
+    """Shared bookkeeping: the constructor arguments (for the checkpoint) and the size divisor."""
+
+    def __init__(self, **architecture_args):
+        super().__init__()
+        self.architecture_args = dict(architecture_args)
+        self.size_divisor = 2 ** (architecture_args["depth"] - 1)
+
+    @staticmethod
+    def _widths(depth: int, base_width: int) -> list[int]:
+        if depth < 2:
+            raise ValueError(f"depth must be at least 2, got {depth}")
+        return [base_width * 2**level for level in range(depth)]
+
+
+class _Decoder(nn.Module):
+    """Transposed-conv up, concatenate the skip, then two conv units per level."""
+
+    def __init__(self, widths: list[int], norm: str, kernel_size: int = 3, activation=nn.ReLU):
+        super().__init__()
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose3d(widths[level + 1], widths[level], kernel_size=2, stride=2)
+            for level in reversed(range(len(widths) - 1))
+        )
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                ConvNormAct(2 * widths[level], widths[level], kernel_size, norm, activation),
+                ConvNormAct(widths[level], widths[level], kernel_size, norm, activation),
+            )
+            for level in reversed(range(len(widths) - 1))
+        )
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for up, block, skip in zip(self.ups, self.blocks, reversed(skips)):
+            x = block(torch.cat([up(x), skip], dim=1))
+        return x
+
+
+class UNet3D(_SegmentationNetwork):
+    """The 3D U-Net of Cicek et al. (2016).
+
+    Args:
+        in_channels: image channels (1 for a single MR or CT series).
+        out_channels: classes including background.
+        depth: levels including the bottleneck (5 gives widths 16-32-64-128-256 with base_width 16).
+        base_width: channels at the first level; doubled at each level down.
+        norm: 'instance' or 'batch'.
+        dropout: dropout probability before the bottleneck's second conv.
+
+    Example::
+
+        >>> model = UNet3D(in_channels=1, out_channels=3)
+        >>> model(torch.zeros(1, 1, 32, 32, 32)).shape
+        torch.Size([1, 3, 32, 32, 32])
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, depth: int = 5, base_width: int = 16,
+                 norm: str = "instance", dropout: float = 0.0):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, depth=depth,
+                         base_width=base_width, norm=norm, dropout=dropout)
+        widths = self._widths(depth, base_width)
+        channels = [in_channels] + widths
+        self.encoder = nn.ModuleList(
+            nn.Sequential(
+                ConvNormAct(channels[level], widths[level], 3, norm),
+                nn.Dropout3d(dropout) if dropout and level == depth - 1 else nn.Identity(),
+                ConvNormAct(widths[level], widths[level], 3, norm),
+            )
+            for level in range(depth)
+        )
+        self.pool = nn.MaxPool3d(2)
+        self.decoder = _Decoder(widths, norm)
+        self.head = nn.Conv3d(widths[0], out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, block in enumerate(self.encoder):
+            x = block(x if level == 0 else self.pool(x))
+            skips.append(x)
+        return self.head(self.decoder(skips.pop(), skips))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3x3 conv + norm with an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str, stride: int = 1):
+        super().__init__()
+        self.conv1 = ConvNormAct(in_channels, out_channels, 3, norm, stride=stride)
+        self.conv2 = nn.Sequential(
+            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False), _norm(norm, out_channels)
+        )
+        self.shortcut = (
+            nn.Identity() if stride == 1 and in_channels == out_channels else
+            nn.Sequential(nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False),
+                          _norm(norm, out_channels))
+        )
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class ResidualUNet3D(_SegmentationNetwork):
+    """A U-Net whose encoder and bottleneck are ResNet basic blocks (strided first block per level).
+
+    Same arguments as :class:`UNet3D`; the decoder is the U-Net's (transposed conv, concat, two convs).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, depth: int = 5, base_width: int = 16,
+                 norm: str = "instance", dropout: float = 0.0):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, depth=depth,
+                         base_width=base_width, norm=norm, dropout=dropout)
+        widths = self._widths(depth, base_width)
+        self.stem = ConvNormAct(in_channels, widths[0], 3, norm)
+        self.encoder = nn.ModuleList(
+            nn.Sequential(
+                BasicBlock(widths[max(level - 1, 0)], widths[level], norm, stride=1 if level == 0 else 2),
+                nn.Dropout3d(dropout) if dropout and level == depth - 1 else nn.Identity(),
+                BasicBlock(widths[level], widths[level], norm),
+            )
+            for level in range(depth)
+        )
+        self.decoder = _Decoder(widths, norm)
+        self.head = nn.Conv3d(widths[0], out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        return self.head(self.decoder(skips.pop(), skips))
+
+
+class _VNetStage(nn.Module):
+    """``convolutions`` 5x5x5 conv units with a residual connection around them."""
+
+    def __init__(self, channels: int, convolutions: int, norm: str, in_channels: int | None = None):
+        super().__init__()
+        in_channels = in_channels or channels
+        self.units = nn.Sequential(*(
+            ConvNormAct(in_channels if index == 0 else channels, channels, 5, norm, nn.PReLU)
+            for index in range(convolutions)
+        ))
+        self.shortcut = nn.Identity() if in_channels == channels else nn.Conv3d(in_channels, channels, 1)
+        self.activation = nn.PReLU(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.units(x) + self.shortcut(x))
+
+
+class VNet(_SegmentationNetwork):
+    """The V-Net of Milletari et al. (2016): residual stages of 5x5x5 convs, PReLU, strided-conv down.
+
+    Stage ``level`` has ``min(level + 1, 3)`` convolutions, as in the paper (1, 2, 3, 3, 3).
+    Same arguments as :class:`UNet3D`.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, depth: int = 5, base_width: int = 16,
+                 norm: str = "instance", dropout: float = 0.0):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, depth=depth,
+                         base_width=base_width, norm=norm, dropout=dropout)
+        widths = self._widths(depth, base_width)
+        self.input_stage = _VNetStage(widths[0], 1, norm, in_channels=in_channels)
+        self.downs = nn.ModuleList(
+            ConvNormAct(widths[level], widths[level + 1], 2, norm, nn.PReLU, stride=2)
+            for level in range(depth - 1)
+        )
+        self.stages = nn.ModuleList(
+            _VNetStage(widths[level], min(level + 1, 3), norm) for level in range(1, depth)
+        )
+        self.dropout = nn.Dropout3d(dropout) if dropout else nn.Identity()
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose3d(widths[level + 1], widths[level], kernel_size=2, stride=2)
+            for level in reversed(range(depth - 1))
+        )
+        self.up_stages = nn.ModuleList(
+            _VNetStage(widths[level], min(level + 1, 3), norm, in_channels=2 * widths[level])
+            for level in reversed(range(depth - 1))
+        )
+        self.head = nn.Conv3d(widths[0], out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_stage(x)
+        skips = [x]
+        for down, stage in zip(self.downs, self.stages):
+            x = stage(down(x))
+            skips.append(x)
+        x = self.dropout(skips.pop())
+        for up, stage, skip in zip(self.ups, self.up_stages, reversed(skips)):
+            x = stage(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+ARCHITECTURES: dict[str, type[_SegmentationNetwork]] = {
+    "unet3d": UNet3D,
+    "resunet3d": ResidualUNet3D,
+    "vnet": VNet,
+}
+
+
+def build_model(architecture: str, architecture_args: dict) -> _SegmentationNetwork:
+    """Build a network by registry name ('unet3d', 'resunet3d', 'vnet') and constructor arguments."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}: choose one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[architecture](**architecture_args)
+
+
+def architecture_name(model: nn.Module) -> str:
+    for name, cls in ARCHITECTURES.items():
+        if type(model) is cls:
+            return name
+    raise ValueError(f"{type(model).__name__} is not a registered architecture")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())

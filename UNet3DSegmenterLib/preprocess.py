@@ -1,0 +1,152 @@
+"""Preprocessing that training records and inference repeats exactly: resampling and normalisation.
+
+- Resampling to the model's spacing keeps origin and direction, so the resampled grid covers the
+  same physical box; images are interpolated linearly, labels by nearest neighbour or by linear
+  interpolation of each class's one-hot mask followed by argmax (smoother at coarse spacing).
+- Normalisation: ``zscore`` (per case and channel: MR, whose intensity scale varies between
+  scanners); ``ct`` (clip to a window in HU, then subtract a fixed mean and divide by a fixed std,
+  all four numbers recorded); ``none``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import from_sitk, to_sitk
+from .volume import Volume
+
+NORMALIZATIONS = ("zscore", "ct", "none")
+
+
+@dataclass
+class Preprocessing:
+    """What is done to an image before the network sees it.
+
+    Args:
+        spacing: target spacing (x, y, z) in mm, or None to keep each input's own spacing.
+        normalization: 'zscore', 'ct' or 'none'.
+        clip: for 'ct', the intensity window (low, high), e.g. (-160, 240) HU.
+        mean, std: for 'ct', the fixed numbers subtracted and divided by after clipping.
+        channels: image channels the network expects.
+    """
+
+    spacing: tuple[float, float, float] | None = None
+    normalization: str = "zscore"
+    clip: tuple[float, float] | None = None
+    mean: float = 0.0
+    std: float = 1.0
+    channels: int = 1
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalisation {self.normalization!r}: choose one of {NORMALIZATIONS}")
+        if self.spacing is not None:
+            self.spacing = tuple(float(s) for s in self.spacing)
+        if self.clip is not None:
+            self.clip = (float(self.clip[0]), float(self.clip[1]))
+
+    def to_dict(self) -> dict:
+        return {"spacing": list(self.spacing) if self.spacing else None, "normalization": self.normalization,
+                "clip": list(self.clip) if self.clip else None, "mean": float(self.mean),
+                "std": float(self.std), "channels": int(self.channels)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Preprocessing:
+        return cls(spacing=record.get("spacing"), normalization=record["normalization"],
+                   clip=record.get("clip"), mean=record.get("mean", 0.0), std=record.get("std", 1.0),
+                   channels=record.get("channels", 1))
+
+    def describe(self) -> str:
+        if self.normalization == "ct":
+            window = f"clip {self.clip[0]:g}..{self.clip[1]:g}, " if self.clip else ""
+            return f"ct ({window}then (x - {self.mean:.4g}) / {self.std:.4g})"
+        if self.normalization == "zscore":
+            return "zscore (per case and channel: zero mean, unit variance)"
+        return "none"
+
+
+def normalize(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """Normalise an image array (c, z, y, x) to float32 as ``preprocessing`` says."""
+    array = array.astype(np.float32, copy=True)
+    if preprocessing.normalization == "zscore":
+        for channel in array:
+            mean, std = float(channel.mean(dtype=np.float64)), float(channel.std(dtype=np.float64))
+            channel -= mean
+            channel /= max(std, 1e-8)
+    elif preprocessing.normalization == "ct":
+        if preprocessing.clip is not None:
+            np.clip(array, *preprocessing.clip, out=array)
+        array -= preprocessing.mean
+        array /= max(preprocessing.std, 1e-8)
+    return array
+
+
+def target_shape(volume: Volume, spacing) -> tuple[int, int, int]:
+    """The (z, y, x) size of ``volume``'s physical box sampled at ``spacing`` (x, y, z)."""
+    extent = np.asarray(volume.shape[::-1]) * np.asarray(volume.spacing)
+    size_xyz = np.maximum(np.round(extent / np.asarray(spacing)).astype(int), 1)
+    return tuple(int(s) for s in size_xyz[::-1])
+
+
+def _grid(volume: Volume, spacing) -> sitk.Image:
+    """An empty image with ``volume``'s origin and direction, sampled at ``spacing``."""
+    reference = sitk.Image([int(s) for s in target_shape(volume, spacing)[::-1]], sitk.sitkUInt8)
+    reference.SetSpacing([float(s) for s in spacing])
+    reference.SetOrigin(volume.origin)
+    reference.SetDirection(volume.direction.flatten().tolist())
+    return reference
+
+
+def resample_to_grid(volume: Volume, reference: Volume | sitk.Image, interpolation: str = "linear") -> Volume:
+    """Resample ``volume`` (any number of channels) onto the grid of ``reference``.
+
+    ``interpolation``: 'linear', 'nearest' (labels) or 'onehot' (labels, by linear interpolation of
+    each class mask and argmax).
+    """
+    reference_image = reference if isinstance(reference, sitk.Image) else to_sitk(
+        reference.with_array(np.zeros(reference.shape, np.uint8)))
+    if interpolation == "onehot":
+        return _resample_labels_onehot(volume, reference_image)
+    interpolator = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}[interpolation]
+    channels = volume.array if volume.array.ndim == 4 else volume.array[None]
+    resampled = [
+        sitk.GetArrayFromImage(sitk.Resample(to_sitk(volume.with_array(channel)), reference_image,
+                                             sitk.Transform(), interpolator, 0.0))
+        for channel in channels
+    ]
+    array = np.stack(resampled) if volume.array.ndim == 4 else resampled[0]
+    result = from_sitk(reference_image)
+    return result.with_array(array.astype(volume.array.dtype, copy=False))
+
+
+def _resample_labels_onehot(labels: Volume, reference_image: sitk.Image) -> Volume:
+    values = np.unique(labels.array)
+    best = None
+    for value in values:
+        mask = labels.with_array((labels.array == value).astype(np.float32))
+        probability = resample_to_grid(mask, reference_image, "linear").array
+        if best is None:
+            best, best_probability = np.full(probability.shape, value, labels.array.dtype), probability
+        else:
+            better = probability > best_probability
+            best[better] = value
+            best_probability = np.maximum(best_probability, probability)
+    return from_sitk(reference_image).with_array(best)
+
+
+def resample_to_spacing(volume: Volume, spacing, interpolation: str = "linear") -> Volume:
+    """Resample ``volume`` to ``spacing`` (x, y, z) mm over the same physical box."""
+    if spacing is None or np.allclose(volume.spacing, spacing, rtol=1e-5):
+        return volume
+    return resample_to_grid(volume, _grid(volume, spacing), interpolation)
+
+
+def preprocess_image(volume: Volume, preprocessing: Preprocessing) -> Volume:
+    """Resample and normalise an image; the result is float32 with a channel axis (c, z, y, x)."""
+    array = volume.array if volume.array.ndim == 4 else volume.array[None]
+    volume = volume.with_array(array.astype(np.float32, copy=False))
+    volume = resample_to_spacing(volume, preprocessing.spacing, "linear")
+    return volume.with_array(normalize(volume.array, preprocessing))
