@@ -56,6 +56,18 @@ class _InferenceInstanceNorm(nn.Module):
         return x
 
 
+class _Float32Head(nn.Module):
+    """The final 1x1 convolution in float32: class logits are compared by argmax, and rounding them
+    to bfloat16 (3 significant digits) would flip near-tied voxels for no speed gain."""
+
+    def __init__(self, head: nn.Conv3d):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.float())
+
+
 def _fold_batch_norm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> nn.Conv3d:
     """A convolution that computes conv followed by (eval-mode) batch norm."""
     folded = copy.deepcopy(conv)
@@ -123,6 +135,8 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     if device.type == "cpu":
         _rewrite(fast)
         fast = fast.to(dtype=dtype, memory_format=torch.channels_last_3d)
+        if isinstance(getattr(fast, "head", None), nn.Conv3d):
+            fast.head = _Float32Head(fast.head.float())
     return fast.to(device)
 
 
