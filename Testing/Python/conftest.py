@@ -32,3 +32,29 @@ def shared_dataset() -> Callable[[str], Path]:
         return folder
 
     return locate
+
+
+@pytest.fixture(scope="module")
+def slicer_harness():
+    """A headless 3D Slicer with the UNet3DSegmenter module imported (see slicer_harness.py).
+
+    The MRML scene, nodes, storage nodes and module logics are the real ones from slicer-core; only
+    slicer.app, qt, ctk, slicer.ScriptedLoadableModule and slicer.parameterNodeWrapper are stood in
+    for, and they are removed again after the test module.
+    """
+    pytest.importorskip("slicer", reason="slicer-core is not installed: pip install slicer-core==5.13.31053.0")
+    from slicer_harness import SlicerHarness
+
+    harness = SlicerHarness()
+    harness.install()
+    try:
+        yield harness
+    finally:
+        harness.uninstall()
+
+
+@pytest.fixture
+def slicer_scene(slicer_harness):
+    """The harness with an empty scene (cleared before the test)."""
+    slicer_harness.clear()
+    return slicer_harness
