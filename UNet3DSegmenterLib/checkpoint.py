@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .errors import UserError
 from .models import architecture_name, build_model, count_parameters
 from .preprocess import Preprocessing
@@ -141,12 +141,8 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
     """Write ``checkpoint`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.partial"
-    try:
+    with atomic_path(path) as temporary:
         torch.save(checkpoint.to_dict(), temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

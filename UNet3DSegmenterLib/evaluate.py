@@ -21,11 +21,11 @@ import argparse
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text_atomically
 from .errors import UserError
 from .io import case_name, list_volume_files, read_volume
 from .metrics import METRIC_NAMES, found_labels, segmentation_metrics
@@ -88,16 +88,11 @@ def write_json(result: dict, path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise UserError(f"cannot write JSON to {path}: it is a folder; give a file name such as metrics.json")
     text = json.dumps(_json_ready(result), indent=2, allow_nan=False) + "\n"
-    folder = path.parent if str(path.parent) else Path(".")
-    temporary = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.partial"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(path, text)
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -15,6 +15,7 @@ import nibabel
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_path
 from .errors import UserError
 from .volume import Volume
 
@@ -150,14 +151,11 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     if not suffix:
         raise UserError(f"cannot write {path}: use a file name ending in .nii.gz, .nii, .nrrd or .mha")
     _check_writable_folder(path.parent)
-    temporary = path.parent / f".{path.name[: -len(suffix)]}.{uuid.uuid4().hex[:8]}.partial{suffix}"
     try:
-        sitk.WriteImage(to_sitk(volume), str(temporary), compress)
-        os.replace(temporary, path)
+        with atomic_path(path, suffix) as temporary:
+            sitk.WriteImage(to_sitk(volume), str(temporary), compress)
     except RuntimeError as error:
         raise UserError(f"cannot write {path}: {str(error).strip().splitlines()[-1][:160]}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -97,3 +97,23 @@ def test_largest_component_removes_islands_per_class():
     cleaned = keep_largest_component(labelmap, [1, 4])
     assert cleaned[8, 8, 8] == 0 and cleaned[1, 8, 1] == 0
     assert (cleaned == 1).sum() == 64 and (cleaned == 4).sum() == 12
+
+
+def test_gpu_out_of_memory_falls_back_to_cpu_accumulator_then_cpu(caplog, monkeypatch):
+    """The retry order on CUDA out-of-memory, with the sliding window replaced by one that runs out twice."""
+    predictor = Predictor(checkpoint(), device="cpu")
+    predictor.device = torch.device("cuda")  # as on a GPU machine; the attempts below never touch CUDA
+    attempts = []
+
+    def sliding_window(image, compute, accumulate, progress, cancel):
+        attempts.append((compute.type, accumulate.type))
+        if len(attempts) < 3:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+        return torch.zeros(3, *image.shape[-3:])
+
+    predictor._sliding_window = sliding_window
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with caplog.at_level("WARNING", logger="UNet3DSegmenterLib"):
+        predictor._infer(torch.zeros(1, 8, 8, 8), None, None)
+    assert attempts == [("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cpu")]
+    assert "accumulator on the CPU" in caplog.text and "the CPU only" in caplog.text
