@@ -54,12 +54,13 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _commands() -> dict:
     """name -> (help, add_arguments, run); modules are imported only for the command that runs."""
-    from . import demo, evaluate
+    from . import demo, evaluate, train_command
 
     return {
         "predict": ("segment volumes with a checkpoint", _predict_arguments, _run_predict),
         "evaluate": ("Dice, IoU, HD95 and surface distance of predictions against references",
                      evaluate.add_arguments, evaluate.run),
+        "train": ("train a model from labelled volumes", train_command.add_arguments, train_command.run),
         "demo": ("train and segment on generated phantoms, end to end", demo.add_arguments, demo.run),
         "info": ("describe a checkpoint in words", _info_arguments, _run_info),
     }

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .errors import UserError
 
+CLASSES = 2  # organ and lesion
+
 # (training cases, held-out cases, phantom shape, epochs, iterations per epoch, patch size)
 _SIZES = {
     "full": (16, 3, (48, 64, 64), 30, 16, (32, 64, 64)),
@@ -24,6 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true", help="a tiny run in seconds (for tests), not a useful model")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _print_epoch(event: dict) -> None:
+    if event.get("event") != "epoch":
+        return
+    dice = event.get("dice")
+    scores = ", ".join(f"{name} {value:.3f}" for name, value in dice.items()) if dice else ""
+    print(f"    epoch {event['epoch']}/{event['epochs']}: loss {event['train_loss']:.3f}"
+          + (f", validation Dice {scores}" if scores else ""), flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,19 +51,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{output} exists and is not a folder: choose another --output")
     started = time.perf_counter()
     print(f"1/4 generating {train_cases} training and {test_cases} held-out phantoms in {output / 'data'}")
-    train_folder = write_phantom_dataset(output / "data" / "train", cases=train_cases, shape=shape, seed=args.seed)
+    train_folder = write_phantom_dataset(output / "data" / "train", cases=train_cases, shape=shape,
+                                         seed=args.seed, classes=CLASSES)
     test_folder = write_phantom_dataset(output / "data" / "test", cases=test_cases, shape=shape,
-                                        seed=args.seed + 1000)
+                                        seed=args.seed + 1, classes=CLASSES)
 
     print(f"2/4 training a small 3D U-Net for {epochs} epochs on {args.device}")
     config = TrainingConfig(
         data=train_folder, output=output / "model", architecture="unet3d", depth=4,
         base_width=4 if args.fast else 8, epochs=epochs, iterations_per_epoch=iterations,
         patch_size=patch_size, batch_size=2, val_every=max(1, epochs // 5), device=args.device, seed=args.seed,
-        label_names={value: name for value, (name, _) in PHANTOM_LABELS.items()},
-        label_colors={value: color for value, (_, color) in PHANTOM_LABELS.items()},
+        label_names={value: PHANTOM_LABELS[value][0] for value in range(1, CLASSES + 1)},
+        label_colors={value: PHANTOM_LABELS[value][1] for value in range(1, CLASSES + 1)},
     )
-    result = train(config)
+    result = train(config, progress=_print_epoch)
 
     print(f"3/4 segmenting the held-out phantoms with {result.best_checkpoint}")
     predictor = Predictor(result.best_checkpoint, device=args.device)

@@ -5,8 +5,8 @@ of Testing/Python): a phantom volume is added to a scene, segmented with a check
 segmentation node, and the segments are read back from that node on the volume's grid. The picture
 shows three slices of the input with those segments drawn in their own names and colours.
 
-    python -m UNet3DSegmenterLib demo --output demo-output
-    python docs/make_slicer_figure.py --checkpoint demo-output/model/best.pt
+    python docs/make_slicer_figure.py --checkpoint Resources/Models/hippocampus.pt --input CASE.nii.gz
+    python docs/make_slicer_figure.py --checkpoint demo-output/model/best.pt      # a generated phantom
 """
 
 from __future__ import annotations
@@ -27,21 +27,27 @@ sys.path[:0] = [str(REPOSITORY), str(REPOSITORY / "Testing" / "Python")]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint trained on phantoms")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="the checkpoint to segment with")
+    parser.add_argument("--input", type=Path, default=None,
+                        help="a volume file to segment (default: a generated phantom, for a phantom model)")
     parser.add_argument("--seed", type=int, default=4242, help="phantom seed (one the model never saw)")
     parser.add_argument("--output", type=Path, default=REPOSITORY / "docs" / "images" / "slicer-segmentation.png")
     args = parser.parse_args()
 
     from slicer_harness import SlicerHarness
 
+    from UNet3DSegmenterLib.io import case_name, read_volume
     from UNet3DSegmenterLib.phantom import make_phantom
 
     harness = SlicerHarness()
     module = harness.install()
     try:
         logic = module.UNet3DSegmenterLogic()
-        image, _ = make_phantom(shape=(48, 64, 64), spacing=(1.0, 1.0, 2.0), seed=args.seed, classes=2)
-        volumeNode = logic.addVolumeNode(image, "phantom MRI")
+        if args.input is None:
+            image, _ = make_phantom(shape=(48, 64, 64), spacing=(1.0, 1.0, 2.0), seed=args.seed, classes=2)
+        else:
+            image = read_volume(args.input)
+        volumeNode = logic.addVolumeNode(image, "phantom MRI" if args.input is None else case_name(args.input))
         segmentationNode = logic.segment(volumeNode, args.checkpoint, device="cpu")
         names = logic.segmentNames(segmentationNode)
         colors = [segmentationNode.GetSegmentation().GetSegment(segmentationNode.GetSegmentation()

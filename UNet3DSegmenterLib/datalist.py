@@ -1,0 +1,182 @@
+"""Datalists: which image goes with which labelmap, and what the label values mean.
+
+Three layouts are understood, so that data can be used where it lies:
+
+- a folder pair: ``images/`` and ``labels/`` side by side, matched by file name
+  (``images/case_01.nii.gz`` with ``labels/case_01.nii.gz``);
+- a Medical Segmentation Decathlon folder: ``dataset.json`` (its ``training`` list, ``labels`` and
+  ``modality``) with ``imagesTr/`` and ``labelsTr/``;
+- a JSON list: a ``.json`` file holding ``[{"image": ..., "label": ...}, ...]`` with paths relative
+  to the file, or an object with such a list under ``"training"`` and optional ``labels``/``modality``.
+
+Loading a case checks that image and labelmap share one grid (or resamples the labels onto the
+image when asked), casts labels to integers and refuses values that the label map does not name.
+
+Example::
+
+    >>> datalist = load_datalist("Task04_Hippocampus")
+    >>> image, labels = load_case(datalist.cases[0], datalist.label_names)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .io import case_name, list_volume_files, read_volume
+from .preprocess import resample_to_grid
+from .volume import Volume
+
+
+@dataclass
+class Case:
+    """One labelled example: its name (file name without extension) and the two files."""
+
+    name: str
+    image: Path
+    label: Path
+
+
+@dataclass
+class Datalist:
+    """The labelled cases of a dataset, with label names and modality when the dataset says them.
+
+    ``label_names`` maps label value -> name (0 is background) or is None when the layout does not
+    name them (a folder pair); ``modality`` is e.g. 'CT' or 'MRI', or None when unknown.
+    """
+
+    cases: list[Case]
+    label_names: dict[int, str] | None = None
+    modality: str | None = None
+    source: Path = field(default_factory=Path)
+
+    def subset(self, names: list[str]) -> list[Case]:
+        """The cases called ``names``, in that order."""
+        by_name = {case.name: case for case in self.cases}
+        return [by_name[name] for name in names]
+
+
+def load_datalist(path: str | os.PathLike) -> Datalist:
+    """Discover the cases at ``path``: a folder pair, a Decathlon folder, or a JSON list file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"training data not found: {path}: give a folder with images/ and labels/, "
+                        "a Decathlon folder with dataset.json, or a JSON list")
+    if path.is_file():
+        return _from_json(path)
+    if (path / "dataset.json").is_file():
+        return _from_json(path / "dataset.json")
+    if (path / "images").is_dir() and (path / "labels").is_dir():
+        return folder_pair(path / "images", path / "labels")
+    raise UserError(f"{path} holds neither images/ and labels/ folders nor a dataset.json: "
+                    "see 'unet3d-segmenter train --help' for the layouts")
+
+
+def folder_pair(image_dir: str | os.PathLike, label_dir: str | os.PathLike) -> Datalist:
+    """Pair every volume in ``image_dir`` with the file of the same case name in ``label_dir``."""
+    image_dir, label_dir = Path(image_dir), Path(label_dir)
+    for folder in (image_dir, label_dir):
+        if not folder.is_dir():
+            raise UserError(f"folder not found: {folder}: check the path")
+    images = {case_name(path): path for path in list_volume_files(image_dir)}
+    labels = {case_name(path): path for path in list_volume_files(label_dir)}
+    if not images:
+        raise UserError(f"{image_dir} holds no volume files (.nii.gz, .nii, .nrrd, .mha)")
+    unmatched = sorted(set(images) ^ set(labels))
+    if unmatched:
+        side = "label" if unmatched[0] in images else "image"
+        raise UserError(f"case {unmatched[0]} has no {side} file ({len(unmatched)} unmatched in all): "
+                        f"{image_dir} and {label_dir} must hold files with the same names")
+    cases = [Case(name, images[name], labels[name]) for name in sorted(images)]
+    return Datalist(cases, None, None, image_dir.parent)
+
+
+def _from_json(path: Path) -> Datalist:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path} as JSON ({error})") from None
+    entries = record.get("training") if isinstance(record, dict) else record
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{path} lists no cases: expected a list of {{\"image\": ..., \"label\": ...}} "
+                        "(or one under \"training\")")
+    cases = [_case_from_entry(entry, path, index) for index, entry in enumerate(entries)]
+    names = [case.name for case in cases]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate:
+        raise UserError(f"{path} lists case {duplicate} twice: case file names must be unique")
+    label_names = _label_names(record.get("labels"), path) if isinstance(record, dict) else None
+    return Datalist(cases, label_names, _modality(record), path.parent)
+
+
+def _case_from_entry(entry, path: Path, index: int) -> Case:
+    if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+        raise UserError(f"{path}: entry {index} must be an object with \"image\" and \"label\" paths")
+    image, label = (path.parent / str(entry[key]) for key in ("image", "label"))
+    for file in (image, label):
+        if not file.exists():
+            raise UserError(f"{path}: entry {index} names {file}, which does not exist")
+    return Case(case_name(image), image, label)
+
+
+def _label_names(labels, path: Path) -> dict[int, str] | None:
+    if labels is None:
+        return None
+    try:
+        names = {int(value): str(name) for value, name in labels.items()}
+    except (AttributeError, ValueError):
+        raise UserError(f"{path}: \"labels\" must map integer values to names, e.g. {{\"0\": \"background\"}}") \
+            from None
+    names.setdefault(0, "background")
+    return dict(sorted(names.items()))
+
+
+def _modality(record) -> str | None:
+    modality = record.get("modality") if isinstance(record, dict) else None
+    if isinstance(modality, dict):
+        modality = modality.get("0", next(iter(modality.values()), None))
+    return str(modality) if modality else None
+
+
+def load_case(case: Case, label_names: dict[int, str] | None = None,
+              resample_labels: bool = False) -> tuple[Volume, Volume]:
+    """Read a case's image and labels; the labels come back as integers on the image's grid.
+
+    Raises :class:`UserError` when the grids differ (unless ``resample_labels``: then the labels are
+    resampled onto the image by nearest neighbour), when a label is not a whole number, or when a
+    value is missing from ``label_names``.
+    """
+    image, labels = read_volume(case.image), read_volume(case.label)
+    if labels.channels != 1:
+        raise UserError(f"case {case.name}: the labelmap {case.label} has {labels.channels} channels; "
+                        "a labelmap must be a single 3D volume")
+    if not image.same_grid(labels):
+        if not resample_labels:
+            raise UserError(
+                f"case {case.name}: image and labels lie on different grids (image {image.describe_grid()}, "
+                f"labels {labels.describe_grid()}): fix the files, or ask to resample the labels onto the image "
+                "(--resample-labels)")
+        labels = resample_to_grid(labels, image, "nearest")
+    return image, labels.with_array(integer_labels(labels.array, case, label_names))
+
+
+def integer_labels(array: np.ndarray, case: Case, label_names: dict[int, str] | None) -> np.ndarray:
+    """``array`` as the smallest fitting integer type, refusing fractions and unnamed values."""
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            raise UserError(f"case {case.name}: the labelmap {case.label} holds non-integer values; "
+                            "labels must be whole numbers")
+    values = np.unique(array)
+    if values.min() < 0 or values.max() > 65535:
+        raise UserError(f"case {case.name}: label values must lie in 0..65535, found {values.min()}..{values.max()}")
+    if label_names is not None:
+        unknown = sorted(int(value) for value in values if int(value) not in label_names)
+        if unknown:
+            raise UserError(f"case {case.name}: the labelmap holds value(s) {unknown} that the label map does not "
+                            f"name (known: {sorted(label_names)}): fix the labels or the dataset's \"labels\"")
+    return array.astype(np.uint8 if values.max() < 256 else np.uint16)
