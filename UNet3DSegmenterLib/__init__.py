@@ -1,8 +1,16 @@
 """UNet3DSegmenter's engine: 3D U-Net / VNet segmentation of medical volumes.
 
-The flow, one module per step::
+One module per step; a volume flows through them in this order::
 
-    io.read_volume -> Volume -> preprocess -> models (sliding_window) -> postprocess -> io.write_volume
+    inference:  io.read_volume -> volume.Volume -> preprocess -> predictor (fast_inference + models,
+                sliding_window) -> postprocess -> io.write_volume
+    training:   datalist -> splits -> planning -> dataset (cases prepared once, patches) -> augment
+                -> models -> losses -> training_loop (step, optimiser, schedule, log) -> validation
+                (the same sliding window) -> checkpoint; trainer runs the loop, distributed joins torchrun
+
+Around them: checkpoint (the self-describing .pt file), metrics and evaluate (Dice, IoU, HD95, ASD),
+cli with predict_command and train_command, demo with phantom (generated data), plots (curves and
+overlays), progress (bars and JSON lines), atomic (whole-or-nothing writes), errors (UserError).
 
 Typical use::
 

@@ -58,3 +58,21 @@ def slicer_scene(slicer_harness):
     """The harness with an empty scene (cleared before the test)."""
     slicer_harness.clear()
     return slicer_harness
+
+
+@pytest.fixture
+def logic(slicer_scene):
+    """The module's Logic, on a cleared scene."""
+    return slicer_scene.module.UNet3DSegmenterLogic()
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory, slicer_harness):
+    """A checkpoint from the self-test's tiny trained model (organ, lesion): real, non-trivial output."""
+    from slicer_harness import tiny_checkpoint
+
+    from UNet3DSegmenterLib import save_checkpoint
+
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(tiny_checkpoint(slicer_harness), path)
+    return path

@@ -12,24 +12,11 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
-from UNet3DSegmenterLib import save_checkpoint  # noqa: E402
 from UNet3DSegmenterLib.phantom import make_phantom  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="process-group checks are written for POSIX")
 
 
-@pytest.fixture(scope="module")
-def checkpoint_path(tmp_path_factory, slicer_harness):
-    from slicer_harness import tiny_checkpoint
-
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(tiny_checkpoint(slicer_harness), path)
-    return path
-
-
-@pytest.fixture
-def logic(slicer_scene):
-    return slicer_scene.module.UNet3DSegmenterLogic()
 
 
 def _alive(pid: int) -> bool:

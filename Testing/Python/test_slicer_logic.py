@@ -51,19 +51,6 @@ LABELS = [Label(0, "background", (0, 0, 0)), Label(1, "liver", (0.9, 0.4, 0.3)),
           Label(3, "left kidney", (0.1, 0.3, 0.95))]
 
 
-@pytest.fixture(scope="module")
-def checkpoint_path(tmp_path_factory, slicer_harness):
-    """A checkpoint from the self-test's tiny trained model (organ, lesion): real, non-trivial output."""
-    from slicer_harness import tiny_checkpoint
-
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(tiny_checkpoint(slicer_harness), path)
-    return path
-
-
-@pytest.fixture
-def logic(slicer_scene):
-    return slicer_scene.module.UNet3DSegmenterLogic()
 
 
 def _scene_state(scene) -> list[tuple[str, str]]:

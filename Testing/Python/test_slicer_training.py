@@ -24,10 +24,6 @@ TINY_TRAINING = dict(epochs=2, patchSize=(16, 24, 24), batchSize=1, device="cpu"
                      iterations_per_epoch=1, val_fraction=0.5, augment=False, workers=0, seed=0)
 
 
-@pytest.fixture
-def logic(slicer_scene):
-    return slicer_scene.module.UNet3DSegmenterLogic()
-
 
 def _pair(slicer_scene, logic, seed: int, classes: int = 2, names=None, direction=None):
     """A phantom volume in the scene and a segmentation of its true labels (segments named by ``names``)."""
