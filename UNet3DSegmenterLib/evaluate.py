@@ -27,6 +27,7 @@ import numpy as np
 
 from .atomic import write_text_atomically
 from .errors import UserError
+from .progress import json_ready
 from .io import case_name, list_volume_files, read_volume
 from .metrics import METRIC_NAMES, found_labels, segmentation_metrics
 
@@ -87,7 +88,7 @@ def write_json(result: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"cannot write JSON to {path}: it is a folder; give a file name such as metrics.json")
-    text = json.dumps(_json_ready(result), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(path, text)
@@ -171,16 +172,3 @@ def _list_names(names: list[str]) -> str:
 
 def _millimetres(value: float) -> str:
     return f"{'inf':>7}" if math.isinf(value) else f"{value:7.2f}"
-
-
-def _json_ready(value):
-    """Plain JSON values: string keys, floats with infinities and NaN as None."""
-    if isinstance(value, dict):
-        return {str(key): _json_ready(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import TextIO
 
+import numpy as np
+
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -57,19 +59,22 @@ class ProgressBar:
         self.close()
 
 
-def finite(value):
-    """``value`` with every NaN or infinity replaced by None, so that it is valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+def json_ready(value):
+    """``value`` as plain JSON data: string keys, numpy numbers as Python numbers, NaN and infinity as
+    None (JSON has neither, and Python's ``Infinity`` is not valid JSON for other readers)."""
     if isinstance(value, dict):
-        return {key: finite(item) for key, item in value.items()}
+        return {str(key): json_ready(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [finite(item) for item in value]
+        return [json_ready(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
     return value
 
 
 def emit_json(stream: TextIO | None = None, **fields) -> None:
     """Write one JSON object on one line and flush, for a parent process to read as it happens."""
     stream = stream or sys.stdout
-    stream.write(json.dumps(finite(fields), allow_nan=False, default=str) + "\n")
+    stream.write(json.dumps(json_ready(fields), allow_nan=False, default=str) + "\n")
     stream.flush()
