@@ -1035,8 +1035,8 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
                 progress(event)
 
         if importlib.util.find_spec(f"{ENGINE_PACKAGE}.trainer") is not None:
-            from UNet3DSegmenterLib.trainer import TrainingConfig
-            from UNet3DSegmenterLib.trainer import train as runTraining
+            from UNet3DSegmenterLib.training.trainer import TrainingConfig
+            from UNet3DSegmenterLib.training.trainer import train as runTraining
 
             with _asValueError():
                 result = runTraining(TrainingConfig(**config), progress=report, cancel=cancel)
@@ -1144,6 +1144,8 @@ def _trainingArguments(config: dict) -> list[str]:
 def _engine():
     """The engine package, imported on first use; ValueError naming what to install when it cannot load."""
     try:
+        import torch  # noqa: F401  (the package itself imports lazily; the engine needs torch)
+
         import UNet3DSegmenterLib
     except ImportError as error:
         missing = getattr(error, "name", None) or "a required package"

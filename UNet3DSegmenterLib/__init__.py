@@ -1,16 +1,17 @@
 """UNet3DSegmenter's engine: 3D U-Net / VNet segmentation of medical volumes.
 
-One module per step; a volume flows through them in this order::
+The core (top level) holds what both pipelines share; two subpackages hold the pipelines, one the
+command line::
 
-    inference:  io.read_volume -> volume.Volume -> preprocess -> predictor (fast_inference + models,
-                sliding_window) -> postprocess -> io.write_volume
-    training:   datalist -> splits -> planning -> dataset (cases prepared once, patches) -> augment
-                -> models -> losses -> training_loop (step, optimiser, schedule, log) -> validation
-                (the same sliding window) -> checkpoint; trainer runs the loop, distributed joins torchrun
-
-Around them: checkpoint (the self-describing .pt file), metrics and evaluate (Dice, IoU, HD95, ASD),
-cli with predict_command and train_command, demo with phantom (generated data), plots (curves and
-overlays), progress (bars and JSON lines), atomic (whole-or-nothing writes), errors (UserError).
+    core:       volume (the Volume type), io (read/write NIfTI, NRRD, MHA, DICOM), preprocess,
+                models, checkpoint, metrics, evaluation, datalist, labels, choices, runtime (device,
+                precision), progress, atomic, errors, phantom (generated data), plots
+    inference:  io.read_volume -> preprocess -> inference.predictor (inference.fast + models,
+                inference.sliding_window) -> inference.postprocess -> io.write_volume
+    training:   training.config -> datalist -> training.splits -> training.planning ->
+                training.patches -> training.augment -> training.step (losses) ->
+                training.validation -> checkpoint; training.trainer runs the loop
+    commands:   commands.cli and one module per command (predict, train, evaluate, demo, info)
 
 Typical use::
 
@@ -18,22 +19,63 @@ Typical use::
     result = Predictor("model.pt").predict(read_volume("ct.nii.gz"))
     write_volume(result.labelmap, "ct_seg.nii.gz")
 
-This package never imports slicer, qt or vtk.
+Importing this package imports no torch: the public names below load their module on first use.
+The engine never imports slicer, qt, ctk or vtk; ``UNet3DSegmenterLib.slicer`` is the Slicer side.
 """
 
-from .checkpoint import Checkpoint, Label, load_checkpoint, save_checkpoint
-from .errors import UserError
-from .io import read_volume, write_volume
-from .models import ResidualUNet3D, UNet3D, VNet, build_model
-from .predictor import Prediction, Predictor
-from .preprocess import Preprocessing
-from .sliding_window import patchify, sliding_window_inference, unpatchify
-from .volume import Volume
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from . import _moved
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Checkpoint", "Label", "Prediction", "Predictor", "Preprocessing", "ResidualUNet3D", "UNet3D",
-    "UserError", "VNet", "Volume", "build_model", "load_checkpoint", "patchify", "read_volume",
-    "save_checkpoint", "sliding_window_inference", "unpatchify", "write_volume",
-]
+# public name -> module that defines it
+_PUBLIC = {
+    "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "Label": "labels", "UserError": "errors", "Volume": "volume",
+    "read_volume": "io", "write_volume": "io",
+    "UNet3D": "models", "ResidualUNet3D": "models", "VNet": "models", "build_model": "models",
+    "Predictor": "inference.predictor", "Prediction": "inference.predictor",
+    "Preprocessing": "preprocess",
+    "patchify": "inference.sliding_window", "unpatchify": "inference.sliding_window",
+    "sliding_window_inference": "inference.sliding_window",
+    "get_dataloader": "training.patches",
+    "TrainingConfig": "training.config", "train": "training.trainer",
+}
+
+__all__ = sorted(_PUBLIC)
+
+_moved.install(__name__)
+
+
+def __getattr__(name: str):
+    """Load a public name's module on first use (PEP 562), and old module paths (see ``_moved``)."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+        globals()[name] = value
+        return value
+    if name in _moved.MOVED:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+if TYPE_CHECKING:  # what type checkers and editors see
+    from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from .errors import UserError
+    from .inference.predictor import Prediction, Predictor
+    from .inference.sliding_window import patchify, sliding_window_inference, unpatchify
+    from .io import read_volume, write_volume
+    from .labels import Label
+    from .models import ResidualUNet3D, UNet3D, VNet, build_model
+    from .preprocess import Preprocessing
+    from .training.config import TrainingConfig
+    from .training.patches import get_dataloader
+    from .training.trainer import train
+    from .volume import Volume

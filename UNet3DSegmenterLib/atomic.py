@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import UserError
+from .progress import json_ready
 
 
 @contextmanager
@@ -34,3 +38,20 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def write_json(result: dict, path: str | os.PathLike) -> Path:
+    """Write ``result`` as JSON atomically (temporary file, then rename); infinite distances become null.
+
+    JSON has no infinity, and Python's ``Infinity`` is not valid JSON for other readers.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"cannot write JSON to {path}: it is a folder; give a file name such as metrics.json")
+    text = json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(path, text)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    return path

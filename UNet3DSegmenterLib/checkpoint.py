@@ -29,21 +29,13 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import UserError
+from .labels import Label
 from .models import architecture_name, build_model, count_parameters
 from .preprocess import Preprocessing
 
 FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "architecture", "architecture_args", "state_dict", "labels",
              "preprocessing", "inference")
-
-
-@dataclass
-class Label:
-    """One output class: its value in the labelmap, its name and its display colour (RGB, 0..1)."""
-
-    value: int
-    name: str
-    color: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
 @dataclass

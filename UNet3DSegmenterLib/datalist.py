@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .labels import Label
 from .io import case_name, list_volume_files, read_volume
 from .preprocess import resample_to_grid
 from .volume import Volume
@@ -47,13 +48,16 @@ class Datalist:
     """The labelled cases of a dataset, with label names and modality when the dataset says them.
 
     ``label_names`` maps label value -> name (0 is background) or is None when the layout does not
-    name them (a folder pair); ``modality`` is e.g. 'CT' or 'MRI', or None when unknown.
+    name them (a folder pair); ``label_colors`` maps value -> (r, g, b) in 0..1 where the dataset
+    gives colours (``label_colors`` in dataset.json, as the Slicer module writes it);
+    ``modality`` is e.g. 'CT' or 'MRI', or None when unknown.
     """
 
     cases: list[Case]
     label_names: dict[int, str] | None = None
     modality: str | None = None
     source: Path = field(default_factory=Path)
+    label_colors: dict[int, tuple[float, float, float]] | None = None
 
     def subset(self, names: list[str]) -> list[Case]:
         """The cases called ``names``, in that order."""
@@ -111,7 +115,8 @@ def _from_json(path: Path) -> Datalist:
     if duplicate:
         raise UserError(f"{path} lists case {duplicate} twice: case file names must be unique")
     label_names = _label_names(record.get("labels"), path) if isinstance(record, dict) else None
-    return Datalist(cases, label_names, _modality(record), path.parent)
+    label_colors = _label_colors(record.get("label_colors"), path) if isinstance(record, dict) else None
+    return Datalist(cases, label_names, _modality(record), path.parent, label_colors)
 
 
 def _case_from_entry(entry, path: Path, index: int) -> Case:
@@ -134,6 +139,43 @@ def _label_names(labels, path: Path) -> dict[int, str] | None:
             from None
     names.setdefault(0, "background")
     return dict(sorted(names.items()))
+
+
+def _label_colors(colors, path: Path) -> dict[int, tuple[float, float, float]] | None:
+    if colors is None:
+        return None
+    try:
+        parsed = {int(value): tuple(float(c) for c in color) for value, color in colors.items()}
+    except (AttributeError, TypeError, ValueError):
+        parsed = {}
+    if not parsed or any(len(color) != 3 or not all(0 <= c <= 1 for c in color) for color in parsed.values()):
+        raise UserError(f"{path}: \"label_colors\" must map label values to [r, g, b] in 0..1, "
+                        "e.g. {\"1\": [1, 0, 0]}")
+    return {value: (color[0], color[1], color[2]) for value, color in parsed.items()}
+
+
+def write_datalist(folder: str | os.PathLike, entries: list[dict], labels: list[Label], name: str,
+                   description: str = "", modality: str | None = None) -> Path:
+    """Write ``folder/dataset.json`` in the Decathlon layout that :func:`load_datalist` reads back.
+
+    ``entries`` are ``{"image": ..., "label": ...}`` with paths relative to ``folder`` (other keys are
+    kept as they are); ``labels`` give value -> name and colour (background is added).
+    """
+    from .atomic import write_json
+
+    record: dict = {
+        "name": name,
+        "description": description,
+        "tensorImageSize": "3D",
+        "labels": {"0": "background", **{str(label.value): label.name for label in labels if label.value != 0}},
+        "label_colors": {str(label.value): [round(float(c), 6) for c in label.color]
+                         for label in labels if label.value != 0},
+        "numTraining": len(entries),
+        "training": entries,
+    }
+    if modality:
+        record["modality"] = {"0": modality}
+    return write_json(record, Path(folder) / "dataset.json")
 
 
 def _modality(record) -> str | None:

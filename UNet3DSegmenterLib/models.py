@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NORMS = ("instance", "batch")
+from .choices import NORMS
+
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
+from .labels import default_color
 from .volume import Volume
 
 
@@ -121,10 +122,8 @@ def _aspect(spacing_zyx, axis: int) -> float:
 
 
 def _rgba(labels: np.ndarray, colors: dict[int, Sequence[float]] | None) -> np.ndarray:
-    from .planning import PALETTE
-
     rgba = np.zeros((*labels.shape, 4), np.float32)
     for value in (int(value) for value in np.unique(labels) if value != 0):
-        color = (colors or {}).get(value, PALETTE[(value - 1) % len(PALETTE)])
+        color = (colors or {}).get(value, default_color(value))
         rgba[labels == value] = (*color[:3], 0.45)
     return rgba

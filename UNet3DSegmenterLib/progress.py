@@ -1,4 +1,9 @@
-"""Progress for people (a bar in the terminal) and for programs (one JSON object per line)."""
+"""Progress for people (a bar in the terminal) and for programs (one JSON object per line).
+
+The events are declared here, once: the trainer's progress callback and ``train --progress-json``
+carry :data:`TrainingEvent`, ``predict --progress-json`` carries :data:`PredictEvent`, and the
+Slicer module reads both from its child process.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,78 @@ import json
 import math
 import sys
 import time
-from typing import TextIO
+from typing import Literal, TextIO, TypedDict, Union
 
 import numpy as np
+
+
+class PreparingEvent(TypedDict):
+    """Cases read, resampled and normalised before training: ``done`` of ``total`` ``kind`` cases."""
+
+    event: Literal["preparing"]
+    kind: Literal["training", "validation"]
+    done: int
+    total: int
+
+
+class IterationEvent(TypedDict):
+    """One optimiser step; ``eta`` is the estimated seconds left in the whole run."""
+
+    event: Literal["iteration"]
+    epoch: int
+    epochs: int
+    iteration: int
+    iterations: int
+    loss: float
+    eta: float
+
+
+class _EpochEventRequired(TypedDict):
+    event: Literal["epoch"]
+    epoch: int
+    epochs: int
+    train_loss: float
+    lr: float
+    seconds: float
+    eta: float
+
+
+class EpochEvent(_EpochEventRequired, total=False):
+    """The end of an epoch; ``dice`` (class name -> Dice) and ``mean_dice`` only after a validation."""
+
+    dice: dict[str, float]
+    mean_dice: float
+
+
+class DoneEvent(TypedDict):
+    """The run ended (completed, stopped early or cancelled); ``best_dice`` is None without validation."""
+
+    event: Literal["done"]
+    best_checkpoint: str
+    last_checkpoint: str
+    best_dice: float | None
+    stopped: str
+
+
+class WindowsEvent(TypedDict):
+    """Sliding-window progress of one case of ``predict``."""
+
+    event: Literal["progress"]
+    case: str
+    done: int
+    total: int
+
+
+class WrittenEvent(TypedDict):
+    """A case's labelmap was written by ``predict``."""
+
+    event: Literal["written"]
+    case: str
+    output: str
+
+
+TrainingEvent = Union[PreparingEvent, IterationEvent, EpochEvent, DoneEvent]
+PredictEvent = Union[WindowsEvent, WrittenEvent]
 
 
 def _duration(seconds: float) -> str:

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from UNet3DSegmenterLib.datalist import load_datalist  # noqa: E402
 from UNet3DSegmenterLib.io import read_volume  # noqa: E402
 from UNet3DSegmenterLib.metrics import dice  # noqa: E402
-from UNet3DSegmenterLib.predictor import Predictor  # noqa: E402
-from UNet3DSegmenterLib.splits import make_split  # noqa: E402
-from UNet3DSegmenterLib.trainer import TrainingConfig, train  # noqa: E402
+from UNet3DSegmenterLib.inference.predictor import Predictor  # noqa: E402
+from UNet3DSegmenterLib.training.splits import make_split  # noqa: E402
+from UNet3DSegmenterLib.training.trainer import TrainingConfig, train  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus"
 CLASSES = {1: "anterior", 2: "posterior"}

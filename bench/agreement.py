@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from UNet3DSegmenterLib import Predictor, read_volume  # noqa: E402
-from UNet3DSegmenterLib.fast_inference import resolve_precision  # noqa: E402
+from UNet3DSegmenterLib.runtime import resolve_precision  # noqa: E402
 
 
 def main() -> None:

@@ -114,12 +114,13 @@ def _network(args):
 def _ours(args):
     import torch
 
-    from UNet3DSegmenterLib.augment import Augmenter
+    from UNet3DSegmenterLib.training.augment import Augmenter
     from UNet3DSegmenterLib.datalist import folder_pair
-    from UNet3DSegmenterLib.dataset import EpochSampler, PatchDataset, make_loader, prepare_cases
-    from UNet3DSegmenterLib.losses import build_loss
+    from UNet3DSegmenterLib.training.patches import EpochSampler, PatchDataset, make_loader, prepare_cases
+    from UNet3DSegmenterLib.training.losses import build_loss
     from UNet3DSegmenterLib.preprocess import Preprocessing
-    from UNet3DSegmenterLib.training_loop import TrainingStep, training_dtype
+    from UNet3DSegmenterLib.runtime import training_dtype
+    from UNet3DSegmenterLib.training.step import TrainingStep
 
     device = torch.device("cpu")
     datalist = folder_pair(args.data / "images", args.data / "labels")
@@ -182,7 +183,7 @@ def _summary(runs: dict, args) -> dict:
     import monai
     import torch
 
-    from UNet3DSegmenterLib.training_loop import training_dtype
+    from UNet3DSegmenterLib.runtime import training_dtype
 
     def side(name):
         speeds = [run["patches_per_second"] for run in runs[name]]

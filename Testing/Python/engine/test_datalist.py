@@ -1,0 +1,157 @@
+"""Datalists and splits: the three layouts, refused inputs, and splits by case."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from UNet3DSegmenterLib.datalist import load_case, load_datalist
+from UNet3DSegmenterLib.errors import UserError
+from UNet3DSegmenterLib.io import write_volume
+from UNet3DSegmenterLib.training.splits import make_split, read_split, write_split
+from UNet3DSegmenterLib.volume import Volume
+
+
+def write_case(folder, name, labels=None, image_spacing=(1.0, 1.0, 1.0), label_spacing=(1.0, 1.0, 1.0),
+               image_dir="images", label_dir="labels"):
+    """A small image/labelmap pair: a labelled box in a noisy image."""
+    image = np.random.default_rng(0).normal(100, 10, (8, 10, 12)).astype(np.float32)
+    if labels is None:
+        labels = np.zeros((8, 10, 12), np.uint8)
+        labels[2:5, 3:6, 4:8] = 1
+    write_volume(Volume(image, image_spacing), folder / image_dir / f"{name}.nii.gz")
+    write_volume(Volume(labels, label_spacing), folder / label_dir / f"{name}.nii.gz")
+
+
+def test_folder_pair_matches_images_and_labels_by_name(tmp_path):
+    for name in ("b", "a", "c"):
+        write_case(tmp_path, name)
+    datalist = load_datalist(tmp_path)
+    assert [case.name for case in datalist.cases] == ["a", "b", "c"]
+    assert all(case.image.parent.name == "images" and case.label.parent.name == "labels" for case in datalist.cases)
+    assert datalist.label_names is None and datalist.modality is None
+
+
+def test_decathlon_folder_reads_cases_labels_and_modality(tmp_path):
+    for name in ("liver_1", "liver_2"):
+        write_case(tmp_path, name, image_dir="imagesTr", label_dir="labelsTr")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver"},
+        "training": [{"image": f"./imagesTr/liver_{i}.nii.gz", "label": f"./labelsTr/liver_{i}.nii.gz"}
+                     for i in (1, 2)]}))
+    datalist = load_datalist(tmp_path)
+    assert [case.name for case in datalist.cases] == ["liver_1", "liver_2"]
+    assert datalist.label_names == {0: "background", 1: "liver"}
+    assert datalist.modality == "CT"
+
+
+def test_json_list_resolves_paths_relative_to_the_file(tmp_path):
+    write_case(tmp_path / "data", "one")
+    listing = tmp_path / "lists" / "train.json"
+    listing.parent.mkdir()
+    listing.write_text(json.dumps([{"image": "../data/images/one.nii.gz", "label": "../data/labels/one.nii.gz"}]))
+    datalist = load_datalist(listing)
+    assert [case.name for case in datalist.cases] == ["one"]
+    assert datalist.cases[0].image.resolve() == (tmp_path / "data" / "images" / "one.nii.gz").resolve()
+
+
+def test_image_without_label_is_refused_naming_the_case(tmp_path):
+    write_case(tmp_path, "complete")
+    write_volume(Volume(np.zeros((4, 4, 4), np.float32)), tmp_path / "images" / "lonely.nii.gz")
+    with pytest.raises(UserError, match="case lonely has no label file"):
+        load_datalist(tmp_path)
+
+
+def test_json_entry_naming_a_missing_file_is_refused(tmp_path):
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps([{"image": "nowhere.nii.gz", "label": "nowhere_seg.nii.gz"}]))
+    with pytest.raises(UserError, match="entry 0 names .*nowhere.nii.gz, which does not exist"):
+        load_datalist(listing)
+
+
+def test_folder_of_neither_layout_is_refused(tmp_path):
+    with pytest.raises(UserError, match="neither images/ and labels/ folders nor a dataset.json"):
+        load_datalist(tmp_path)
+
+
+def test_mismatched_geometry_is_refused_naming_the_case(tmp_path):
+    write_case(tmp_path, "shifted", label_spacing=(1.0, 1.0, 2.0))
+    case = load_datalist(tmp_path).cases[0]
+    with pytest.raises(UserError, match="case shifted: image and labels lie on different grids.*--resample-labels"):
+        load_case(case)
+
+
+def test_mismatched_geometry_is_resampled_onto_the_image_when_asked(tmp_path):
+    labels = np.zeros((4, 10, 12), np.uint8)
+    labels[1:3, 3:6, 4:8] = 1  # z spacing 2 mm: twice as thick slices as the image
+    write_case(tmp_path, "coarse", labels=labels, label_spacing=(1.0, 1.0, 2.0))
+    image, resampled = load_case(load_datalist(tmp_path).cases[0], resample_labels=True)
+    assert resampled.same_grid(image)
+    assert set(np.unique(resampled.array)) == {0, 1}
+    assert resampled.array[3, 4, 5] == 1 and resampled.array[7, 4, 5] == 0
+
+
+def test_fractional_label_values_are_refused(tmp_path):
+    labels = np.zeros((8, 10, 12), np.float32)
+    labels[2, 2, 2] = 1.5
+    write_case(tmp_path, "blurred", labels=labels)
+    with pytest.raises(UserError, match="case blurred: the labelmap .* holds non-integer values"):
+        load_case(load_datalist(tmp_path).cases[0])
+
+
+def test_float_labels_with_whole_values_are_cast_to_integers(tmp_path):
+    labels = np.zeros((8, 10, 12), np.float32)
+    labels[2:4, 2:4, 2:4] = 2.0
+    write_case(tmp_path, "stored_as_float", labels=labels)
+    _, loaded = load_case(load_datalist(tmp_path).cases[0])
+    assert loaded.array.dtype == np.uint8 and set(np.unique(loaded.array)) == {0, 2}
+
+
+def test_label_value_missing_from_the_label_map_is_refused(tmp_path):
+    labels = np.zeros((8, 10, 12), np.uint8)
+    labels[1, 1, 1], labels[2, 2, 2] = 1, 7
+    write_case(tmp_path, "extra", labels=labels)
+    with pytest.raises(UserError, match=r"case extra: the labelmap holds value\(s\) \[7\] that the label map"):
+        load_case(load_datalist(tmp_path).cases[0], {0: "background", 1: "organ"})
+
+
+def test_validation_fraction_splits_by_case_with_a_fixed_seed():
+    names = [f"case_{index:02d}" for index in range(10)]
+    split = make_split(names, val_fraction=0.2, seed=3)
+    assert len(split.validation) == 2 and sorted(split.train + split.validation) == names
+    assert make_split(list(reversed(names)), val_fraction=0.2, seed=3) == split
+
+
+def test_k_folds_partition_the_cases():
+    names = [f"case_{index}" for index in range(11)]
+    folds = [make_split(names, folds=5, fold=fold, seed=0) for fold in range(5)]
+    validated = [name for split in folds for name in split.validation]
+    assert sorted(validated) == sorted(names)  # every case validates exactly once
+    assert all(not set(split.train) & set(split.validation) for split in folds)
+    assert {len(split.validation) for split in folds} == {2, 3}
+
+
+def test_split_round_trips_through_split_json(tmp_path):
+    split = make_split(["a", "b", "c", "d"], folds=2, fold=1, seed=7)
+    assert read_split(write_split(split, tmp_path / "split.json")) == split
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(val_fraction=1.0), "--val-fraction must be at least 0 and below 1"),
+    (dict(folds=3, fold=3), "k-fold needs --folds K of at least 2 and --fold i"),
+    (dict(folds=9, fold=0), "9-fold cross-validation needs at least 9 cases"),
+])
+def test_impossible_splits_are_refused(arguments, message):
+    with pytest.raises(UserError, match=message):
+        make_split(["a", "b", "c"], **arguments)
+
+
+def test_hippocampus_folder_pair_is_discovered(shared_dataset):
+    folder = shared_dataset("msd_hippocampus")
+    datalist = load_datalist(folder)
+    assert len(datalist.cases) == 208
+    image, labels = load_case(datalist.subset(["hippocampus_003"])[0], {0: "bg", 1: "anterior", 2: "posterior"})
+    assert labels.array.dtype == np.uint8 and set(np.unique(labels.array)) == {0, 1, 2}
+    assert labels.same_grid(image)

@@ -1,0 +1,39 @@
+"""Every closed set of choices the engine offers, declared once and without importing torch.
+
+The networks, losses, the ``train`` and ``predict`` options, the training configuration and the
+Slicer panel's parameter node all take their choices from here, so that a new choice is added in
+one place and everywhere agrees on the spelling.
+"""
+
+from __future__ import annotations
+
+DEVICES = ("auto", "cpu", "cuda")
+"""Where to compute: 'auto' is CUDA when PyTorch sees a GPU, else the CPU."""
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""Compute precision: 'auto' is bf16 on CPUs with native bf16, fp16/bf16 autocast on CUDA, else fp32."""
+
+ARCHITECTURES = ("unet3d", "resunet3d", "vnet")
+"""Networks of :mod:`UNet3DSegmenterLib.models`, by registry name."""
+
+NORMS = ("instance", "batch")
+"""Normalisation layers of the networks."""
+
+LOSSES = ("dicece", "dice", "focal", "weighted_dice")
+"""Training losses of :mod:`UNet3DSegmenterLib.training.losses`."""
+
+OPTIMIZERS = ("adamw", "sgd")
+"""Optimisers: AdamW, or SGD with Nesterov momentum 0.99."""
+
+SCHEDULES = ("poly", "cosine", "constant")
+"""Learning-rate decay after the warm-up."""
+
+NORMALIZATIONS = ("auto", "zscore", "ct", "none")
+"""Intensity normalisation: 'auto' is 'ct' for CT datasets and 'zscore' otherwise."""
+
+
+def check_choice(value: str, allowed: tuple[str, ...], what: str) -> str:
+    """``value`` when it is one of ``allowed``; otherwise ValueError naming the choices."""
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
+    return value

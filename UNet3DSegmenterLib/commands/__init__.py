@@ -1,0 +1,2 @@
+"""The command line: one module per command (``predict``, ``train``, ``evaluate``, ``demo``, ``info``)
+and :mod:`.cli`, which builds the parser from them and turns user mistakes into one-line errors."""

@@ -1,0 +1,103 @@
+"""``unet3d-segmenter predict``: one volume, one DICOM series, or a folder of volumes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..choices import DEVICES, PRECISIONS
+from ..errors import UserError
+from ..io import case_name, is_dicom_folder, list_volume_files, volume_suffix
+from ..progress import ProgressBar, emit_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``predict`` subcommand's options."""
+    parser.add_argument("--checkpoint", "-c", required=True, type=Path, help="model checkpoint (.pt)")
+    parser.add_argument("--input", "-i", required=True, type=Path,
+                        help="a volume file (.nii.gz, .nrrd, .mha), a DICOM series folder, or a folder of volumes")
+    parser.add_argument("--output", "-o", required=True, type=Path,
+                        help="labelmap file, or a folder when the input is a folder of volumes")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (default: checkpoint's)")
+    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower)")
+    parser.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
+    parser.add_argument("--probabilities", type=Path, default=None,
+                        help="also write class probabilities (multi-component image; a folder for folder input)")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="compute precision (auto: bf16 on CPUs with native bf16, fp16 on CUDA)")
+    parser.add_argument("--progress-json", action="store_true",
+                        help="print progress as one JSON object per line on stdout (for the Slicer module)")
+
+
+def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
+    """(input, output, probabilities) for each case, with every path checked before any work."""
+    source, output, probabilities = args.input, args.output, args.probabilities
+    if not source.exists():
+        raise UserError(f"input not found: {source}: check the path")
+    if source.is_dir() and not is_dicom_folder(source):
+        files = list_volume_files(source)
+        if not files:
+            raise UserError(f"{source} holds no volume files (.nii.gz, .nii, .nrrd, .mha) and no DICOM series")
+        if volume_suffix(output):
+            raise UserError(f"the input {source} is a folder, so --output must be a folder, not {output}")
+        if probabilities is not None and volume_suffix(probabilities):
+            raise UserError(f"the input is a folder, so --probabilities must be a folder, not {probabilities}")
+        return [(path, output / path.name, probabilities / path.name if probabilities else None)
+                for path in files]
+    if output.is_dir() or not volume_suffix(output):
+        name = case_name(source) + (volume_suffix(source) or ".nii.gz")
+        output = output / name
+        probabilities = probabilities / name if probabilities and not volume_suffix(probabilities) else probabilities
+    if probabilities is not None and not volume_suffix(probabilities):
+        raise UserError(f"--probabilities {probabilities}: use a file name ending in .nii.gz, .nrrd or .mha")
+    return [(source, output, probabilities)]
+
+
+def _check_writable(paths: list[Path]) -> None:
+    for folder in {path.parent for path in paths}:
+        existing = next((parent for parent in [folder, *folder.parents] if parent.exists()), Path("."))
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise UserError(f"output folder {folder} is not writable: choose another --output")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment every case the options name; exit status 2 when some cases of a folder failed."""
+    from ..inference.predictor import Predictor, predict_file
+
+    cases = _plan(args)
+    _check_writable([output for _, output, _ in cases] + [p for _, _, p in cases if p is not None])
+    predictor = Predictor(args.checkpoint, device=args.device, overlap=args.overlap, batch_size=args.batch_size,
+                          tta=args.tta, largest_component=args.largest_component, precision=args.precision)
+    failures = []
+    for index, (source, output, probabilities) in enumerate(cases, start=1):
+        name = case_name(source)
+        bar = ProgressBar(f"[{index}/{len(cases)}] {name}", "windows")  # stays silent until updated
+
+        def progress(done: int, total: int, name=name, bar=bar) -> None:
+            if args.progress_json:
+                emit_json(event="progress", case=name, done=done, total=total)
+            else:
+                bar.update(done, total)
+
+        try:
+            predict_file(predictor, source, output, probabilities, progress=progress)
+        except UserError as error:
+            if len(cases) == 1:
+                raise
+            failures.append(name)
+            print(f"error: {name}: {error}", file=sys.stderr)
+            continue
+        finally:
+            bar.close()
+        if args.progress_json:
+            emit_json(event="written", case=name, output=str(output))
+        else:
+            print(f"wrote {output}", file=sys.stderr)
+    if failures:
+        print(f"error: {len(failures)} of {len(cases)} cases failed: {', '.join(failures)}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,144 @@
+"""``unet3d-segmenter train``: train a model from labelled volumes.
+
+Everything not given is chosen from the data (spacing, patch size, normalisation), so
+``unet3d-segmenter train --data DATA --output RUN`` is a sensible first run. Ctrl-C (or SIGTERM,
+which is how the Slicer module cancels) stops after the current iteration and saves ``last.pt``;
+``--resume`` continues from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from ..progress import ProgressBar, emit_json
+
+EXIT_CANCELLED = 130
+
+_EXAMPLES = """\
+Everything not given is chosen from the training cases (spacing, patch size, normalisation).
+
+examples:
+  unet3d-segmenter train --data Task04_Hippocampus --output runs/hippocampus
+  unet3d-segmenter train --data cases/ --output runs/fold0 --folds 5 --fold 0 --labels 1=liver 2=tumour
+  unet3d-segmenter train --data cases/ --output runs/fold0 --resume          (continue a stopped run)
+  unet3d-segmenter train --config runs/hippocampus/run.json --epochs 200     (a saved run, changed)
+  torchrun --nproc_per_node=4 -m UNet3DSegmenterLib train --data cases/ --output runs/ddp   (4 GPUs)
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` subcommand's options: one per TrainingConfig field, grouped as a newcomer reads them."""
+    from ..training.config import add_arguments as add_config_arguments
+
+    parser.epilog = _EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_config_arguments(parser)
+    parser.add_argument("--progress-json", action="store_true",
+                        help="print progress as one JSON object per line on stdout (for the Slicer module)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training.config import config_from_arguments
+    from ..training.trainer import train
+
+    config = config_from_arguments(args)
+    reporter = _JsonReporter() if args.progress_json else _TerminalReporter()
+    stop = _StopOnSignal()
+    with stop:
+        result = train(config, progress=reporter, cancel=stop)
+    reporter.close()
+    if result.stopped == "cancelled":
+        print(f"stopped; {result.last_checkpoint} holds the weights so far: continue with --resume", file=sys.stderr)
+        return EXIT_CANCELLED
+    if not args.progress_json:
+        dice = "no validation cases" if result.best_dice != result.best_dice else f"mean Dice {result.best_dice:.4f}"
+        print(f"best checkpoint: {result.best_checkpoint} ({dice}, epoch {result.best_epoch}); "
+              f"everything is in {result.output}", file=sys.stderr)
+    return 0
+
+
+class _StopOnSignal:
+    """The first Ctrl-C or SIGTERM asks training to stop after the current iteration; a second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, number, frame) -> None:
+        if self.requested and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this iteration (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    def __enter__(self):
+        for number in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[number] = signal.signal(number, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+class _JsonReporter:
+    """Events as JSON lines on stdout, exactly as the trainer reports them."""
+
+    def __call__(self, event: dict) -> None:
+        emit_json(**event)
+
+    def close(self) -> None:
+        pass
+
+
+class _TerminalReporter:
+    """On a terminal a live bar per epoch; always one summary line per epoch, on stderr."""
+
+    def __init__(self):
+        self.bar: ProgressBar | None = None
+        self.interactive = sys.stderr.isatty()
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "preparing" and event["done"] == event["total"]:
+            self.close()
+            print(f"prepared {event['total']} {event['kind']} cases", file=sys.stderr)
+        elif not self.interactive:
+            pass  # a log file gets the summary lines only
+        elif kind == "preparing":
+            self._bar(f"preparing {event['kind']} cases", "cases").update(event["done"], event["total"])
+        elif kind == "iteration":
+            bar = self._bar(f"epoch {event['epoch']}/{event['epochs']}", "it")
+            bar.update(event["iteration"], event["iterations"], f"loss {event['loss']:.4f}")
+        if kind == "epoch":
+            self.close()
+            print(_epoch_line(event), file=sys.stderr)
+
+    def _bar(self, label: str, unit: str) -> ProgressBar:
+        if self.bar is None or self.bar.label != label:
+            self.close()
+            self.bar = ProgressBar(label, unit)
+        return self.bar
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _epoch_line(event: dict) -> str:
+    line = f"epoch {event['epoch']}/{event['epochs']}: loss {event['train_loss']:.4f}"
+    if "dice" in event:
+        scores = ", ".join(f"{name} {value:.3f}" for name, value in event["dice"].items())
+        line += f", Dice {scores} (mean {event['mean_dice']:.3f})"
+    minutes, seconds = divmod(int(event["eta"]), 60)
+    return line + f", lr {event['lr']:.2e}, {event['seconds']:.0f} s, eta {minutes}m{seconds:02d}s"

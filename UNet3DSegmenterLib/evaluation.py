@@ -1,0 +1,133 @@
+"""Scoring predicted label maps against reference label maps: per case, per class, and the mean.
+
+``evaluate`` takes two files, or two folders whose files are matched by case name (the file name
+without its volume extension, so ``case_007.nii.gz`` pairs with ``case_007.nrrd``). Every reference
+case needs a prediction: a missing one is an error rather than a silently smaller average. Predictions
+without a reference are skipped and listed under ``"ignored_predictions"``.
+
+Every case is scored on the same labels (all non-zero values found in any prediction or reference),
+so that the mean over cases is a mean over the same set; a class absent from both sides of a case
+counts as correct (see :mod:`UNet3DSegmenterLib.metrics` for this and the other conventions).
+
+Example::
+
+    >>> result = evaluate("predictions/", "labelsTr/")        # doctest: +SKIP
+    >>> print(format_table(result))                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .io import case_name, list_volume_files, read_volume
+from .metrics import METRIC_NAMES, found_labels, segmentation_metrics
+
+# What a class absent from both prediction and reference of a case scores (see metrics.dice).
+_ABSENT_FROM_BOTH = {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "asd": 0.0}
+_LISTED_NAMES = 5
+
+
+def evaluate(prediction_path: str | os.PathLike, reference_path: str | os.PathLike) -> dict:
+    """Score predictions against references (two files, or two folders matched by case name).
+
+    Returns:
+        ``{"cases": {case: {label: {"dice", "iou", "hd95", "asd"}}}, "mean": {label: {...}},
+        "mean_foreground_dice": float, "ignored_predictions": [case, ...]}``. Distances are in mm
+        and ``inf`` where a class is present on one side only; a mean over cases that include such
+        a case is ``inf`` too. ``mean_foreground_dice`` is the mean over labels of the mean Dice
+        (1.0 when no case has any foreground).
+
+    Raises:
+        UserError: a path is missing, one is a file and the other a folder, a reference case has no
+            prediction, or a pair is not on the same voxel grid.
+    """
+    pairs, ignored = _case_pairs(Path(prediction_path), Path(reference_path))
+    cases = {name: _score_case(prediction, reference) for name, prediction, reference in pairs}
+    labels = sorted({label for scores in cases.values() for label in scores})
+    cases = {name: {label: scores.get(label, dict(_ABSENT_FROM_BOTH)) for label in labels}
+             for name, scores in cases.items()}
+    mean = {label: {metric: float(np.mean([cases[name][label][metric] for name in cases]))
+                    for metric in METRIC_NAMES} for label in labels}
+    mean_dice = float(np.mean([mean[label]["dice"] for label in labels])) if labels else 1.0
+    return {"cases": cases, "mean": mean, "mean_foreground_dice": mean_dice, "ignored_predictions": ignored}
+
+
+def format_table(result: dict) -> str:
+    """The result of :func:`evaluate` as a text table: one row per case and label, then the means."""
+    rows = [(name, label, scores) for name, case in result["cases"].items() for label, scores in case.items()]
+    rows += [("mean", label, scores) for label, scores in result["mean"].items()]
+    width = max([len("case")] + [len(name) for name, _, _ in rows])
+    header = f"{'case':<{width}}  label    dice     iou  hd95 mm   asd mm"
+    lines = [header, "-" * len(header)]
+    for name, label, scores in rows:
+        lines.append(
+            f"{name:<{width}}  {label:>5}  {scores['dice']:6.4f}  {scores['iou']:6.4f}"
+            f"  {_millimetres(scores['hd95'])}  {_millimetres(scores['asd'])}"
+        )
+    lines.append(f"mean foreground Dice: {result['mean_foreground_dice']:.4f}")
+    if result.get("ignored_predictions"):
+        ignored = result["ignored_predictions"]
+        lines.append(f"note: {len(ignored)} prediction(s) without a reference ignored: {_list_names(ignored)}")
+    return "\n".join(lines)
+
+
+def _case_pairs(prediction: Path, reference: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """(case, prediction file, reference file) for every reference case, and the unmatched predictions."""
+    for path in (prediction, reference):
+        if not path.exists():
+            raise UserError(f"{path} not found: check the path")
+    if prediction.is_dir() != reference.is_dir():
+        raise UserError(
+            f"give two files or two folders: {prediction} is a {_kind(prediction)} "
+            f"and {reference} is a {_kind(reference)}"
+        )
+    if not reference.is_dir():
+        return [(case_name(reference), prediction, reference)], []
+    predictions, references = _cases_in(prediction), _cases_in(reference)
+    missing = sorted(set(references) - set(predictions))
+    if missing:
+        raise UserError(
+            f"{prediction} has no prediction for {len(missing)} of the {len(references)} cases in {reference}: "
+            f"{_list_names(missing)} (file names must match without their extension)"
+        )
+    ignored = sorted(set(predictions) - set(references))
+    return [(name, predictions[name], references[name]) for name in sorted(references)], ignored
+
+
+def _cases_in(folder: Path) -> dict[str, Path]:
+    files = list_volume_files(folder)
+    if not files:
+        raise UserError(f"{folder} holds no volume files (.nii.gz, .nii, .nrrd, .mha): check the folder")
+    cases: dict[str, Path] = {}
+    for path in files:
+        name = case_name(path)
+        if name in cases:
+            raise UserError(f"{folder} holds two files for case {name}: {cases[name].name} and {path.name}")
+        cases[name] = path
+    return cases
+
+
+def _score_case(prediction_path: Path, reference_path: Path) -> dict[int, dict[str, float]]:
+    prediction, reference = read_volume(prediction_path), read_volume(reference_path)
+    return segmentation_metrics(
+        prediction, reference, found_labels(prediction, reference),
+        prediction_name=str(prediction_path), reference_name=str(reference_path),
+    )
+
+
+def _kind(path: Path) -> str:
+    return "folder" if path.is_dir() else "file"
+
+
+def _list_names(names: list[str]) -> str:
+    shown = ", ".join(names[:_LISTED_NAMES])
+    return shown + (f" and {len(names) - _LISTED_NAMES} more" if len(names) > _LISTED_NAMES else "")
+
+
+def _millimetres(value: float) -> str:
+    return f"{'inf':>7}" if math.isinf(value) else f"{value:7.2f}"

@@ -1,0 +1,43 @@
+"""From the network's averaged logits to a labelmap on the input's own grid."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..preprocess import resample_to_grid
+from ..volume import Volume
+
+
+def label_dtype(values: Sequence[int]) -> np.dtype:
+    return np.dtype(np.uint8) if max(values) < 256 else np.dtype(np.uint16)
+
+
+def probabilities_on_grid(probabilities: Volume, grid: Volume) -> Volume:
+    """Resample class probabilities (c, z, y, x) linearly onto ``grid`` when the grids differ."""
+    if probabilities.same_grid(grid):
+        return probabilities
+    return resample_to_grid(probabilities, grid, "linear")
+
+
+def labelmap_from_probabilities(probabilities: np.ndarray | torch.Tensor, values: Sequence[int]) -> np.ndarray:
+    """Argmax over classes, mapped to the label values of each output channel."""
+    if isinstance(probabilities, np.ndarray):
+        probabilities = torch.from_numpy(probabilities)
+    indices = probabilities.argmax(dim=0).cpu().numpy()
+    lookup = np.asarray(values, dtype=label_dtype(values))
+    return lookup[indices]
+
+
+def keep_largest_component(labelmap: np.ndarray, values: Sequence[int] | None = None) -> np.ndarray:
+    """For each label value, keep only its largest 26-connected component; the rest becomes 0."""
+    result = labelmap.copy()
+    values = [v for v in (values if values is not None else np.unique(labelmap)) if v != 0]
+    for value in values:
+        mask = sitk.GetImageFromArray((labelmap == value).astype(np.uint8))
+        components = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(mask, True)))
+        result[(components > 1)] = 0
+    return result

@@ -1,0 +1,142 @@
+"""Segment a volume with a checkpoint: preprocess, sliding window, back to the input grid.
+
+This is the one pipeline that the command line, the Python API and the Slicer module all call::
+
+    predictor = Predictor("hippocampus.pt")
+    result = predictor.predict(read_volume("case.nii.gz"))
+    write_volume(result.labelmap, "case_seg.nii.gz")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..errors import UserError
+from .fast import input_layout, prepare_for_inference
+from .postprocess import keep_largest_component, labelmap_from_probabilities, probabilities_on_grid
+from ..preprocess import preprocess_image
+from ..runtime import resolve_device, resolve_precision
+from .sliding_window import CancelCheck, ProgressCallback, sliding_window_inference
+from ..volume import Volume
+
+log = logging.getLogger("UNet3DSegmenterLib")
+
+@dataclass
+class Prediction:
+    """A segmentation on the input's grid, and the class probabilities when asked for."""
+
+    labelmap: Volume
+    probabilities: Volume | None = None
+
+
+class Predictor:
+    """Segments volumes with one checkpoint; build once, call :meth:`predict` for each volume.
+
+    Args:
+        checkpoint: a :class:`Checkpoint` or the path of a ``.pt`` file.
+        device: 'auto', 'cpu' or 'cuda'.
+        overlap: window overlap in [0, 1); default from the checkpoint (usually 0.5).
+        batch_size: windows per forward pass; default 2 on the CPU, 4 on a GPU.
+        tta: average over the eight axis flips (mirroring test-time augmentation), 8x slower.
+        largest_component: keep only the largest connected component of each class.
+        precision: 'auto' (bfloat16 on CPUs with native bf16, fp16 autocast on CUDA, else fp32),
+            'fp32', 'bf16' or 'fp16'.
+    """
+
+    def __init__(self, checkpoint: Checkpoint | str | os.PathLike, device: str = "auto",
+                 overlap: float | None = None, batch_size: int | None = None, tta: bool = False,
+                 largest_component: bool = False, precision: str = "auto"):
+        self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        self.device = resolve_device(device)
+        self.overlap = self.checkpoint.overlap if overlap is None else float(overlap)
+        if not 0 <= self.overlap < 1:
+            raise UserError(f"overlap must be at least 0 and below 1, got {self.overlap}")
+        self.batch_size = batch_size or (4 if self.device.type == "cuda" else 2)
+        self.tta = tta
+        self.largest_component = largest_component
+        self.precision = precision
+        self._model = self.checkpoint.build_model()
+        self._prepared: dict = {}
+
+    def predict(self, volume: Volume, probabilities: bool = False, progress: ProgressCallback | None = None,
+                cancel: CancelCheck | None = None) -> Prediction:
+        """Segment ``volume``; the labelmap (and probabilities) lie on exactly its grid."""
+        self._check_input(volume)
+        preprocessed = preprocess_image(volume, self.checkpoint.preprocessing)
+        logits = self._infer(torch.from_numpy(preprocessed.array), progress, cancel)
+        class_probabilities = torch.softmax(logits, dim=0).cpu().numpy()
+        del logits
+        on_input = probabilities_on_grid(preprocessed.with_array(class_probabilities), volume)
+        values = [label.value for label in self.checkpoint.labels]
+        labelmap = labelmap_from_probabilities(on_input.array, values)
+        if self.largest_component:
+            labelmap = keep_largest_component(labelmap, values)
+        return Prediction(volume.with_array(labelmap), on_input if probabilities else None)
+
+    def _check_input(self, volume: Volume) -> None:
+        expected = self.checkpoint.in_channels
+        if volume.channels != expected:
+            kind = "a 3D scalar volume" if volume.channels == 1 else f"{volume.channels} channels (4D or multi-component)"
+            raise UserError(f"the input has {kind}, but the checkpoint expects {expected} channel(s)")
+        if min(volume.shape) < 2:
+            raise UserError(f"the input is {volume.shape} voxels (z, y, x): a 3D volume is needed")
+
+    def _infer(self, image: torch.Tensor, progress, cancel) -> torch.Tensor:
+        """Sliding window on the chosen device; on CUDA out-of-memory fall back step by step, and say so."""
+        if self.device.type != "cuda":
+            return self._sliding_window(image, self.device, self.device, progress, cancel)
+        plans = [(self.device, self.device), (self.device, torch.device("cpu")),
+                 (torch.device("cpu"), torch.device("cpu"))]
+        for attempt, (compute, accumulate) in enumerate(plans):
+            try:
+                return self._sliding_window(image, compute, accumulate, progress, cancel)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if attempt == len(plans) - 1:
+                    raise
+                following = plans[attempt + 1]
+                log.warning("GPU out of memory; retrying with %s",
+                            "the accumulator on the CPU" if following[0].type == "cuda" else "the CPU only")
+        raise AssertionError("unreachable")
+
+    def _sliding_window(self, image: torch.Tensor, compute: torch.device, accumulate: torch.device,
+                        progress, cancel) -> torch.Tensor:
+        dtype = resolve_precision(self.precision, compute)
+        model = self._prepared_model(compute, dtype)
+        autocast = torch.autocast("cuda", dtype=dtype, enabled=compute.type == "cuda" and dtype != torch.float32)
+        with torch.inference_mode(), autocast:
+            return sliding_window_inference(
+                image.to(compute), model, self.checkpoint.patch_size, len(self.checkpoint.labels),
+                overlap=self.overlap, batch_size=self.batch_size, mirror=self.tta,
+                prepare_batch=lambda batch: input_layout(batch, compute, dtype),
+                accumulate_device=accumulate, progress=progress, cancel=cancel,
+            )
+
+    def _prepared_model(self, device: torch.device, dtype: torch.dtype):
+        key = (str(device), dtype)
+        if key not in self._prepared:
+            self._prepared[key] = prepare_for_inference(self._model, device, dtype)
+        return self._prepared[key]
+
+
+def predict_file(predictor: Predictor, input_path: Path, output_path: Path,
+                 probabilities_path: Path | None = None, progress: ProgressCallback | None = None,
+                 cancel: CancelCheck | None = None) -> Prediction:
+    """Read, segment and write one case; outputs are written only once the whole case succeeded."""
+    from ..io import read_volume, write_volume
+
+    volume = read_volume(input_path)
+    result = predictor.predict(volume, probabilities=probabilities_path is not None,
+                               progress=progress, cancel=cancel)
+    write_volume(result.labelmap, output_path)
+    if probabilities_path is not None:
+        write_volume(result.probabilities.with_array(result.probabilities.array.astype(np.float32)),
+                     probabilities_path)
+    return result

@@ -1,0 +1,132 @@
+"""The parts of a training iteration: precision, optimiser, learning-rate schedule, one step, the log.
+
+:class:`TrainingStep` is the whole of what happens to a batch once it is on the device, so that the
+trainer and the training benchmark run exactly the same code.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_path
+from ..choices import OPTIMIZERS
+
+def build_optimizer(parameters, name: str, lr: float, weight_decay: float, device: torch.device):
+    """AdamW, or SGD with Nesterov momentum 0.99 (nnU-Net's); fused kernels where PyTorch has them."""
+    parameters = list(parameters)
+    if name == "adamw":
+        try:
+            return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+        except RuntimeError:  # PyTorch before 2.4 fuses on CUDA only
+            return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.99, nesterov=True, weight_decay=weight_decay,
+                               fused=device.type == "cuda" or None)
+    raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def learning_rate(base_lr: float, schedule: str, warmup_steps: int, step: int, total_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then 'poly' (power 0.9), 'cosine' or 'constant' decay."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "poly":
+        return base_lr * (1 - progress) ** 0.9
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return base_lr
+
+
+class TrainingStep:
+    """Forward under autocast, loss in float32, backward, gradient clipping, optimiser step.
+
+    ``module`` is the bare network (for checkpoints and validation); ``model`` is what runs the
+    forward pass (the same network, wrapped in DistributedDataParallel under torchrun).
+    """
+
+    def __init__(self, module: nn.Module, model: nn.Module, loss: nn.Module, optimizer, device: torch.device,
+                 dtype: torch.dtype, grad_clip: float, channels_last: bool):
+        self.module, self.model, self.loss, self.optimizer = module, model, loss, optimizer
+        self.device, self.dtype, self.grad_clip, self.channels_last = device, dtype, grad_clip, channels_last
+        use_scaler = device.type == "cuda" and dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    @classmethod
+    def create(cls, module: nn.Module, loss: nn.Module, optimizer: str, lr: float, weight_decay: float,
+               grad_clip: float, device: torch.device, dtype: torch.dtype, distributed: bool = False,
+               channels_last: bool = False) -> TrainingStep:
+        """Move ``module`` to ``device`` (channels-last when asked) and build its optimiser."""
+        module = module.to(device)
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last_3d)
+        model = module
+        if distributed:
+            model = nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None)
+        return cls(module, model, loss.to(device), build_optimizer(module.parameters(), optimizer, lr, weight_decay,
+                                                                   device), device, dtype, grad_clip, channels_last)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        self.model.train()
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits = self.model(images)
+        loss = self.loss(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            self._clip()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self._clip()
+            self.optimizer.step()
+        return float(loss.detach())
+
+    def _clip(self) -> None:
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+
+    def scaler_state(self) -> dict:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_scaler_state(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+
+class TrainingLog:
+    """One row per epoch, written as log.csv and drawn as curves.png after every epoch."""
+
+    def __init__(self, class_names: list[str]):
+        self.class_names = class_names
+        self.rows: list[dict] = []
+
+    def columns(self) -> list[str]:
+        return (["epoch", "train_loss", "val_loss"] + [f"dice_{name}" for name in self.class_names] + ["mean_dice"]
+                + [f"iou_{name}" for name in self.class_names] + ["lr", "seconds"])
+
+    def write(self, csv_path: Path, png_path: Path) -> None:
+        from ..plots import save_curves
+
+        with atomic_path(csv_path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(self.columns())
+            writer.writerows([self._cell(row, column) for column in self.columns()] for row in self.rows)
+        save_curves(self.rows, self.class_names, png_path)
+
+    @staticmethod
+    def _cell(row: dict, column: str) -> str:
+        kind, _, name = column.partition("_")
+        value = row.get(kind, {}).get(name) if kind in ("dice", "iou") and name else row.get(column)
+        if value is None:
+            return ""
+        return f"{value:.6g}" if isinstance(value, float) else str(value)
