@@ -24,6 +24,8 @@ demo: $(VENV)/.installed-test
 	$(BIN)/unet3d-segmenter demo --output demo-output
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-bench

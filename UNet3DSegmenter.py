@@ -38,11 +38,9 @@ import unittest
 from typing import Annotated
 
 import numpy as np
-import vtk
-from vtk.util import numpy_support
-
 import qt
 import slicer
+import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -52,6 +50,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+from vtk.util import numpy_support
 
 MODULE_DIRECTORY = pathlib.Path(__file__).resolve().parent
 ENGINE_PACKAGE = "UNet3DSegmenterLib"

@@ -46,7 +46,11 @@ _PUBLIC = {
     "TrainingConfig": "training.config", "train": "training.trainer",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "Checkpoint", "Label", "Prediction", "Predictor", "Preprocessing", "ResidualUNet3D", "TrainingConfig", "UNet3D",
+    "UserError", "VNet", "Volume", "build_model", "get_dataloader", "load_checkpoint", "patchify", "read_volume",
+    "save_checkpoint", "sliding_window_inference", "train", "unpatchify", "write_volume",
+]
 
 _moved.install(__name__)
 

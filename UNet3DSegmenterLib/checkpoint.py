@@ -32,6 +32,7 @@ from .errors import UserError
 from .labels import Label
 from .models import architecture_name, build_model, count_parameters
 from .preprocess import Preprocessing
+from .volume import float3, int3
 
 FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "architecture", "architecture_args", "state_dict", "labels",
@@ -63,12 +64,12 @@ class Checkpoint:
     def from_model(cls, model: nn.Module, labels: list[Label], preprocessing: Preprocessing,
                    patch_size, overlap: float = 0.5, training: dict | None = None) -> Checkpoint:
         """Describe a trained network (weights are copied to the CPU)."""
-        if len(labels) != model.architecture_args["out_channels"]:
-            raise ValueError(f"{len(labels)} labels for a network with "
-                             f"{model.architecture_args['out_channels']} output channels")
+        arguments: dict = dict(getattr(model, "architecture_args"))  # noqa: B009  (set by every registered network)
+        if len(labels) != arguments["out_channels"]:
+            raise ValueError(f"{len(labels)} labels for a network with {arguments['out_channels']} output channels")
         state_dict = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
-        return cls(architecture_name(model), dict(model.architecture_args), state_dict, list(labels),
-                   preprocessing, tuple(int(size) for size in patch_size), float(overlap), dict(training or {}))
+        return cls(architecture_name(model), arguments, state_dict, list(labels),
+                   preprocessing, int3(patch_size), float(overlap), dict(training or {}))
 
     def build_model(self) -> nn.Module:
         """The network with these weights, in eval mode, on the CPU."""
@@ -165,7 +166,7 @@ def _from_record(record, path: Path) -> Checkpoint:
     if missing:
         raise UserError(f"{path} is missing checkpoint fields: {', '.join(missing)}")
     try:
-        labels = [Label(int(item["value"]), str(item["name"]), tuple(float(c) for c in item["color"]))
+        labels = [Label(int(item["value"]), str(item["name"]), float3(item["color"]))
                   for item in record["labels"]]
         checkpoint = Checkpoint(
             architecture=record["architecture"],
@@ -173,7 +174,7 @@ def _from_record(record, path: Path) -> Checkpoint:
             state_dict=record["state_dict"],
             labels=labels,
             preprocessing=Preprocessing.from_dict(record["preprocessing"]),
-            patch_size=tuple(int(size) for size in record["inference"]["patch_size"]),
+            patch_size=int3(record["inference"]["patch_size"]),
             overlap=float(record["inference"].get("overlap", 0.5)),
             training=dict(record.get("training") or {}),
         )

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .labels import Label
 from .io import case_name, list_volume_files, read_volume
+from .labels import Label
 from .preprocess import resample_to_grid
 from .volume import Volume
 

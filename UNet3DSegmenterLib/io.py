@@ -10,6 +10,7 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import nibabel
 import numpy as np
@@ -110,7 +111,7 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
 
 def _nifti_data(path: Path) -> np.ndarray:
     """The stored values of a NIfTI file as nibabel sees them: ITK's reader turns NaN into 0."""
-    image = nibabel.load(path)
+    image: Any = nibabel.load(path)  # a Nifti1Image; nibabel's annotation is its base class
     if not np.issubdtype(image.get_data_dtype(), np.floating):
         return np.zeros(0)
     return np.asanyarray(image.dataobj)

@@ -126,7 +126,7 @@ def segmentation_metrics(
 
 def found_labels(*volumes: Volume) -> list[int]:
     """The sorted non-zero label values present in any of ``volumes``."""
-    values = set()
+    values: set[int] = set()
     for volume in volumes:
         values.update(int(value) for value in np.unique(volume.array) if value != 0)
     return sorted(values)

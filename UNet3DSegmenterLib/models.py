@@ -20,7 +20,6 @@ from torch import nn
 from .choices import NORMS
 
 
-
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "instance":
         return nn.InstanceNorm3d(channels, affine=True)

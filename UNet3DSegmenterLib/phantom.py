@@ -26,12 +26,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .atomic import write_text_atomically
 from .io import write_volume
-from .volume import Volume
+from .volume import Volume, float3, int3
 
 PHANTOM_LABELS: dict[int, tuple[str, tuple[float, float, float]]] = {
     1: ("organ", (0.87, 0.51, 0.40)),
@@ -114,20 +115,19 @@ def make_phantom(
         >>> image.shape, int(labels.array.max())
         ((48, 64, 64), 2)
     """
-    shape, spacing, modality, direction = _check_arguments(shape, spacing, seed, classes, modality, direction)
+    size, voxel, modality, direction = _check_arguments(shape, spacing, seed, classes, modality, direction)
     geometry_rng, appearance_rng, texture_rng, noise_rng = (
         np.random.default_rng(stream) for stream in np.random.SeedSequence(seed).spawn(4)
     )
-    grid = _Grid(shape, spacing)
+    grid = _Grid(size, voxel)
     # All five shapes are drawn whatever `classes` is, so that the organ and lesion of a seed stay
     # the same when more classes are asked for.
     body, shapes = _draw_anatomy(geometry_rng, grid.extent)
     labels = _paint_labels(grid, shapes, classes)
     tissues = _tissue_map(grid, body, labels)
     image = _render(grid, tissues, modality, appearance_rng, texture_rng, noise_rng)
-    origin = -direction @ (np.asarray(spacing) * (np.asarray(shape[::-1]) - 1) / 2)
-    geometry = dict(spacing=spacing, origin=tuple(origin), direction=direction)
-    return Volume(image, **geometry), Volume(labels, **geometry)
+    origin = float3(-direction @ (np.asarray(voxel) * (np.asarray(size[::-1]) - 1) / 2))
+    return Volume(image, voxel, origin, direction), Volume(labels, voxel, origin, direction)
 
 
 def write_phantom_dataset(
@@ -187,12 +187,10 @@ def case_seeds(seed: int, cases: int) -> list[int]:
 
 
 def _check_arguments(shape, spacing, seed, classes, modality, direction):
-    shape = tuple(int(size) for size in shape)
-    spacing = tuple(float(size) for size in spacing)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"shape must be three positive sizes (z, y, x), got {shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be three positive sizes (x, y, z) in mm, got {spacing}")
+    if len(shape) != 3 or min(int(size) for size in shape) < 1:
+        raise ValueError(f"shape must be three positive sizes (z, y, x), got {tuple(shape)}")
+    if len(spacing) != 3 or min(float(size) for size in spacing) <= 0:
+        raise ValueError(f"spacing must be three positive sizes (x, y, z) in mm, got {tuple(spacing)}")
     if int(seed) != seed or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 1 <= classes <= len(PHANTOM_LABELS):
@@ -202,7 +200,7 @@ def _check_arguments(shape, spacing, seed, classes, modality, direction):
     direction = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64).reshape(3, 3)
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-6):
         raise ValueError(f"direction must be an orthonormal 3x3 matrix, got {direction.tolist()}")
-    return shape, spacing, str(modality).upper(), direction
+    return int3(shape), float3(spacing), str(modality).upper(), direction
 
 
 class _Grid:
@@ -214,12 +212,12 @@ class _Grid:
         self.extent = np.asarray(spacing) * np.asarray(shape[::-1])  # field of view (x, y, z) mm
         self.axes_zyx = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, self.spacing_zyx)]
 
-    def coordinates(self, box: tuple[slice, slice, slice] = (slice(None),) * 3):
+    def coordinates(self, box: tuple[slice, ...] = (slice(None),) * 3):
         """Broadcastable x, y, z coordinate arrays (mm) of the voxels in ``box``."""
         z, y, x = (axis[part] for axis, part in zip(self.axes_zyx, box))
         return x[None, None, :], y[None, :, None], z[:, None, None]
 
-    def box(self, centre: np.ndarray, reach: np.ndarray) -> tuple[slice, slice, slice]:
+    def box(self, centre: np.ndarray, reach: np.ndarray) -> tuple[slice, ...]:
         """Index slices (z, y, x) of the voxels within ``reach`` mm of ``centre`` along each axis."""
         slices = []
         for n, s, c, r in zip(self.shape, self.spacing_zyx, centre[::-1], reach[::-1]):
@@ -229,7 +227,7 @@ class _Grid:
         return tuple(slices)
 
     def nearest_index(self, point: np.ndarray) -> tuple[int, int, int]:
-        return tuple(
+        return int3(
             int(np.clip(np.rint(c / s + (n - 1) / 2), 0, n - 1))
             for n, s, c in zip(self.shape, self.spacing_zyx, point[::-1])
         )
@@ -397,7 +395,7 @@ def _lobes(rng: np.random.Generator, count: int, amplitude: float, frequency: fl
     return np.hstack([amplitudes, heading, rng.uniform(0, 2 * np.pi, size=(count, 1))])
 
 
-def _paint_labels(grid: _Grid, shapes: dict[int, object], classes: int) -> np.ndarray:
+def _paint_labels(grid: _Grid, shapes: dict[int, Any], classes: int) -> np.ndarray:
     labels = np.zeros(grid.shape, np.uint8)
     for value in (value for value in _PAINT_ORDER if value <= classes):
         shape = shapes[value]
@@ -449,7 +447,8 @@ def _tissue_appearance(modality: str, rng: np.random.Generator) -> tuple[np.ndar
         table[:, 2:] *= table[:, :1]  # texture amplitudes become absolute
     else:
         table[:, 0] += table[:, 1] * jitter
-    return tuple(column.astype(np.float32) for column in (table[:, 0], signs[0] * table[:, 2], signs[1] * table[:, 3]))
+    return (table[:, 0].astype(np.float32), (signs[0] * table[:, 2]).astype(np.float32),
+            (signs[1] * table[:, 3]).astype(np.float32))
 
 
 def _smooth_field(rng: np.random.Generator, grid: _Grid, correlation_mm: float) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .atomic import atomic_path
 from .labels import default_color
-from .volume import Volume
+from .volume import Volume, int3
 
 
 def _pyplot():
@@ -30,7 +30,7 @@ def _pyplot():
     return pyplot
 
 
-def _save(figure, path: Path) -> Path:
+def _save(figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -108,8 +108,8 @@ def _centre(labels: np.ndarray) -> tuple[int, int, int]:
     """The voxel at the centre of the labelled region, or of the volume when nothing is labelled."""
     found = np.argwhere(labels > 0)
     if not len(found):
-        return tuple(size // 2 for size in labels.shape)
-    return tuple(int(round(value)) for value in found.mean(axis=0))
+        return int3(size // 2 for size in labels.shape)
+    return int3(round(value) for value in found.mean(axis=0))
 
 
 def _slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:

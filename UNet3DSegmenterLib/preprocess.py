@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import from_sitk, to_sitk
-from .volume import Volume
+from .volume import Volume, float3, int3
 
 NORMALIZATIONS = ("zscore", "ct", "none")
 
@@ -44,7 +44,7 @@ class Preprocessing:
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalisation {self.normalization!r}: choose one of {NORMALIZATIONS}")
         if self.spacing is not None:
-            self.spacing = tuple(float(s) for s in self.spacing)
+            self.spacing = float3(self.spacing)
         if self.clip is not None:
             self.clip = (float(self.clip[0]), float(self.clip[1]))
 
@@ -88,7 +88,7 @@ def target_shape(volume: Volume, spacing) -> tuple[int, int, int]:
     """The (z, y, x) size of ``volume``'s physical box sampled at ``spacing`` (x, y, z)."""
     extent = np.asarray(volume.shape[::-1]) * np.asarray(volume.spacing)
     size_xyz = np.maximum(np.round(extent / np.asarray(spacing)).astype(int), 1)
-    return tuple(int(s) for s in size_xyz[::-1])
+    return int3(size_xyz[::-1])
 
 
 def _grid(volume: Volume, spacing) -> sitk.Image:
@@ -124,17 +124,16 @@ def resample_to_grid(volume: Volume, reference: Volume | sitk.Image, interpolati
 
 def _resample_labels_onehot(labels: Volume, reference_image: sitk.Image) -> Volume:
     values = np.unique(labels.array)
-    best = None
+    grid = from_sitk(reference_image)
+    best = np.full(grid.shape, values[0], labels.array.dtype)
+    best_probability = np.full(grid.shape, -1.0, np.float32)
     for value in values:
         mask = labels.with_array((labels.array == value).astype(np.float32))
         probability = resample_to_grid(mask, reference_image, "linear").array
-        if best is None:
-            best, best_probability = np.full(probability.shape, value, labels.array.dtype), probability
-        else:
-            better = probability > best_probability
-            best[better] = value
-            best_probability = np.maximum(best_probability, probability)
-    return from_sitk(reference_image).with_array(best)
+        better = probability > best_probability
+        best[better] = value
+        best_probability = np.maximum(best_probability, probability)
+    return grid.with_array(best)
 
 
 def resample_to_spacing(volume: Volume, spacing, interpolation: str = "linear") -> Volume:

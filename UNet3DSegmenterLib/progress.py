@@ -11,7 +11,7 @@ import json
 import math
 import sys
 import time
-from typing import Literal, TextIO, TypedDict, Union
+from typing import Literal, TextIO, TypedDict
 
 import numpy as np
 
@@ -81,8 +81,8 @@ class WrittenEvent(TypedDict):
     output: str
 
 
-TrainingEvent = Union[PreparingEvent, IterationEvent, EpochEvent, DoneEvent]
-PredictEvent = Union[WindowsEvent, WrittenEvent]
+TrainingEvent = PreparingEvent | IterationEvent | EpochEvent | DoneEvent
+PredictEvent = WindowsEvent | WrittenEvent
 
 
 def _duration(seconds: float) -> str:

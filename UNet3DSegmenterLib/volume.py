@@ -21,6 +21,22 @@ import numpy as np
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
+def float3(values) -> tuple[float, float, float]:
+    """Three floats, e.g. a spacing (x, y, z); ValueError for any other count."""
+    items = [float(value) for value in values]
+    if len(items) != 3:
+        raise ValueError(f"expected three values, got {len(items)}")
+    return items[0], items[1], items[2]
+
+
+def int3(values) -> tuple[int, int, int]:
+    """Three integers, e.g. a shape or patch size (z, y, x); ValueError for any other count."""
+    items = [int(value) for value in values]
+    if len(items) != 3:
+        raise ValueError(f"expected three values, got {len(items)}")
+    return items[0], items[1], items[2]
+
+
 @dataclass
 class Volume:
     """A 3D image (optionally several channels) with spacing, origin and direction.
@@ -41,11 +57,11 @@ class Volume:
         self.array = np.asarray(self.array)
         if self.array.ndim not in (3, 4):
             raise ValueError(f"a Volume array must be 3D (z, y, x) or 4D (c, z, y, x), got shape {self.array.shape}")
-        self.spacing = tuple(float(s) for s in self.spacing)
-        self.origin = tuple(float(o) for o in self.origin)
-        self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
         if len(self.spacing) != 3 or len(self.origin) != 3:
             raise ValueError("spacing and origin must have three values (x, y, z)")
+        self.spacing = float3(self.spacing)
+        self.origin = float3(self.origin)
+        self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
         if min(self.spacing) <= 0:
             raise ValueError(f"spacing must be positive, got {self.spacing}")
 

@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from UNet3DSegmenterLib.datalist import load_datalist  # noqa: E402
+from UNet3DSegmenterLib.inference.predictor import Predictor  # noqa: E402
 from UNet3DSegmenterLib.io import read_volume  # noqa: E402
 from UNet3DSegmenterLib.metrics import dice  # noqa: E402
-from UNet3DSegmenterLib.inference.predictor import Predictor  # noqa: E402
 from UNet3DSegmenterLib.training.splits import make_split  # noqa: E402
 from UNet3DSegmenterLib.training.trainer import TrainingConfig, train  # noqa: E402
 
@@ -79,8 +79,15 @@ def run_monai(train_cases, validation, budget: float) -> dict:
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
-    from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, NormalizeIntensityd,
-                                  RandCropByPosNegLabeld, SpatialPadd)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        LoadImaged,
+        NormalizeIntensityd,
+        RandCropByPosNegLabeld,
+        SpatialPadd,
+    )
 
     torch.manual_seed(0)
     roi = (48, 64, 48)

@@ -32,12 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from UNet3DSegmenterLib.checkpoint import Checkpoint, Label  # noqa: E402
+from UNet3DSegmenterLib.inference.predictor import Predictor  # noqa: E402
+from UNet3DSegmenterLib.inference.sliding_window import window_positions  # noqa: E402
 from UNet3DSegmenterLib.io import read_volume  # noqa: E402
 from UNet3DSegmenterLib.models import UNet3D  # noqa: E402
 from UNet3DSegmenterLib.phantom import make_phantom  # noqa: E402
-from UNet3DSegmenterLib.inference.predictor import Predictor  # noqa: E402
 from UNet3DSegmenterLib.preprocess import Preprocessing, normalize  # noqa: E402
-from UNet3DSegmenterLib.inference.sliding_window import window_positions  # noqa: E402
 
 PATCH = (96, 96, 96)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -114,12 +114,12 @@ def _network(args):
 def _ours(args):
     import torch
 
-    from UNet3DSegmenterLib.training.augment import Augmenter
     from UNet3DSegmenterLib.datalist import folder_pair
-    from UNet3DSegmenterLib.training.patches import EpochSampler, PatchDataset, make_loader, prepare_cases
-    from UNet3DSegmenterLib.training.losses import build_loss
     from UNet3DSegmenterLib.preprocess import Preprocessing
     from UNet3DSegmenterLib.runtime import training_dtype
+    from UNet3DSegmenterLib.training.augment import Augmenter
+    from UNet3DSegmenterLib.training.losses import build_loss
+    from UNet3DSegmenterLib.training.patches import EpochSampler, PatchDataset, make_loader, prepare_cases
     from UNet3DSegmenterLib.training.step import TrainingStep
 
     device = torch.device("cpu")
@@ -143,8 +143,7 @@ def _monai(args):
     import torch
     from monai.data import CacheDataset, DataLoader
     from monai.losses import DiceCELoss
-    from monai.transforms import (Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd,
-                                  RandCropByPosNegLabeld)
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, RandCropByPosNegLabeld
 
     files = [{"image": str(path), "label": str(args.data / "labels" / path.name)}
              for path in sorted((args.data / "images").iterdir())]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _print_epoch(event: dict) -> None:
+def _print_epoch(event: Mapping[str, Any]) -> None:
     if event.get("event") != "epoch":
         return
     dice = event.get("dice")
@@ -38,11 +40,11 @@ def _print_epoch(event: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..inference.predictor import Predictor
     from ..io import read_volume, write_volume
     from ..metrics import segmentation_metrics
     from ..phantom import PHANTOM_LABELS, write_phantom_dataset
     from ..plots import save_overlay
-    from ..inference.predictor import Predictor
     from ..training.config import TrainingConfig
     from ..training.trainer import train
 

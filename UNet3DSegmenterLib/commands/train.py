@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
 
 from ..progress import ProgressBar, emit_json
 
@@ -93,7 +94,7 @@ class _StopOnSignal:
 class _JsonReporter:
     """Events as JSON lines on stdout, exactly as the trainer reports them."""
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: Mapping[str, Any]) -> None:
         emit_json(**event)
 
     def close(self) -> None:
@@ -107,7 +108,7 @@ class _TerminalReporter:
         self.bar: ProgressBar | None = None
         self.interactive = sys.stderr.isatty()
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: Mapping[str, Any]) -> None:
         kind = event["event"]
         if kind == "preparing" and event["done"] == event["total"]:
             self.close()
@@ -135,7 +136,7 @@ class _TerminalReporter:
             self.bar = None
 
 
-def _epoch_line(event: dict) -> str:
+def _epoch_line(event: Mapping[str, Any]) -> str:
     line = f"epoch {event['epoch']}/{event['epochs']}: loss {event['train_loss']:.4f}"
     if "dice" in event:
         scores = ", ".join(f"{name} {value:.3f}" for name, value in event["dice"].items())

@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import nn
 
+
 class _InferenceInstanceNorm(nn.Module):
     """InstanceNorm3d for inference on channels-last tensors, normalising its input in place.
 
@@ -24,6 +25,8 @@ class _InferenceInstanceNorm(nn.Module):
     """
 
     _CHUNK = 16384
+    weight: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(self, norm: nn.InstanceNorm3d):
         super().__init__()
@@ -67,6 +70,7 @@ class _Float32Head(nn.Module):
 
 def _fold_batch_norm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> nn.Conv3d:
     """A convolution that computes conv followed by (eval-mode) batch norm."""
+    assert norm.running_mean is not None and norm.running_var is not None  # track_running_stats is checked
     folded = copy.deepcopy(conv)
     scale = norm.weight.detach() * torch.rsqrt(norm.running_var + norm.eps)
     folded.weight = nn.Parameter(conv.weight.detach() * scale.view(-1, 1, 1, 1, 1))
@@ -80,10 +84,9 @@ def _rewrite(module: nn.Module) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Sequential):
             items = list(child.children())
-            for index in range(len(items) - 1):
-                if isinstance(items[index], nn.Conv3d) and isinstance(items[index + 1], nn.BatchNorm3d) \
-                        and items[index + 1].track_running_stats:
-                    child[index] = _fold_batch_norm(items[index], items[index + 1])
+            for index, (first, second) in enumerate(zip(items, items[1:])):
+                if isinstance(first, nn.Conv3d) and isinstance(second, nn.BatchNorm3d) and second.track_running_stats:
+                    child[index] = _fold_batch_norm(first, second)
                     child[index + 1] = nn.Identity()
         if isinstance(child, nn.InstanceNorm3d):
             setattr(module, name, _InferenceInstanceNorm(child))
@@ -102,7 +105,7 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
         parameter.requires_grad_(False)
     if device.type == "cpu":
         _rewrite(fast)
-        fast = fast.to(dtype=dtype, memory_format=torch.channels_last_3d)
+        fast = fast.to(dtype=dtype, memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         if isinstance(getattr(fast, "head", None), nn.Conv3d):
             fast.head = _Float32Head(fast.head.float())
     return fast.to(device)

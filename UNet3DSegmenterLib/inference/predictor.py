@@ -19,12 +19,12 @@ import torch
 
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..errors import UserError
-from .fast import input_layout, prepare_for_inference
-from .postprocess import keep_largest_component, labelmap_from_probabilities, probabilities_on_grid
 from ..preprocess import preprocess_image
 from ..runtime import resolve_device, resolve_precision
-from .sliding_window import CancelCheck, ProgressCallback, sliding_window_inference
 from ..volume import Volume
+from .fast import input_layout, prepare_for_inference
+from .postprocess import keep_largest_component, labelmap_from_probabilities, probabilities_on_grid
+from .sliding_window import CancelCheck, ProgressCallback, sliding_window_inference
 
 log = logging.getLogger("UNet3DSegmenterLib")
 
@@ -136,7 +136,7 @@ def predict_file(predictor: Predictor, input_path: Path, output_path: Path,
     result = predictor.predict(volume, probabilities=probabilities_path is not None,
                                progress=progress, cancel=cancel)
     write_volume(result.labelmap, output_path)
-    if probabilities_path is not None:
+    if probabilities_path is not None and result.probabilities is not None:
         write_volume(result.probabilities.with_array(result.probabilities.array.astype(np.float32)),
                      probabilities_path)
     return result

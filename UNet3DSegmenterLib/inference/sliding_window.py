@@ -111,11 +111,11 @@ def unpatchify(patches, positions: Sequence[Sequence[int]], shape: Sequence[int]
     return accumulator[(slice(None), *(slice(0, s) for s in shape))]
 
 
-def _window(position: Sequence[int], patch_size: Sequence[int]) -> tuple[slice, slice, slice]:
+def _window(position: Sequence[int], patch_size: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(start, start + size) for start, size in zip(position, patch_size))
 
 
-def _mirrored_forward(model: nn.Module, batch: torch.Tensor, mirror: bool) -> torch.Tensor:
+def _mirrored_forward(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, mirror: bool) -> torch.Tensor:
     """The model's output, averaged over all eight axis flips when ``mirror`` (test-time augmentation)."""
     output = model(batch).float()
     if not mirror:

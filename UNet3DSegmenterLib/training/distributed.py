@@ -23,7 +23,7 @@ class Distributed:
 
     def __init__(self, rank: int, world_size: int, device: torch.device, started: bool):
         self.rank, self.world_size, self.device, self.started = rank, world_size, device, started
-        self._last_tensor = None
+        self._last_tensor: weakref.ReferenceType[torch.Tensor] | None = None
 
     @classmethod
     def start(cls, device_name: str) -> Distributed:

@@ -27,7 +27,6 @@ from torch import nn
 from ..choices import LOSSES
 
 
-
 class DiceLoss(nn.Module):
     """1 - soft Dice, averaged over classes (weighted when ``class_weights`` is given).
 
@@ -37,6 +36,8 @@ class DiceLoss(nn.Module):
             is left out); normalised to sum to one.
         smooth: added to numerator and denominator, so empty classes give a finite loss.
     """
+
+    class_weights: torch.Tensor | None
 
     def __init__(self, include_background: bool = False, class_weights: Sequence[float] | None = None,
                  smooth: float = 1e-5):

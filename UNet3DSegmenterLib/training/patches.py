@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..atomic import atomic_path
 from ..datalist import Case, folder_pair, load_case
 from ..preprocess import Preprocessing, normalize, resample_to_grid, resample_to_spacing
+from ..volume import float3
 
 FOREGROUND_FRACTION = 1 / 3
 _MAX_LOCATIONS = 200_000  # per class and case: enough to sample from, small for huge CT masks
@@ -82,7 +83,7 @@ def prepare_case(case: Case, preprocessing: Preprocessing, label_values: Sequenc
                         _class_locations(target, len(label_values), case.name))
 
 
-def _nonzero_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+def _nonzero_box(mask: np.ndarray) -> tuple[slice, ...]:
     if not mask.any():
         return tuple(slice(0, size) for size in mask.shape)
     box = []
@@ -142,7 +143,8 @@ def crop_patch(array: np.ndarray, start: Sequence[int], patch_size: Sequence[int
     it leaves the array (a start may be negative)."""
     shape = array.shape[-3:]
     inside = tuple(slice(max(s, 0), min(s + p, n)) for s, p, n in zip(start, patch_size, shape))
-    window = np.asarray(array[(Ellipsis, *inside)])
+    index: tuple = (Ellipsis, *inside)
+    window = np.asarray(array[index])
     padding = [(sl.start - s, s + p - sl.stop) for sl, s, p in zip(inside, start, patch_size)]
     if not any(before or after for before, after in padding):
         return window
@@ -161,6 +163,10 @@ class PatchDataset(Dataset):
 
     Item ``i`` is ``(image (c, z, y, x) float32 tensor, label (z, y, x) int64 tensor of class indices)``.
     """
+
+    # set by get_dataloader: what class k means, and how the images were prepared
+    label_values: list[int] | None = None
+    preprocessing: Preprocessing | None = None
 
     def __init__(self, cases: Sequence[PreparedCase], patch_size: Sequence[int],
                  foreground_fraction: float = FOREGROUND_FRACTION, seed: int = 0):
@@ -261,7 +267,8 @@ def get_dataloader(image_dir: str | os.PathLike, label_dir: str | os.PathLike, b
     """
     datalist = folder_pair(image_dir, label_dir)
     label_values = discover_label_values(datalist.cases)
-    preprocessing = Preprocessing(spacing=spacing, normalization=normalization)
+    preprocessing = Preprocessing(spacing=float3(spacing) if spacing is not None else None,
+                                  normalization=normalization)
     cases = prepare_cases(datalist.cases, preprocessing, label_values, crop_foreground, resample_labels,
                           cache_dir=cache_dir)
     dataset = PatchDataset(cases, patch_size, foreground_fraction, seed)

@@ -24,13 +24,14 @@ from torch import nn
 
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..datalist import Case, Datalist, load_case
-from .patches import PreparedCase, discover_label_values
 from ..errors import UserError
 from ..io import read_volume
-from .losses import build_loss, inverse_frequency_weights
-from ..models import ARCHITECTURES, build_model
 from ..labels import Label, default_color
+from ..models import ARCHITECTURES, build_model
 from ..preprocess import Preprocessing
+from ..volume import float3, int3
+from .losses import build_loss, inverse_frequency_weights
+from .patches import PreparedCase, discover_label_values
 
 log = logging.getLogger("UNet3DSegmenterLib")
 
@@ -62,7 +63,8 @@ class TrainingPlan:
         return {label.value: label.name for label in self.labels}
 
     def spacing_zyx(self) -> tuple[float, float, float]:
-        return tuple(self.preprocessing.spacing[::-1])
+        assert self.preprocessing.spacing is not None  # a plan always resamples
+        return float3(self.preprocessing.spacing[::-1])
 
     def build_model(self, seed: int) -> nn.Module:
         """The network with seeded initial weights, or the ``init`` checkpoint's where they fit."""
@@ -75,9 +77,10 @@ class TrainingPlan:
     def loss(self, cases: Sequence[PreparedCase]) -> nn.Module:
         weights = self.class_weights
         if self.loss_name == "weighted_dice" and weights is None:
-            counts = sum(np.bincount(np.asarray(case.target).ravel(), minlength=len(self.labels))[:len(self.labels)]
-                         for case in cases)
-            weights = inverse_frequency_weights(counts)
+            counts = np.zeros(len(self.labels), np.int64)
+            for case in cases:
+                counts += np.bincount(np.asarray(case.target).ravel(), minlength=len(self.labels))[:len(self.labels)]
+            weights = inverse_frequency_weights(counts.tolist())
         return build_loss(self.loss_name, len(self.labels), weights)
 
 
@@ -178,14 +181,14 @@ def _header(path: Path) -> tuple[tuple[float, ...], tuple[int, ...], int]:
 
 def _median_spacing(cases: list[Case]) -> tuple[float, float, float]:
     """Rounded to 0.01 micrometre: headers store float32, and 0.800000011920929 reads worse than 0.8."""
-    return tuple(round(float(value), 5) for value in np.median([_header(case.image)[0] for case in cases], axis=0))
+    return float3(round(float(value), 5) for value in np.median([_header(case.image)[0] for case in cases], axis=0))
 
 
 def _median_shape(cases: list[Case], spacing) -> tuple[int, int, int]:
     """Median (z, y, x) size of the cases once resampled to ``spacing``."""
     sizes = [np.asarray(size) * np.asarray(own) / np.asarray(spacing)
              for own, size, _ in (_header(case.image) for case in cases)]
-    return tuple(int(round(value)) for value in np.median(sizes, axis=0)[::-1])
+    return int3(round(value) for value in np.median(sizes, axis=0)[::-1])
 
 
 def plan_patch_size(median_shape: Sequence[int], divisor: int, max_size: int = 128,
@@ -199,7 +202,7 @@ def plan_patch_size(median_shape: Sequence[int], divisor: int, max_size: int = 1
         coverage = [(size / max(median, 1), size) if size > divisor else (0, 0)
                     for size, median in zip(patch, median_shape)]
         patch[coverage.index(max(coverage))] -= divisor
-    return tuple(patch)
+    return int3(patch)
 
 
 def _checked_patch_size(patch_size, divisor: int) -> tuple[int, int, int]:
@@ -224,7 +227,7 @@ def _preprocessing(config, datalist: Datalist, train_cases: list[Case], labels: 
 
 
 def _is_ct(modality: str | None) -> bool:
-    return bool(modality) and re.search(r"\bCT\b", modality.upper()) is not None
+    return modality is not None and re.search(r"\bCT\b", modality.upper()) is not None
 
 
 def ct_statistics(cases: Sequence[Case], label_names: dict[int, str], resample_labels: bool = False,

@@ -63,8 +63,8 @@ def make_split(names: Sequence[str], val_fraction: float = 0.2, folds: int | Non
 
 
 def _without(names: list[str], removed: list[str]) -> list[str]:
-    removed = set(removed)
-    return [name for name in names if name not in removed]
+    excluded = set(removed)
+    return [name for name in names if name not in excluded]
 
 
 def write_split(split: Split, path: str | os.PathLike) -> Path:

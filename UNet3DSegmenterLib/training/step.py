@@ -16,6 +16,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..choices import OPTIMIZERS
 
+
 def build_optimizer(parameters, name: str, lr: float, weight_decay: float, device: torch.device):
     """AdamW, or SGD with Nesterov momentum 0.99 (nnU-Net's); fused kernels where PyTorch has them."""
     parameters = list(parameters)
@@ -63,7 +64,7 @@ class TrainingStep:
         """Move ``module`` to ``device`` (channels-last when asked) and build its optimiser."""
         module = module.to(device)
         if channels_last:
-            module = module.to(memory_format=torch.channels_last_3d)
+            module = module.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         model = module
         if distributed:
             model = nn.parallel.DistributedDataParallel(

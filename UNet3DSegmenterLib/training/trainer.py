@@ -30,20 +30,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_path
-from .augment import Augmenter
-from .config import TrainingConfig
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..datalist import load_datalist
+from ..errors import UserError
 from ..progress import TrainingEvent
 from ..runtime import training_dtype
-from .patches import EpochSampler, PatchDataset, make_loader, prepare_cases
+from .augment import Augmenter
+from .config import TrainingConfig
 from .distributed import Distributed
-from ..errors import UserError
+from .patches import EpochSampler, PatchDataset, make_loader, prepare_cases
 from .planning import plan_training
 from .splits import make_split, read_split, write_split
 from .step import TrainingLog, TrainingStep, learning_rate
@@ -117,7 +118,7 @@ class _Run:
         self.total_steps = config.epochs * config.iterations_per_epoch
         self.warmup_steps = min(config.warmup_epochs * config.iterations_per_epoch, self.total_steps // 10)
         self.epoch, self.iteration, self.partial = 0, 0, {"loss_sum": 0.0, "seconds": 0.0}
-        self.best = {"dice": -math.inf, "epoch": 0}
+        self.best: dict[str, Any] = {"dice": -math.inf, "epoch": 0}
         if state:
             self._restore(state)
         elif self.distributed.main:
@@ -147,7 +148,7 @@ class _Run:
             return split
         return make_split(names, config.val_fraction, config.folds, config.fold, config.seed)
 
-    def _prepare(self, cases, crop: bool, kind: str):
+    def _prepare(self, cases, crop: bool, kind: Literal["training", "validation"]):
         if not cases:
             return []
 
@@ -251,9 +252,9 @@ class _Run:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def _emit(self, **event) -> None:
+    def _emit(self, **event: Any) -> None:
         if self.distributed.main:
-            self.progress(event)
+            self.progress(cast(TrainingEvent, event))
 
     def _checkpoint(self) -> Checkpoint:
         plan, config = self.plan, self.config

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .patches import PreparedCase
 from ..inference.fast import input_layout, prepare_for_inference
+from ..inference.sliding_window import sliding_window_inference
 from ..metrics import dice, iou
 from ..runtime import resolve_precision
-from ..inference.sliding_window import sliding_window_inference
+from .patches import PreparedCase
 
 
 def validate(module: nn.Module, cases: Sequence[PreparedCase], class_names: Sequence[str],
@@ -34,7 +34,8 @@ def validate(module: nn.Module, cases: Sequence[PreparedCase], class_names: Sequ
     dtype = resolve_precision("auto", device)
     model = prepare_for_inference(module, device, dtype)
     names = list(class_names)
-    losses, scores = [], {"dice": {name: [] for name in names}, "iou": {name: [] for name in names}}
+    losses: list[float] = []
+    scores: dict[str, dict[str, list[float]]] = {"dice": {name: [] for name in names}, "iou": {name: [] for name in names}}
     autocast = torch.autocast("cuda", dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
     with torch.inference_mode(), autocast:
         for case in cases:
@@ -57,10 +58,10 @@ def validate(module: nn.Module, cases: Sequence[PreparedCase], class_names: Sequ
 def write_validation_report(checkpoint_path: Path, cases, device: str, path: Path,
                             resample_labels: bool = False) -> Path:
     """Segment each validation case's original image with the checkpoint and score it on its own grid."""
-    from ..datalist import load_case
     from ..atomic import write_json
-    from ..metrics import METRIC_NAMES, segmentation_metrics
+    from ..datalist import load_case
     from ..inference.predictor import Predictor
+    from ..metrics import METRIC_NAMES, segmentation_metrics
 
     predictor = Predictor(checkpoint_path, device=device)
     labels = predictor.checkpoint.foreground_labels

@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from UNet3DSegmenterLib.commands import evaluate as evaluate_command
 from UNet3DSegmenterLib.atomic import write_json
+from UNet3DSegmenterLib.commands import evaluate as evaluate_command
 from UNet3DSegmenterLib.errors import UserError
 from UNet3DSegmenterLib.evaluation import evaluate, format_table
 from UNet3DSegmenterLib.io import read_volume, write_volume

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import nibabel
+import numpy as np
 import pytest
 import SimpleITK as sitk
 

@@ -10,8 +10,17 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 import vtk  # noqa: E402  (comes with slicer-core)
 
-from UNet3DSegmenterLib import Checkpoint, Label, Predictor, Preprocessing, UNet3D, Volume, read_volume  # noqa: E402
-from UNet3DSegmenterLib import save_checkpoint, write_volume  # noqa: E402
+from UNet3DSegmenterLib import (  # noqa: E402  # noqa: E402
+    Checkpoint,
+    Label,
+    Predictor,
+    Preprocessing,
+    UNet3D,
+    Volume,
+    read_volume,
+    save_checkpoint,
+    write_volume,
+)
 
 
 def _rotation(angles) -> np.ndarray:

@@ -9,9 +9,9 @@ import torch
 from UNet3DSegmenterLib.checkpoint import Checkpoint, Label
 from UNet3DSegmenterLib.errors import UserError
 from UNet3DSegmenterLib.inference.fast import input_layout, prepare_for_inference
-from UNet3DSegmenterLib.models import build_model
 from UNet3DSegmenterLib.inference.postprocess import keep_largest_component
 from UNet3DSegmenterLib.inference.predictor import Predictor
+from UNet3DSegmenterLib.models import build_model
 from UNet3DSegmenterLib.preprocess import Preprocessing
 from UNet3DSegmenterLib.volume import Volume
 

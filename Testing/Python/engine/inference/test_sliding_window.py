@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from UNet3DSegmenterLib.inference.sliding_window import (
-    Cancelled, gaussian_weights, patchify, sliding_window_inference, unpatchify, window_positions, window_starts)
+    Cancelled,
+    gaussian_weights,
+    patchify,
+    sliding_window_inference,
+    unpatchify,
+    window_positions,
+    window_starts,
+)
 
 
 def pointwise_model(out_channels: int = 3) -> nn.Module:

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from UNet3DSegmenterLib.training.patches import (EpochSampler, PatchDataset, PreparedCase, _class_locations, get_dataloader,
-                                        prepare_cases)
 from UNet3DSegmenterLib.datalist import folder_pair
 from UNet3DSegmenterLib.io import write_volume
 from UNet3DSegmenterLib.models import UNet3D
 from UNet3DSegmenterLib.preprocess import Preprocessing
+from UNet3DSegmenterLib.training.patches import (
+    EpochSampler,
+    PatchDataset,
+    PreparedCase,
+    _class_locations,
+    get_dataloader,
+    prepare_cases,
+)
 from UNet3DSegmenterLib.volume import Volume
 
 

@@ -19,10 +19,10 @@ import torch
 from UNet3DSegmenterLib.checkpoint import load_checkpoint
 from UNet3DSegmenterLib.commands.cli import main
 from UNet3DSegmenterLib.datalist import load_datalist
+from UNet3DSegmenterLib.inference.predictor import Predictor
 from UNet3DSegmenterLib.io import read_volume
 from UNet3DSegmenterLib.phantom import write_phantom_dataset
 from UNet3DSegmenterLib.training.planning import plan_patch_size, plan_training
-from UNet3DSegmenterLib.inference.predictor import Predictor
 from UNet3DSegmenterLib.training.trainer import TrainingConfig, train
 
 REPOSITORY = Path(__file__).resolve().parents[4]
