@@ -75,14 +75,14 @@ def renderingProblem() -> str | None:
         return f"could not test offscreen rendering: {error}"
     if result.returncode == 0 and result.stdout.strip() == "rendered":
         return None
-    return ("VTK cannot render offscreen on this machine: it found no display and could not make an OpenGL "
-            "context with EGL or OSMesa; install Mesa's EGL (Debian/Ubuntu: apt-get install libegl1 "
-            "libgl1-mesa-dri) or run under xvfb-run")
+    return ("VTK cannot render offscreen on this machine: it could not make an OpenGL context (no usable display, "
+            "EGL or OSMesa); install Mesa's EGL (Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri) "
+            "or run under xvfb-run")
 
 
 def _preferHeadlessOpenGL() -> None:
     """Without a display, go straight to EGL (VTK's wheel tries X first, and warns when it fails)."""
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 

@@ -9,6 +9,9 @@ RAS-to-IJK matrix to the label under it.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,7 +292,7 @@ def test_a_bare_scene_renders_without_an_application(rendering):
     assert 0.05 < filled.mean() < 0.2  # about the label's share of the volume's square (1/9), less its outline
 
 
-def test_write_png_reads_back_the_same_pixels(tmp_path, rendering):
+def test_write_png_reads_back_the_same_pixels(tmp_path):
     picture = np.random.default_rng(0).integers(0, 256, (7, 11, 3), dtype=np.uint8)
     path = views.writePng(picture, tmp_path / "folder" / "picture.png")
     reader = vtk.vtkPNGReader()
@@ -318,3 +321,10 @@ def test_a_machine_that_cannot_render_is_told_why_instead_of_crashing(monkeypatc
     finally:
         views.renderingProblem.cache_clear()
     assert problem is not None and "cannot render offscreen" in problem and "EGL" in problem
+
+
+def test_importing_the_views_imports_no_torch():
+    code = "import sys; from UNet3DSegmenterLib.slicer import views; assert 'torch' not in sys.modules, 'torch'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(views.__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
