@@ -59,7 +59,7 @@ ENGINE_PACKAGE = "UNet3DSegmenterLib"
 # as pyproject.toml lists them: import name -> pip requirement.
 ENGINE_REQUIREMENTS = {"torch": "torch>=2.1", "nibabel": "nibabel>=5.0", "matplotlib": "matplotlib>=3.7"}
 
-ARCHITECTURES = ["unet3d", "resunet3d", "vnet"]
+ARCHITECTURES = ["unet3d", "resunet3d", "resnet18unet", "vnet"]
 DEVICES = ["auto", "cpu", "cuda"]
 
 

@@ -13,11 +13,11 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Compute precision: 'auto' is bf16 on CPUs with native bf16, fp16/bf16 autocast on CUDA, else fp32."""
 
-ARCHITECTURES = ("unet3d", "resunet3d", "vnet")
+ARCHITECTURES = ("unet3d", "resunet3d", "resnet18unet", "vnet")
 """Networks of :mod:`UNet3DSegmenterLib.models`, by registry name."""
 
-NORMS = ("instance", "batch")
-"""Normalisation layers of the networks."""
+NORMS = ("instance", "batch", "none")
+"""Normalisation layers of the networks ('none': plain convolutions with a bias, as the original VNet)."""
 
 LOSSES = ("dicece", "dice", "focal", "weighted_dice")
 """Training losses of :mod:`UNet3DSegmenterLib.training.losses`."""
