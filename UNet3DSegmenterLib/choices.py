@@ -19,7 +19,7 @@ ARCHITECTURES = ("unet3d", "resunet3d", "resnet18unet", "vnet")
 NORMS = ("instance", "batch", "none")
 """Normalisation layers of the networks ('none': plain convolutions with a bias, as the original VNet)."""
 
-LOSSES = ("dicece", "dice", "focal", "weighted_dice")
+LOSSES = ("dicece", "dice", "focal", "dice_focal", "ce", "weighted_dice")
 """Training losses of :mod:`UNet3DSegmenterLib.training.losses`."""
 
 OPTIMIZERS = ("adamw", "sgd")

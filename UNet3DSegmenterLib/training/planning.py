@@ -80,7 +80,7 @@ class TrainingPlan:
             counts = np.zeros(len(self.labels), np.int64)
             for case in cases:
                 counts += np.bincount(np.asarray(case.target).ravel(), minlength=len(self.labels))[:len(self.labels)]
-            weights = inverse_frequency_weights(counts.tolist())
+            weights = [0.0] + inverse_frequency_weights(counts[1:].tolist())
         return build_loss(self.loss_name, len(self.labels), weights)
 
 
