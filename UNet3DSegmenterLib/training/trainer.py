@@ -274,6 +274,7 @@ class _Run:
             training["validation_dice"] = {name: float(value) for name, value in best_row["dice"].items()}
         return Checkpoint.from_model(self.step_fn.module, plan.labels, plan.preprocessing, plan.patch_size,
                                      config.overlap, training)
+            training["validation_iou"] = {name: float(value) for name, value in best_row["iou"].items()}
 
     def _save_last(self) -> None:
         """last.state.pt first, then last.pt: the state holds its own weights, so the pair is
