@@ -28,8 +28,9 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("poly", "cosine", "constant")
 """Learning-rate decay after the warm-up."""
 
-NORMALIZATIONS = ("auto", "zscore", "ct", "none")
-"""Intensity normalisation: 'auto' is 'ct' for CT datasets and 'zscore' otherwise."""
+NORMALIZATIONS = ("auto", "zscore", "ct", "window", "none")
+"""Intensity normalisation: 'auto' is 'window' when a window is given, else 'ct' for CT datasets and
+'zscore' otherwise; 'window' clips to a given window and scales it to [0, 1]."""
 
 
 def check_choice(value: str, allowed: tuple[str, ...], what: str) -> str:

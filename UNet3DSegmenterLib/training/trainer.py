@@ -269,12 +269,14 @@ class _Run:
         }
         if config.init:
             training["init"] = str(config.init)
+        if config.class_weights is not None:
+            training["class_weights"] = list(config.class_weights)
         if best_row is not None:
             training["best_mean_dice"] = float(best_row["mean_dice"])
             training["validation_dice"] = {name: float(value) for name, value in best_row["dice"].items()}
+            training["validation_iou"] = {name: float(value) for name, value in best_row["iou"].items()}
         return Checkpoint.from_model(self.step_fn.module, plan.labels, plan.preprocessing, plan.patch_size,
                                      config.overlap, training)
-            training["validation_iou"] = {name: float(value) for name, value in best_row["iou"].items()}
 
     def _save_last(self) -> None:
         """last.state.pt first, then last.pt: the state holds its own weights, so the pair is

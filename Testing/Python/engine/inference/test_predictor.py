@@ -71,6 +71,14 @@ def test_inference_rewrite_computes_the_same_function(architecture, norm):
     assert (bf16 - expected).abs().mean() < 0.05 * expected.abs().mean() + 0.01
 
 
+def test_resize_checkpoint_segments_on_the_input_grid():
+    resized = Checkpoint.from_model(checkpoint().build_model(), LABELS, Preprocessing(size=(16, 16, 16)), (16, 16, 16))
+    volume = oblique_input()
+    result = Predictor(resized, device="cpu").predict(volume, probabilities=True)
+    assert result.labelmap.same_grid(volume) and result.probabilities.same_grid(volume)
+    np.testing.assert_allclose(result.probabilities.array.sum(axis=0), 1.0, atol=1e-4)
+
+
 def test_channel_mismatch_is_a_clear_error():
     four_channels = Volume(np.zeros((4, 10, 10, 10), np.float32))
     with pytest.raises(UserError, match="4 channels .* expects 1 channel"):
