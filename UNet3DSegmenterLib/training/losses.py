@@ -48,7 +48,24 @@ def check_class_weights(class_weights: Sequence[float], classes: int) -> list[fl
     return weights
 
 
-class DiceLoss(nn.Module):
+class _ClassWeighted(nn.Module):
+    """A loss with optional class weights, held as a buffer so they move with ``.to(device)``."""
+
+    class_weights: torch.Tensor | None
+
+    def __init__(self, class_weights: Sequence[float] | None = None):
+        super().__init__()
+        weights = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    def voxel_weights(self, target: torch.Tensor) -> torch.Tensor | None:
+        """Each voxel's weight, that of its true class, with the class weights scaled to average 1."""
+        if self.class_weights is None:
+            return None
+        return (self.class_weights / self.class_weights.mean())[target]
+
+
+class DiceLoss(_ClassWeighted):
     """1 - soft Dice, averaged over classes (weighted when ``class_weights`` is given).
 
     Args:
@@ -58,13 +75,9 @@ class DiceLoss(nn.Module):
         smooth: added to numerator and denominator, so empty classes give a finite loss.
     """
 
-    class_weights: torch.Tensor | None
-
     def __init__(self, class_weights: Sequence[float] | None = None, smooth: float = 1e-5):
-        super().__init__()
+        super().__init__(class_weights)
         self.smooth = smooth
-        weights = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
-        self.register_buffer("class_weights", weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         probabilities = torch.softmax(logits.float(), dim=1)
@@ -75,50 +88,30 @@ class DiceLoss(nn.Module):
         dice = (2 * intersection + self.smooth) / (total + self.smooth)
         if self.class_weights is None:
             return 1 - dice[0 if logits.shape[1] == 1 else 1:].mean()
-        weights = self.class_weights.to(dice.device)
-        return 1 - (dice * weights).sum() / weights.sum()
+        return 1 - (dice * self.class_weights).sum() / self.class_weights.sum()
 
 
-def _voxel_weights(class_weights: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor | None:
-    """Each voxel's weight, that of its true class, with the class weights scaled to average 1."""
-    if class_weights is None:
-        return None
-    weights = class_weights.to(target.device)
-    return (weights / weights.mean())[target]
-
-
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(_ClassWeighted):
     """Cross-entropy per voxel, averaged; with ``class_weights``, each voxel weighed by its class."""
-
-    class_weights: torch.Tensor | None
-
-    def __init__(self, class_weights: Sequence[float] | None = None):
-        super().__init__()
-        weights = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
-        self.register_buffer("class_weights", weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         losses = F.cross_entropy(logits.float(), target, reduction="none")
-        weights = _voxel_weights(self.class_weights, target)
+        weights = self.voxel_weights(target)
         return (losses if weights is None else losses * weights).mean()
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(_ClassWeighted):
     """Focal loss: cross-entropy scaled by (1 - p_true) ** gamma, so easy voxels count less; with
     ``class_weights``, each voxel also weighed by its class (the alpha of Lin et al.)."""
 
-    class_weights: torch.Tensor | None
-
     def __init__(self, gamma: float = 2.0, class_weights: Sequence[float] | None = None):
-        super().__init__()
+        super().__init__(class_weights)
         self.gamma = gamma
-        weights = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
-        self.register_buffer("class_weights", weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_probability = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
         losses = -(1 - log_probability.exp()) ** self.gamma * log_probability
-        weights = _voxel_weights(self.class_weights, target)
+        weights = self.voxel_weights(target)
         return (losses if weights is None else losses * weights).mean()
 
 
