@@ -56,7 +56,6 @@ class TrainingPlan:
     init: Checkpoint | None = None
     median_spacing: tuple[float, float, float] | None = None  # (x, y, z) of the cases once resized
 
-
     @property
     def label_values(self) -> list[int]:
         return [label.value for label in self.labels]
