@@ -59,7 +59,7 @@ ENGINE_PACKAGE = "UNet3DSegmenterLib"
 # as pyproject.toml lists them: import name -> pip requirement.
 ENGINE_REQUIREMENTS = {"torch": "torch>=2.1", "nibabel": "nibabel>=5.0", "matplotlib": "matplotlib>=3.7"}
 
-ARCHITECTURES = ["unet3d", "resunet3d", "vnet"]
+ARCHITECTURES = ["unet3d", "resunet3d", "resnet18unet", "vnet"]
 DEVICES = ["auto", "cpu", "cuda"]
 
 
@@ -78,7 +78,7 @@ class UNet3DSegmenter(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["UNet3DSegmenter contributors"]
         self.parent.helpText = """
-<p>Segments CT and MRI volumes with 3D U-Net, residual U-Net or VNet models, and trains new models
+<p>Segments CT and MRI volumes with 3D U-Net, residual U-Net, ResNet-18 U-Net or VNet models, and trains new models
 from segmentations you already have in the scene.</p>
 <p><b>Segment</b>: choose the input volume and a model (the bundled models are listed with the
 structures they segment; <i>Choose a checkpoint file...</i> opens any <code>.pt</code> checkpoint made

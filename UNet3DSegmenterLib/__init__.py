@@ -11,7 +11,7 @@ command line::
     training:   training.config -> datalist -> training.splits -> training.planning ->
                 training.patches -> training.augment -> training.step (losses) ->
                 training.validation -> checkpoint; training.trainer runs the loop
-    commands:   commands.cli and one module per command (predict, train, evaluate, demo, info)
+    commands:   commands.cli and one module per command (predict, train, evaluate, overlay, demo, info)
 
 Typical use::
 
@@ -37,7 +37,8 @@ _PUBLIC = {
     "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "Label": "labels", "UserError": "errors", "Volume": "volume",
     "read_volume": "io", "write_volume": "io",
-    "UNet3D": "models", "ResidualUNet3D": "models", "VNet": "models", "build_model": "models",
+    "UNet3D": "models", "ResidualUNet3D": "models", "ResNet18UNet3D": "models", "VNet": "models",
+    "build_model": "models",
     "Predictor": "inference.predictor", "Prediction": "inference.predictor",
     "Preprocessing": "preprocess",
     "patchify": "inference.sliding_window", "unpatchify": "inference.sliding_window",
@@ -47,7 +48,8 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "Checkpoint", "Label", "Prediction", "Predictor", "Preprocessing", "ResidualUNet3D", "TrainingConfig", "UNet3D",
+    "Checkpoint", "Label", "Prediction", "Predictor", "Preprocessing", "ResNet18UNet3D", "ResidualUNet3D",
+    "TrainingConfig", "UNet3D",
     "UserError", "VNet", "Volume", "build_model", "get_dataloader", "load_checkpoint", "patchify", "read_volume",
     "save_checkpoint", "sliding_window_inference", "train", "unpatchify", "write_volume",
 ]
@@ -77,7 +79,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .inference.sliding_window import patchify, sliding_window_inference, unpatchify
     from .io import read_volume, write_volume
     from .labels import Label
-    from .models import ResidualUNet3D, UNet3D, VNet, build_model
+    from .models import ResidualUNet3D, ResNet18UNet3D, UNet3D, VNet, build_model
     from .preprocess import Preprocessing
     from .training.config import TrainingConfig
     from .training.patches import get_dataloader

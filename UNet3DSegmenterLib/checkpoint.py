@@ -5,16 +5,20 @@ A checkpoint is a plain dictionary of tensors, numbers, strings and lists, so th
 nothing in it runs. Writes go to a temporary file that is renamed into place, so a crash never
 leaves a broken checkpoint.
 
-Record (format version 1)::
+Record::
 
-    format_version     int
-    architecture       'unet3d' | 'resunet3d' | 'vnet'
+    format_version     int: 1, or 2 when the preprocessing resizes to a fixed grid or scales a window
+    architecture       a name of models.ARCHITECTURES ('unet3d', 'resunet3d', 'resnet18unet', 'vnet')
     architecture_args  constructor arguments of the network
     state_dict         weights
     labels             [{value, name, color: [r, g, b] in 0..1}], in output-channel order (0 = background)
-    preprocessing      see preprocess.Preprocessing.to_dict
+    preprocessing      see preprocess.Preprocessing.to_dict (format 2 adds 'size' and the 'window' normalisation)
     inference          {patch_size: [z, y, x], overlap}
     training           free-form record of how it was made (data, epochs, metrics)
+
+A checkpoint is written in the oldest format that holds it, so that older versions of this tool keep
+reading what they can, and refuse (rather than silently mis-read) what they cannot: a format-1
+reader would ignore a resize and predict on the wrong grid.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from .models import architecture_name, build_model, count_parameters
 from .preprocess import Preprocessing
 from .volume import float3, int3
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _REQUIRED = ("format_version", "architecture", "architecture_args", "state_dict", "labels",
              "preprocessing", "inference")
 
@@ -77,9 +81,14 @@ class Checkpoint:
         model.load_state_dict(self.state_dict)
         return model.eval()
 
+    def format_version(self) -> int:
+        """The oldest format that holds this checkpoint (see the module docstring)."""
+        preprocessing = self.preprocessing
+        return 2 if preprocessing.size is not None or preprocessing.normalization == "window" else 1
+
     def to_dict(self) -> dict:
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version(),
             "architecture": self.architecture,
             "architecture_args": dict(self.architecture_args),
             "state_dict": self.state_dict,
@@ -101,7 +110,7 @@ class Checkpoint:
             f"input channels: {self.in_channels}",
             "labels:         " + ", ".join(
                 f"{label.value} {label.name} (rgb {_hex(label.color)})" for label in self.labels),
-            f"spacing:        {_spacing(self.preprocessing.spacing)}",
+            f"grid:           {_grid(self.preprocessing)}",
             f"normalisation:  {self.preprocessing.describe()}",
             f"patch size:     {' x '.join(map(str, self.patch_size))} voxels (z, y, x), overlap {self.overlap:g}",
         ]
@@ -122,8 +131,12 @@ def _hex(color) -> str:
     return "#" + "".join(f"{round(255 * float(channel)):02x}" for channel in color)
 
 
-def _spacing(spacing) -> str:
-    return "kept as in the input" if spacing is None else " x ".join(f"{s:g}" for s in spacing) + " mm (x, y, z)"
+def _grid(preprocessing: Preprocessing) -> str:
+    if preprocessing.size is not None:
+        return "resized to " + " x ".join(map(str, preprocessing.size)) + " voxels (z, y, x) over each input's box"
+    if preprocessing.spacing is None:
+        return "spacing kept as in the input"
+    return "spacing " + " x ".join(f"{s:g}" for s in preprocessing.spacing) + " mm (x, y, z)"
 
 
 def _short(value) -> str:

@@ -13,13 +13,13 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Compute precision: 'auto' is bf16 on CPUs with native bf16, fp16/bf16 autocast on CUDA, else fp32."""
 
-ARCHITECTURES = ("unet3d", "resunet3d", "vnet")
+ARCHITECTURES = ("unet3d", "resunet3d", "resnet18unet", "vnet")
 """Networks of :mod:`UNet3DSegmenterLib.models`, by registry name."""
 
-NORMS = ("instance", "batch")
-"""Normalisation layers of the networks."""
+NORMS = ("instance", "batch", "none")
+"""Normalisation layers of the networks ('none': plain convolutions with a bias, as the original VNet)."""
 
-LOSSES = ("dicece", "dice", "focal", "weighted_dice")
+LOSSES = ("dicece", "dice", "focal", "dice_focal", "ce", "weighted_dice")
 """Training losses of :mod:`UNet3DSegmenterLib.training.losses`."""
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -28,8 +28,9 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("poly", "cosine", "constant")
 """Learning-rate decay after the warm-up."""
 
-NORMALIZATIONS = ("auto", "zscore", "ct", "none")
-"""Intensity normalisation: 'auto' is 'ct' for CT datasets and 'zscore' otherwise."""
+NORMALIZATIONS = ("auto", "zscore", "ct", "window", "none")
+"""Intensity normalisation: 'auto' is 'window' when a window is given, else 'ct' for CT datasets and
+'zscore' otherwise; 'window' clips to a given window and scales it to [0, 1]."""
 
 
 def check_choice(value: str, allowed: tuple[str, ...], what: str) -> str:

@@ -7,7 +7,11 @@ without a reference are skipped and listed under ``"ignored_predictions"``.
 
 Every case is scored on the same labels (all non-zero values found in any prediction or reference),
 so that the mean over cases is a mean over the same set; a class absent from both sides of a case
-counts as correct (see :mod:`UNet3DSegmenterLib.metrics` for this and the other conventions).
+counts as correct (see :mod:`UNet3DSegmenterLib.metrics` for this and the other conventions). Each
+case also gets its voxel accuracy (all voxels, background included).
+
+:func:`summarize` turns per-case scores into the report every scoring writes (``evaluate``, and the
+validation report of a training run), so that all of them have the same keys and the same means.
 
 Example::
 
@@ -25,7 +29,8 @@ import numpy as np
 
 from .errors import UserError
 from .io import case_name, list_volume_files, read_volume
-from .metrics import METRIC_NAMES, found_labels, segmentation_metrics
+from .metrics import METRIC_NAMES, found_labels, segmentation_metrics, voxel_accuracy
+from .volume import Volume
 
 # What a class absent from both prediction and reference of a case scores (see metrics.dice).
 _ABSENT_FROM_BOTH = {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "asd": 0.0}
@@ -36,40 +41,74 @@ def evaluate(prediction_path: str | os.PathLike, reference_path: str | os.PathLi
     """Score predictions against references (two files, or two folders matched by case name).
 
     Returns:
-        ``{"cases": {case: {label: {"dice", "iou", "hd95", "asd"}}}, "mean": {label: {...}},
-        "mean_foreground_dice": float, "ignored_predictions": [case, ...]}``. Distances are in mm
-        and ``inf`` where a class is present on one side only; a mean over cases that include such
-        a case is ``inf`` too. ``mean_foreground_dice`` is the mean over labels of the mean Dice
-        (1.0 when no case has any foreground).
+        :func:`summarize`'s report, and ``"ignored_predictions": [case, ...]``.
 
     Raises:
         UserError: a path is missing, one is a file and the other a folder, a reference case has no
             prediction, or a pair is not on the same voxel grid.
     """
     pairs, ignored = _case_pairs(Path(prediction_path), Path(reference_path))
-    cases = {name: _score_case(prediction, reference) for name, prediction, reference in pairs}
+    scores, accuracy = {}, {}
+    for name, prediction, reference in pairs:
+        scores[name], accuracy[name] = _score_files(prediction, reference)
+    return {**summarize(scores, accuracy), "ignored_predictions": ignored}
+
+
+def score_case(prediction: Volume, reference: Volume, labels: list[int] | None = None,
+               prediction_name: str = "prediction", reference_name: str = "reference",
+               ) -> tuple[dict[int, dict[str, float]], float]:
+    """Per-label Dice, IoU, HD95 and ASD (see :func:`~UNet3DSegmenterLib.metrics.segmentation_metrics`)
+    and the voxel accuracy of one case; ``labels`` default to those found in either label map."""
+    labels = found_labels(prediction, reference) if labels is None else labels
+    scores = segmentation_metrics(prediction, reference, labels, prediction_name, reference_name)
+    return scores, voxel_accuracy(prediction.array, reference.array)
+
+
+def summarize(cases: dict[str, dict[int, dict[str, float]]], accuracy: dict[str, float]) -> dict:
+    """Per-case scores (``{case: {label: {"dice", "iou", "hd95", "asd"}}}``) and voxel accuracies
+    (``{case: value}``) as a report with the means over cases.
+
+    Returns:
+        ``{"cases": {case: {label: {...}}}, "accuracy": {case: value}, "mean": {label: {...}},
+        "mean_foreground_dice": float, "mean_foreground_iou": float, "mean_accuracy": float}``.
+        A label missing from a case scores as absent from both sides. Distances are in mm and
+        ``inf`` where a class is present on one side only; a mean over cases that include such a
+        case is ``inf`` too. The two foreground means are means over labels of the mean per label
+        (1.0 when no case has any foreground).
+    """
     labels = sorted({label for scores in cases.values() for label in scores})
     cases = {name: {label: scores.get(label, dict(_ABSENT_FROM_BOTH)) for label in labels}
              for name, scores in cases.items()}
     mean = {label: {metric: float(np.mean([cases[name][label][metric] for name in cases]))
                     for metric in METRIC_NAMES} for label in labels}
-    mean_dice = float(np.mean([mean[label]["dice"] for label in labels])) if labels else 1.0
-    return {"cases": cases, "mean": mean, "mean_foreground_dice": mean_dice, "ignored_predictions": ignored}
+
+    def over_labels(metric: str) -> float:
+        return float(np.mean([mean[label][metric] for label in labels])) if labels else 1.0
+
+    return {"cases": cases, "accuracy": {name: float(value) for name, value in accuracy.items()}, "mean": mean,
+            "mean_foreground_dice": over_labels("dice"), "mean_foreground_iou": over_labels("iou"),
+            "mean_accuracy": float(np.mean(list(accuracy.values()))) if accuracy else 1.0}
 
 
 def format_table(result: dict) -> str:
-    """The result of :func:`evaluate` as a text table: one row per case and label, then the means."""
+    """The result of :func:`evaluate` (or :func:`summarize`) as a text table: one row per case and
+    label with the case's voxel accuracy on its first row, then the means."""
+    accuracy = {**result["accuracy"], "mean": result["mean_accuracy"]}
     rows = [(name, label, scores) for name, case in result["cases"].items() for label, scores in case.items()]
     rows += [("mean", label, scores) for label, scores in result["mean"].items()]
     width = max([len("case")] + [len(name) for name, _, _ in rows])
-    header = f"{'case':<{width}}  label    dice     iou  hd95 mm   asd mm"
+    header = f"{'case':<{width}}  label    dice     iou  hd95 mm   asd mm  accuracy"
     lines = [header, "-" * len(header)]
-    for name, label, scores in rows:
+    for index, (name, label, scores) in enumerate(rows):
+        first_of_case = index == 0 or rows[index - 1][0] != name  # accuracy is per case: shown once
         lines.append(
             f"{name:<{width}}  {label:>5}  {scores['dice']:6.4f}  {scores['iou']:6.4f}"
             f"  {_millimetres(scores['hd95'])}  {_millimetres(scores['asd'])}"
+            + (f"    {accuracy[name]:6.4f}" if first_of_case else "")
         )
     lines.append(f"mean foreground Dice: {result['mean_foreground_dice']:.4f}")
+    lines.append(f"mean foreground IoU:  {result['mean_foreground_iou']:.4f}")
+    lines.append(f"mean voxel accuracy:  {result['mean_accuracy']:.4f} (all voxels, background included)")
     if result.get("ignored_predictions"):
         ignored = result["ignored_predictions"]
         lines.append(f"note: {len(ignored)} prediction(s) without a reference ignored: {_list_names(ignored)}")
@@ -112,12 +151,10 @@ def _cases_in(folder: Path) -> dict[str, Path]:
     return cases
 
 
-def _score_case(prediction_path: Path, reference_path: Path) -> dict[int, dict[str, float]]:
+def _score_files(prediction_path: Path, reference_path: Path) -> tuple[dict[int, dict[str, float]], float]:
     prediction, reference = read_volume(prediction_path), read_volume(reference_path)
-    return segmentation_metrics(
-        prediction, reference, found_labels(prediction, reference),
-        prediction_name=str(prediction_path), reference_name=str(reference_path),
-    )
+    return score_case(prediction, reference, prediction_name=str(prediction_path),
+                      reference_name=str(reference_path))
 
 
 def _kind(path: Path) -> str:

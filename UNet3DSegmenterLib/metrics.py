@@ -1,4 +1,5 @@
-"""Segmentation metrics: overlap (Dice, IoU) and surface distance (HD95, ASD) per class, in millimetres.
+"""Segmentation metrics: overlap (Dice, IoU) and surface distance (HD95, ASD) per class, in millimetres,
+and voxel accuracy per case.
 
 Conventions, chosen so that every case yields a number and the numbers agree with common practice
 (MONAI's ``compute_hausdorff_distance`` and ``compute_average_surface_distance``):
@@ -14,6 +15,8 @@ Conventions, chosen so that every case yields a number and the numbers agree wit
 - HD95 is the larger of the two directed 95th percentiles (prediction to reference and reference to
   prediction); ASD is the mean of all distances from both surfaces, pooled (the average symmetric
   surface distance).
+- Voxel accuracy is the share of all voxels, background included, whose label is right. On most
+  volumes background dominates it, so it is high even for a poor segmentation: read it beside Dice.
 
 Example::
 
@@ -56,6 +59,15 @@ def iou(prediction: np.ndarray, reference: np.ndarray) -> float:
     if union == 0:
         return 1.0
     return float(np.count_nonzero(prediction & reference) / union)
+
+
+def voxel_accuracy(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """The share of voxels whose label in ``prediction`` equals that in ``reference`` (all labels,
+    background included)."""
+    prediction, reference = np.asarray(prediction), np.asarray(reference)
+    if prediction.shape != reference.shape:
+        raise ValueError(f"label maps differ in shape: {prediction.shape} and {reference.shape}")
+    return float(np.count_nonzero(prediction == reference) / max(prediction.size, 1))
 
 
 def surface_distances(
@@ -116,8 +128,8 @@ def segmentation_metrics(
         UserError: when the grids differ (a metric on misaligned voxels would be meaningless), or
             when an input is not a single-channel label map.
     """
-    _check_label_map(prediction, prediction_name)
-    _check_label_map(reference, reference_name)
+    check_label_map(prediction, prediction_name)
+    check_label_map(reference, reference_name)
     _check_same_grid(prediction, reference, prediction_name, reference_name)
     if labels is None:
         labels = found_labels(prediction, reference)
@@ -175,7 +187,8 @@ def _distance_to(surface: np.ndarray, spacing_zyx: tuple[float, float, float]) -
     return np.maximum(sitk.GetArrayFromImage(distance).astype(np.float64), 0.0)
 
 
-def _check_label_map(volume: Volume, name: str) -> None:
+def check_label_map(volume: Volume, name: str) -> None:
+    """UserError naming ``name`` unless ``volume`` is a single-channel map of integer labels."""
     if volume.channels != 1:
         raise UserError(f"{name} has {volume.channels} channels: a single-channel label map is needed")
     array = volume.array

@@ -3,16 +3,20 @@
 - :class:`UNet3D`: Cicek et al. 2016. Two 3x3x3 conv + norm + ReLU per level, max pooling down,
   transposed conv up, skip concatenation.
 - :class:`ResidualUNet3D`: the same U shape with ResNet basic blocks in the encoder and bottleneck.
+- :class:`ResNet18UNet3D`: ResNet-18's layout in 3D as the encoder (a stem, four stages of two basic
+  blocks at 64-128-256-512 channels) and a matching U-Net decoder: about 41.5 M parameters.
 - :class:`VNet`: Milletari et al. 2016. Residual stages of 5x5x5 convs with PReLU, strided-conv
   downsampling, transposed-conv upsampling.
 
 All take ``(in_channels, out_channels)`` first, and ``depth`` (levels including the bottleneck),
-``base_width`` (channels at the first level, doubled per level), ``norm`` ('instance' or 'batch')
-and ``dropout`` (probability in the bottleneck). Inputs must be divisible by ``model.size_divisor``
+``base_width`` (channels at the first level, doubled per level), ``norm`` ('instance', 'batch' or
+'none': convolutions then carry a bias) and ``dropout`` (probability in the bottleneck). Inputs must be divisible by ``model.size_divisor``
 along each axis; the sliding window takes care of that.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -25,7 +29,19 @@ def _norm(kind: str, channels: int) -> nn.Module:
         return nn.InstanceNorm3d(channels, affine=True)
     if kind == "batch":
         return nn.BatchNorm3d(channels)
+    if kind == "none":
+        return nn.Identity()
     raise ValueError(f"unknown normalisation {kind!r}: choose one of {NORMS}")
+
+
+def _conv_norm(in_channels: int, out_channels: int, kernel_size: int, norm: str, stride: int = 1) -> nn.Sequential:
+    """conv -> norm. A convolution followed by a normalisation needs no bias (the norm's shift is
+    one); without normalisation it keeps its bias."""
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2,
+                  bias=norm == "none"),
+        _norm(norm, out_channels),
+    )
 
 
 class ConvNormAct(nn.Sequential):
@@ -34,8 +50,7 @@ class ConvNormAct(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, norm: str = "instance",
                  activation: type[nn.Module] = nn.ReLU, stride: int = 1):
         super().__init__(
-            nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2, bias=False),
-            _norm(norm, out_channels),
+            *_conv_norm(in_channels, out_channels, kernel_size, norm, stride),
             activation(inplace=True) if activation is nn.ReLU else activation(out_channels),
         )
 
@@ -128,13 +143,10 @@ class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, norm: str, stride: int = 1):
         super().__init__()
         self.conv1 = ConvNormAct(in_channels, out_channels, 3, norm, stride=stride)
-        self.conv2 = nn.Sequential(
-            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False), _norm(norm, out_channels)
-        )
+        self.conv2 = _conv_norm(out_channels, out_channels, 3, norm)
         self.shortcut = (
             nn.Identity() if stride == 1 and in_channels == out_channels else
-            nn.Sequential(nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False),
-                          _norm(norm, out_channels))
+            _conv_norm(in_channels, out_channels, 1, norm, stride)
         )
         self.activation = nn.ReLU(inplace=True)
 
@@ -148,12 +160,14 @@ class ResidualUNet3D(_SegmentationNetwork):
     Same arguments as :class:`UNet3D`; the decoder is the U-Net's (transposed conv, concat, two convs).
     """
 
+    _STEM_KERNEL = 3
+
     def __init__(self, in_channels: int = 1, out_channels: int = 2, depth: int = 5, base_width: int = 16,
                  norm: str = "instance", dropout: float = 0.0):
         super().__init__(in_channels=in_channels, out_channels=out_channels, depth=depth,
                          base_width=base_width, norm=norm, dropout=dropout)
         widths = self._widths(depth, base_width)
-        self.stem = ConvNormAct(in_channels, widths[0], 3, norm)
+        self.stem = ConvNormAct(in_channels, widths[0], self._STEM_KERNEL, norm)
         self.encoder = nn.ModuleList(
             nn.Sequential(
                 BasicBlock(widths[max(level - 1, 0)], widths[level], norm, stride=1 if level == 0 else 2),
@@ -172,6 +186,36 @@ class ResidualUNet3D(_SegmentationNetwork):
             x = block(x)
             skips.append(x)
         return self.head(self.decoder(skips.pop(), skips))
+
+
+class ResNet18UNet3D(ResidualUNet3D):
+    """ResNet-18's layout in 3D as a U-Net encoder, with the U-Net decoder to match.
+
+    A 7x7x7 stem convolution, then four stages of two basic blocks at 64, 128, 256 and 512 channels
+    (the first block of stages 2 to 4 strided), and per stage up a transposed convolution, the skip
+    and two convolutions: about 41.5 M parameters with the default width. Unlike the classification
+    ResNet the stem keeps full resolution, so that the finest skip connection carries full-resolution
+    detail; inputs must be divisible by 8.
+
+    Args:
+        in_channels, out_channels, norm, dropout: as for :class:`UNet3D`.
+        depth: ResNet-18 has four stages; any other value is refused.
+        base_width: channels of the first stage (64 in ResNet-18; smaller for quick experiments).
+
+    Example::
+
+        >>> model = ResNet18UNet3D(in_channels=1, out_channels=3)
+        >>> count_parameters(model)
+        41505987
+    """
+
+    _STEM_KERNEL = 7
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, depth: int = 4, base_width: int = 64,
+                 norm: str = "instance", dropout: float = 0.0):
+        if depth != 4:
+            raise ValueError(f"resnet18unet has ResNet-18's four stages: depth must be 4, got {depth}")
+        super().__init__(in_channels, out_channels, depth, base_width, norm, dropout)
 
 
 class _VNetStage(nn.Module):
@@ -237,15 +281,23 @@ class VNet(_SegmentationNetwork):
 ARCHITECTURES: dict[str, type[_SegmentationNetwork]] = {
     "unet3d": UNet3D,
     "resunet3d": ResidualUNet3D,
+    "resnet18unet": ResNet18UNet3D,
     "vnet": VNet,
 }
 
 
 def build_model(architecture: str, architecture_args: dict) -> _SegmentationNetwork:
-    """Build a network by registry name ('unet3d', 'resunet3d', 'vnet') and constructor arguments."""
+    """Build a network by registry name (see :data:`ARCHITECTURES`) and constructor arguments."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}: choose one of {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[architecture](**architecture_args)
+
+
+def default_arguments(architecture: str) -> dict:
+    """The constructor defaults of a registered network, e.g. ``{"depth": 4, "base_width": 64, ...}``
+    for 'resnet18unet'."""
+    parameters = inspect.signature(ARCHITECTURES[architecture]).parameters.values()
+    return {parameter.name: parameter.default for parameter in parameters}
 
 
 def architecture_name(model: nn.Module) -> str:

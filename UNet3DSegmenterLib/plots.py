@@ -11,7 +11,7 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,34 +42,42 @@ def _save(figure, path: str | os.PathLike) -> Path:
 
 
 def save_curves(rows: Sequence[dict], class_names: Sequence[str], path: str | os.PathLike) -> Path:
-    """Loss (training, and validation where measured) and Dice per class over epochs, side by side."""
+    """Loss (training, and validation where measured), then validation Dice and IoU per class and
+    their means over epochs, side by side."""
     pyplot = _pyplot()
-    figure, (loss_axes, dice_axes) = pyplot.subplots(1, 2, figsize=(11, 4))
+    figure, (loss_axes, dice_axes, iou_axes) = pyplot.subplots(1, 3, figsize=(16, 4))
     epochs = [row["epoch"] for row in rows]
     loss_axes.plot(epochs, [row["train_loss"] for row in rows], label="training")
     validated = [row for row in rows if row.get("val_loss") is not None]
     if validated:
         loss_axes.plot([row["epoch"] for row in validated], [row["val_loss"] for row in validated], "o-",
                        label="validation")
-        for name in class_names:
-            dice_axes.plot([row["epoch"] for row in validated], [row["dice"][name] for row in validated], "o-",
-                           label=name)
-        dice_axes.plot([row["epoch"] for row in validated], [row["mean_dice"] for row in validated], "k--",
-                       label="mean")
-        dice_axes.legend(loc="lower right", fontsize="small")
-    else:
-        dice_axes.text(0.5, 0.5, "no validation cases", ha="center", va="center", transform=dice_axes.transAxes)
     loss_axes.set(xlabel="epoch", ylabel="loss", title="loss")
     loss_axes.legend(loc="upper right", fontsize="small")
-    dice_axes.set(xlabel="epoch", ylabel="Dice", title="validation Dice per class", ylim=(0, 1))
-    for axes in (loss_axes, dice_axes):
-        axes.grid(alpha=0.3)
+    loss_axes.grid(alpha=0.3)
+    for axes, metric, title in ((dice_axes, "dice", "Dice"), (iou_axes, "iou", "IoU")):
+        _plot_per_class(axes, validated, class_names, metric, title)
     figure.tight_layout()
     return _save(figure, path)
 
 
+def _plot_per_class(axes, validated: Sequence[dict], class_names: Sequence[str], metric: str, title: str) -> None:
+    """One line per class of ``row[metric]`` over the validated epochs, and their mean dashed."""
+    if validated:
+        epochs = [row["epoch"] for row in validated]
+        for name in class_names:
+            axes.plot(epochs, [row[metric][name] for row in validated], "o-", label=name)
+        axes.plot(epochs, [float(np.mean([row[metric][name] for name in class_names])) for row in validated], "k--",
+                  label="mean")
+        axes.legend(loc="lower right", fontsize="small")
+    else:
+        axes.text(0.5, 0.5, "no validation cases", ha="center", va="center", transform=axes.transAxes)
+    axes.set(xlabel="epoch", ylabel=title, title=f"validation {title} per class", ylim=(0, 1))
+    axes.grid(alpha=0.3)
+
+
 def save_overlay(image: Volume, reference: Volume | None, prediction: Volume, path: str | os.PathLike,
-                 colors: dict[int, Sequence[float]] | None = None) -> Path:
+                 colors: Mapping[int, Sequence[float]] | None = None) -> Path:
     """Axial, coronal and sagittal slices through the labelled region: image | reference | prediction.
 
     ``reference`` may be None (then that column says so); labelmaps must share the image's grid.
@@ -121,7 +129,7 @@ def _aspect(spacing_zyx, axis: int) -> float:
     return rows / columns
 
 
-def _rgba(labels: np.ndarray, colors: dict[int, Sequence[float]] | None) -> np.ndarray:
+def _rgba(labels: np.ndarray, colors: Mapping[int, Sequence[float]] | None) -> np.ndarray:
     rgba = np.zeros((*labels.shape, 4), np.float32)
     for value in (int(value) for value in np.unique(labels) if value != 0):
         color = (colors or {}).get(value, default_color(value))

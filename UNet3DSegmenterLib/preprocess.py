@@ -3,9 +3,14 @@
 - Resampling to the model's spacing keeps origin and direction, so the resampled grid covers the
   same physical box; images are interpolated linearly, labels by nearest neighbour or by linear
   interpolation of each class's one-hot mask followed by argmax (smoother at coarse spacing).
+- Or resizing to a fixed grid (``size``, e.g. 64 x 128 x 128 voxels): every case is resampled to
+  that many voxels over its own physical box (the outer corners of the box stay where they are),
+  so its spacing follows from its size. Inference resamples the network's output back from that
+  grid onto the input's, as it does after resampling to a spacing.
 - Normalisation: ``zscore`` (per case and channel: MR, whose intensity scale varies between
   scanners); ``ct`` (clip to a window in HU, then subtract a fixed mean and divide by a fixed std,
-  all four numbers recorded); ``none``.
+  all four numbers recorded); ``window`` (clip to a given window, e.g. -160..240 HU, and scale it
+  to [0, 1]); ``none``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import SimpleITK as sitk
 from .io import from_sitk, to_sitk
 from .volume import Volume, float3, int3
 
-NORMALIZATIONS = ("zscore", "ct", "none")
+NORMALIZATIONS = ("zscore", "ct", "window", "none")
 
 
 @dataclass
@@ -27,10 +32,13 @@ class Preprocessing:
 
     Args:
         spacing: target spacing (x, y, z) in mm, or None to keep each input's own spacing.
-        normalization: 'zscore', 'ct' or 'none'.
-        clip: for 'ct', the intensity window (low, high), e.g. (-160, 240) HU.
+        normalization: 'zscore', 'ct', 'window' or 'none'.
+        clip: for 'ct', the intensity window (low, high), e.g. (-160, 240) HU; for 'window', the
+            window that is scaled to [0, 1].
         mean, std: for 'ct', the fixed numbers subtracted and divided by after clipping.
         channels: image channels the network expects.
+        size: resize every input to this grid (z, y, x) in voxels instead of resampling it to a
+            spacing (``spacing`` must then be None).
     """
 
     spacing: tuple[float, float, float] | None = None
@@ -39,6 +47,7 @@ class Preprocessing:
     mean: float = 0.0
     std: float = 1.0
     channels: int = 1
+    size: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -47,22 +56,34 @@ class Preprocessing:
             self.spacing = float3(self.spacing)
         if self.clip is not None:
             self.clip = (float(self.clip[0]), float(self.clip[1]))
+        if self.size is not None:
+            self.size = int3(self.size)
+            if min(self.size) < 1 or self.spacing is not None:
+                raise ValueError(f"resize to {self.size} voxels needs three positive sizes and no spacing")
+        if self.normalization == "window" and (self.clip is None or not self.clip[0] < self.clip[1]):
+            raise ValueError(f"the 'window' normalisation needs a window low < high, got {self.clip}")
 
     def to_dict(self) -> dict:
-        return {"spacing": list(self.spacing) if self.spacing else None, "normalization": self.normalization,
-                "clip": list(self.clip) if self.clip else None, "mean": float(self.mean),
-                "std": float(self.std), "channels": int(self.channels)}
+        record = {"spacing": list(self.spacing) if self.spacing else None, "normalization": self.normalization,
+                  "clip": list(self.clip) if self.clip else None, "mean": float(self.mean),
+                  "std": float(self.std), "channels": int(self.channels)}
+        if self.size is not None:  # only when used: older records (and cache keys) stay as they were
+            record["size"] = list(self.size)
+        return record
 
     @classmethod
     def from_dict(cls, record: dict) -> Preprocessing:
         return cls(spacing=record.get("spacing"), normalization=record["normalization"],
                    clip=record.get("clip"), mean=record.get("mean", 0.0), std=record.get("std", 1.0),
-                   channels=record.get("channels", 1))
+                   channels=record.get("channels", 1), size=record.get("size"))
 
     def describe(self) -> str:
         if self.normalization == "ct":
             window = f"clip {self.clip[0]:g}..{self.clip[1]:g}, " if self.clip else ""
             return f"ct ({window}then (x - {self.mean:.4g}) / {self.std:.4g})"
+        if self.normalization == "window":
+            assert self.clip is not None  # checked in __post_init__
+            return f"window ({self.clip[0]:g}..{self.clip[1]:g} scaled to 0..1)"
         if self.normalization == "zscore":
             return "zscore (per case and channel: zero mean, unit variance)"
         return "none"
@@ -81,6 +102,12 @@ def normalize(array: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
             np.clip(array, *preprocessing.clip, out=array)
         array -= preprocessing.mean
         array /= max(preprocessing.std, 1e-8)
+    elif preprocessing.normalization == "window":
+        assert preprocessing.clip is not None  # checked by Preprocessing
+        low, high = preprocessing.clip
+        np.clip(array, low, high, out=array)
+        array -= low
+        array /= high - low
     return array
 
 
@@ -91,13 +118,34 @@ def target_shape(volume: Volume, spacing) -> tuple[int, int, int]:
     return int3(size_xyz[::-1])
 
 
-def _grid(volume: Volume, spacing) -> sitk.Image:
-    """An empty image with ``volume``'s origin and direction, sampled at ``spacing``."""
-    reference = sitk.Image([int(s) for s in target_shape(volume, spacing)[::-1]], sitk.sitkUInt8)
+def _grid(volume: Volume, spacing, shape=None, origin=None) -> sitk.Image:
+    """An empty image with ``volume``'s direction, sampled at ``spacing`` (x, y, z), of ``shape``
+    (z, y, x; default: the same box) and ``origin`` (default: ``volume``'s)."""
+    shape = target_shape(volume, spacing) if shape is None else shape
+    reference = sitk.Image([int(s) for s in shape[::-1]], sitk.sitkUInt8)
     reference.SetSpacing([float(s) for s in spacing])
-    reference.SetOrigin(volume.origin)
+    reference.SetOrigin([float(value) for value in (volume.origin if origin is None else origin)])
     reference.SetDirection(volume.direction.flatten().tolist())
     return reference
+
+
+def resized_spacing(volume: Volume, size) -> tuple[float, float, float]:
+    """The spacing (x, y, z) mm of ``volume``'s physical box cut into ``size`` (z, y, x) voxels."""
+    return float3(np.asarray(volume.spacing) * np.asarray(volume.shape[::-1]) / np.asarray(size[::-1]))
+
+
+def resize(volume: Volume, size, interpolation: str = "linear") -> Volume:
+    """Resample ``volume`` to ``size`` (z, y, x) voxels over the same physical box.
+
+    The box's outer corners stay in place (not the first voxel's centre), so every voxel of the
+    input lies inside the resized grid and resampling back needs no extrapolation.
+    """
+    size = int3(size)
+    if tuple(volume.shape) == size:
+        return volume
+    spacing = np.asarray(resized_spacing(volume, size))
+    origin = np.asarray(volume.origin) + volume.direction @ ((spacing - np.asarray(volume.spacing)) / 2)
+    return resample_to_grid(volume, _grid(volume, spacing, size, origin), interpolation)
 
 
 def resample_to_grid(volume: Volume, reference: Volume | sitk.Image, interpolation: str = "linear") -> Volume:
@@ -143,9 +191,17 @@ def resample_to_spacing(volume: Volume, spacing, interpolation: str = "linear") 
     return resample_to_grid(volume, _grid(volume, spacing), interpolation)
 
 
+def resample_for_model(volume: Volume, preprocessing: Preprocessing, interpolation: str = "linear") -> Volume:
+    """``volume`` on the grid the network works on: resized when ``preprocessing.size`` says so,
+    else resampled to ``preprocessing.spacing`` (or kept when that is None)."""
+    if preprocessing.size is not None:
+        return resize(volume, preprocessing.size, interpolation)
+    return resample_to_spacing(volume, preprocessing.spacing, interpolation)
+
+
 def preprocess_image(volume: Volume, preprocessing: Preprocessing) -> Volume:
     """Resample and normalise an image; the result is float32 with a channel axis (c, z, y, x)."""
     array = volume.array if volume.array.ndim == 4 else volume.array[None]
     volume = volume.with_array(array.astype(np.float32, copy=False))
-    volume = resample_to_spacing(volume, preprocessing.spacing, "linear")
+    volume = resample_for_model(volume, preprocessing, "linear")
     return volume.with_array(normalize(volume.array, preprocessing))

@@ -1,4 +1,4 @@
-"""The command line: ``unet3d-segmenter {predict, train, evaluate, demo, info}``.
+"""The command line: ``unet3d-segmenter {predict, train, evaluate, overlay, demo, info}``.
 
 Each command is a module of this package with ``add_arguments(parser)`` and ``run(args)``; a
 command's module (and so torch) is imported only when that command runs, so ``--help`` is quick.
@@ -21,7 +21,8 @@ EXIT_INTERRUPTED = 130
 COMMANDS = {
     "predict": "segment volumes with a checkpoint",
     "train": "train a model from labelled volumes",
-    "evaluate": "Dice, IoU, HD95 and surface distance of predictions against references",
+    "evaluate": "Dice, IoU, HD95, surface distance and voxel accuracy of predictions against references",
+    "overlay": "a picture of image | reference | prediction slices for one case (PNG)",
     "demo": "train and segment on generated phantoms, end to end",
     "info": "describe a checkpoint in words",
 }

@@ -84,21 +84,31 @@ class TrainingConfig:
     # model
     architecture: str | None = option(None, "network (default unet3d, or the --init checkpoint's)", group="model",
                                       flag="--arch", choices=ARCHITECTURES)
-    depth: int = option(5, "levels including the bottleneck", group="model")
-    base_width: int = option(16, "channels at the first level, doubled per level", group="model")
-    norm: str = option("instance", "normalisation layers", group="model", choices=NORMS)
+    depth: int | None = option(None, "levels including the bottleneck (default 5; resnet18unet: its 4 stages)",
+                               group="model")
+    base_width: int | None = option(None, "channels at the first level, doubled per level (default 16; "
+                                    "resnet18unet: 64)", group="model")
+    norm: str = option("instance", "normalisation layers (none: convolutions with a bias, as the original VNet)",
+                       group="model", choices=NORMS)
     dropout: float = option(0.0, "dropout probability in the bottleneck", group="model")
     # preprocessing
     spacing: tuple[float, float, float] | None = option(
         None, "resample to this spacing in mm (default: median case spacing)", group="preprocessing",
         metavar=("X", "Y", "Z"))
+    resize: tuple[int, int, int] | None = option(
+        None, "resample every case to this many voxels over its own box instead of to one spacing (e.g. 64 128 "
+        "128); predictions are resampled back onto each input's grid", group="preprocessing",
+        metavar=("Z", "Y", "X"))
     patch_size: tuple[int, int, int] | None = option(
         None, "patch in voxels (default: median case shape, rounded up and capped)", group="preprocessing",
         metavar=("Z", "Y", "X"))
     max_patch_size: int = option(128, "largest automatic patch edge in voxels", group="preprocessing")
     max_patch_voxels: int = option(128**3, "largest automatic patch in voxels", group="preprocessing")
     normalization: str = option("auto", "intensity normalisation; auto: a CT window for CT datasets, z-score "
-                                "otherwise", group="preprocessing", choices=NORMALIZATIONS)
+                                "otherwise, or --window's", group="preprocessing", choices=NORMALIZATIONS)
+    window: tuple[float, float] | None = option(
+        None, "clip intensities to this window and scale it to [0, 1], e.g. -160 240 (HU) for CT",
+        group="preprocessing", metavar=("LOW", "HIGH"))
     crop_foreground: bool = option(False, "cut training cases to their non-zero box (saves memory and time)",
                                    group="preprocessing")
     cache_dir: Path | None = option(None, "keep prepared cases here for later runs", group="preprocessing")
@@ -117,7 +127,8 @@ class TrainingConfig:
     batch_size: int = option(2, "patches per batch", group="optimisation")
     loss: str = option("dicece", "training loss", group="optimisation", choices=LOSSES)
     class_weights: list[float] | None = option(
-        None, "weighted_dice: one weight per class, background first (default: inverse frequency)",
+        None, "one weight per class, background first, for every term of the loss (a background weight above 0 "
+        "brings background into the Dice; default: equal, or inverse frequency for weighted_dice)",
         group="optimisation", metavar="W")
     optimizer: str = option("adamw", "optimiser (sgd: Nesterov momentum 0.99)", group="optimisation",
                             choices=OPTIMIZERS)
@@ -167,6 +178,21 @@ class TrainingConfig:
             (self.lr is None or self.lr > 0, f"learning rate must be positive, got {self.lr}"),
             (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
             ((self.folds is None) == (self.fold is None), "k-fold needs both folds (--folds K) and fold (--fold I)"),
+            (self.depth is None or self.depth >= 2, f"depth must be at least 2, got {self.depth}"),
+            (self.base_width is None or self.base_width >= 1, f"base width must be at least 1, got {self.base_width}"),
+            (self.resize is None or min(self.resize) >= 1, f"resize needs three sizes of at least 1 voxel, got "
+             f"{self.resize}"),
+            (self.resize is None or self.spacing is None, "give --resize or --spacing, not both: resizing decides "
+             "each case's spacing"),
+            (self.window is None or self.window[0] < self.window[1], f"window must be LOW HIGH with LOW below HIGH, "
+             f"got {self.window}"),
+            (self.window is None or self.normalization in ("auto", "window"), f"--window scales intensities to "
+             f"[0, 1] itself: leave out --normalization {self.normalization}"),
+            (self.normalization != "window" or self.window is not None, "the window normalisation needs --window "
+             "LOW HIGH"),
+            (self.class_weights is None or (min(self.class_weights) >= 0 and max(self.class_weights[1:] or [0]) > 0),
+             f"class weights must be zero or more, with at least one foreground class above zero, got "
+             f"{self.class_weights}"),
         ]
         for ok, message in checks:
             if not ok:

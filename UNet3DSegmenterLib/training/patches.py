@@ -33,10 +33,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..atomic import atomic_path
 from ..datalist import Case, folder_pair, load_case
-from ..preprocess import Preprocessing, normalize, resample_to_grid, resample_to_spacing
-from ..volume import float3
+from ..preprocess import Preprocessing, normalize, resample_for_model, resample_to_grid
+from ..volume import float3, int3
 
 FOREGROUND_FRACTION = 1 / 3
+PatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _MAX_LOCATIONS = 200_000  # per class and case: enough to sample from, small for huge CT masks
 
 
@@ -66,8 +67,7 @@ def prepare_case(case: Case, preprocessing: Preprocessing, label_values: Sequenc
     names = label_names if label_names is not None else {int(value): str(value) for value in label_values}
     image, labels = load_case(case, names, resample_labels)
     channels = image.array if image.array.ndim == 4 else image.array[None]
-    image = resample_to_spacing(image.with_array(channels.astype(np.float32, copy=False)),
-                                preprocessing.spacing, "linear")
+    image = resample_for_model(image.with_array(channels.astype(np.float32, copy=False)), preprocessing, "linear")
     if not labels.same_grid(image):
         labels = resample_to_grid(labels, image, "nearest")
     lookup = np.zeros(int(labels.array.max()) + 1, np.uint8)
@@ -160,6 +160,8 @@ class PatchDataset(Dataset):
         foreground_fraction: probability that a patch is centred on a voxel of a random foreground
             class present in its case (otherwise its position is uniform).
         seed: with the sample id, fixes every random choice.
+        transform: called as ``transform(image, label)`` on every patch, returns the pair to use
+            (see :func:`get_dataloader`).
 
     Item ``i`` is ``(image (c, z, y, x) float32 tensor, label (z, y, x) int64 tensor of class indices)``.
     """
@@ -169,13 +171,15 @@ class PatchDataset(Dataset):
     preprocessing: Preprocessing | None = None
 
     def __init__(self, cases: Sequence[PreparedCase], patch_size: Sequence[int],
-                 foreground_fraction: float = FOREGROUND_FRACTION, seed: int = 0):
+                 foreground_fraction: float = FOREGROUND_FRACTION, seed: int = 0,
+                 transform: PatchTransform | None = None):
         if not cases:
             raise ValueError("no cases to sample patches from")
         self.cases = list(cases)
         self.patch_size = tuple(int(size) for size in patch_size)
         self.foreground_fraction = float(foreground_fraction)
         self.seed = int(seed)
+        self.transform = transform
 
     def __len__(self) -> int:
         """The number of cases. Any non-negative integer is a valid sample id; :class:`EpochSampler`
@@ -188,7 +192,19 @@ class PatchDataset(Dataset):
         start = self.patch_start(case, rng)
         image = crop_patch(case.image, start, self.patch_size)
         label = crop_patch(case.target, start, self.patch_size)
-        return torch.from_numpy(np.ascontiguousarray(image, np.float32)), torch.from_numpy(label.astype(np.int64))
+        pair = torch.from_numpy(np.ascontiguousarray(image, np.float32)), torch.from_numpy(label.astype(np.int64))
+        return pair if self.transform is None else self._transformed(*pair)
+
+    def _transformed(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The user's transform of one patch, checked: a wrong return would otherwise fail far away,
+        inside the DataLoader's batching."""
+        assert self.transform is not None
+        result = self.transform(image, label)
+        pair = isinstance(result, tuple) and len(result) == 2
+        if not (pair and all(isinstance(item, torch.Tensor) for item in result)):
+            raise TypeError(f"the transform {self.transform!r} must return (image, label) as two tensors, "
+                            f"got {type(result).__name__}")
+        return result
 
     def patch_start(self, case: PreparedCase, rng: np.random.Generator) -> tuple[int, ...]:
         """Where the patch begins: centred on a random foreground voxel, or uniform."""
@@ -243,20 +259,27 @@ def make_loader(dataset: PatchDataset, sampler: EpochSampler, batch_size: int, w
 
 
 def get_dataloader(image_dir: str | os.PathLike, label_dir: str | os.PathLike, batch_size: int = 2,
-                   patch_size: Sequence[int] = (64, 64, 64), spacing: Sequence[float] | None = None,
-                   normalization: str = "zscore", batches: int | None = None,
-                   foreground_fraction: float = FOREGROUND_FRACTION, crop_foreground: bool = False,
-                   cache_dir: str | os.PathLike | None = None, workers: int | None = None,
-                   seed: int = 0, resample_labels: bool = False) -> DataLoader:
+                   transform: PatchTransform | None = None, patch_size: Sequence[int] = (64, 64, 64),
+                   spacing: Sequence[float] | None = None, resize: Sequence[int] | None = None,
+                   normalization: str = "zscore", window: tuple[float, float] | None = None,
+                   batches: int | None = None, foreground_fraction: float = FOREGROUND_FRACTION,
+                   crop_foreground: bool = False, cache_dir: str | os.PathLike | None = None,
+                   workers: int | None = None, seed: int = 0, resample_labels: bool = False) -> DataLoader:
     """A DataLoader of (image, label) patch batches from a folder pair, for your own training loop.
 
     Args:
         image_dir, label_dir: folders of volumes with matching file names.
         batch_size: patches per batch.
+        transform: your own augmentation or conversion, called in the loader (its workers, when
+            there are any: then it must be picklable, e.g. a module-level function or a class
+            instance, not a lambda) on every patch as ``transform(image, label)`` with a (c, z, y, x)
+            float32 tensor and a (z, y, x) int64 tensor; it returns the ``(image, label)`` to batch.
         patch_size: (z, y, x) voxels.
         spacing: resample to this (x, y, z) spacing in mm first (None keeps each case's own).
+        resize: instead of a spacing, resample every case to this (z, y, x) size in voxels.
         normalization: 'zscore' (MR), 'none', or 'ct' (uses a Preprocessing's fixed numbers: pass
             those through the trainer instead).
+        window: clip to (low, high) and scale to [0, 1]; replaces ``normalization``.
         batches: batches per pass over the loader (default: enough for one patch per case).
         foreground_fraction: share of patches centred on a labelled voxel of a random class.
         crop_foreground, cache_dir, workers, seed, resample_labels: see :func:`prepare_cases`.
@@ -264,14 +287,21 @@ def get_dataloader(image_dir: str | os.PathLike, label_dir: str | os.PathLike, b
     Images come as (batch, channels, z, y, x) float32, labels as (batch, z, y, x) int64 class
     indices: class ``k`` is the ``k``-th smallest label value found (``loader.dataset.label_values``).
     Every pass draws new patches.
+
+    Example::
+
+        >>> def flip_left_right(image, label):
+        ...     return image.flip(-1), label.flip(-1)
+        >>> loader = get_dataloader("data/images", "data/labels", 2, transform=flip_left_right)
     """
     datalist = folder_pair(image_dir, label_dir)
     label_values = discover_label_values(datalist.cases)
     preprocessing = Preprocessing(spacing=float3(spacing) if spacing is not None else None,
-                                  normalization=normalization)
+                                  normalization="window" if window is not None else normalization, clip=window,
+                                  size=int3(resize) if resize is not None else None)
     cases = prepare_cases(datalist.cases, preprocessing, label_values, crop_foreground, resample_labels,
                           cache_dir=cache_dir)
-    dataset = PatchDataset(cases, patch_size, foreground_fraction, seed)
+    dataset = PatchDataset(cases, patch_size, foreground_fraction, seed, transform)
     dataset.label_values, dataset.preprocessing = label_values, preprocessing
     samples = batch_size * (batches or -(-len(cases) // batch_size))
     return make_loader(dataset, EpochSampler(samples), batch_size, workers)

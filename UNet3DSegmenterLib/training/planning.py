@@ -5,7 +5,8 @@ spacing (so that most cases are resampled little), a patch as large as the media
 to what the network can divide, and capped to keep memory bounded), z-score normalisation for MR
 and a foreground intensity window for CT. A resumed run takes its plan from its own ``last.pt``;
 fine-tuning takes the network and preprocessing of the ``init`` checkpoint, so that its weights
-see the inputs they were trained on.
+see the inputs they were trained on, unless a preprocessing option (spacing, resize, window) is
+given: then the preprocessing is planned from the data as for a new run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..datalist import Case, Datalist, load_case
 from ..errors import UserError
 from ..io import read_volume
 from ..labels import Label, default_color
-from ..models import ARCHITECTURES, build_model
+from ..models import ARCHITECTURES, build_model, default_arguments
 from ..preprocess import Preprocessing
 from ..volume import float3, int3
 from .losses import build_loss, inverse_frequency_weights
@@ -53,6 +54,7 @@ class TrainingPlan:
     loss_name: str
     class_weights: list[float] | None = None
     init: Checkpoint | None = None
+    median_spacing: tuple[float, float, float] | None = None  # (x, y, z) of the cases once resized
 
     @property
     def label_values(self) -> list[int]:
@@ -63,8 +65,10 @@ class TrainingPlan:
         return {label.value: label.name for label in self.labels}
 
     def spacing_zyx(self) -> tuple[float, float, float]:
-        assert self.preprocessing.spacing is not None  # a plan always resamples
-        return float3(self.preprocessing.spacing[::-1])
+        """The voxel size of the training patches in mm: the spacing, or the median one after resizing."""
+        spacing = self.preprocessing.spacing or self.median_spacing
+        assert spacing is not None  # a plan always resamples, to a spacing or a size
+        return float3(spacing[::-1])
 
     def build_model(self, seed: int) -> nn.Module:
         """The network with seeded initial weights, or the ``init`` checkpoint's where they fit."""
@@ -80,7 +84,7 @@ class TrainingPlan:
             counts = np.zeros(len(self.labels), np.int64)
             for case in cases:
                 counts += np.bincount(np.asarray(case.target).ravel(), minlength=len(self.labels))[:len(self.labels)]
-            weights = inverse_frequency_weights(counts.tolist())
+            weights = [0.0] + inverse_frequency_weights(counts[1:].tolist())
         return build_loss(self.loss_name, len(self.labels), weights)
 
 
@@ -90,7 +94,8 @@ def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_fr
     if resume_from is not None:
         previous = load_checkpoint(resume_from)
         return TrainingPlan(previous.labels, previous.preprocessing, previous.patch_size, previous.architecture,
-                            previous.architecture_args, lr, weight_decay, config.loss, config.class_weights)
+                            previous.architecture_args, lr, weight_decay, config.loss, config.class_weights,
+                            median_spacing=_median_resized_spacing(train_cases, previous.preprocessing))
     labels = _labels(config, datalist)
     init = load_checkpoint(config.init) if config.init else None
     if init is not None:
@@ -99,25 +104,43 @@ def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_fr
         architecture = config.architecture or "unet3d"
         if architecture not in ARCHITECTURES:
             raise UserError(f"unknown architecture {architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
-        arguments = dict(in_channels=_channels(train_cases[0]), out_channels=len(labels), depth=config.depth,
-                         base_width=config.base_width, norm=config.norm, dropout=config.dropout)
+        defaults = default_arguments(architecture)
+        arguments = dict(in_channels=_channels(train_cases[0]), out_channels=len(labels),
+                         depth=config.depth if config.depth is not None else defaults["depth"],
+                         base_width=config.base_width if config.base_width is not None else defaults["base_width"],
+                         norm=config.norm, dropout=config.dropout)
+        _check_architecture(architecture, arguments)
     divisor = 2 ** (arguments["depth"] - 1)
-    if init is not None and config.spacing is None:
+    keep_init_preprocessing = init is not None and config.spacing is None and config.resize is None and \
+        config.window is None
+    if keep_init_preprocessing:
+        assert init is not None
         preprocessing = init.preprocessing
     else:
         preprocessing = _preprocessing(config, datalist, train_cases, labels)
     if config.patch_size is not None:
         patch_size = _checked_patch_size(config.patch_size, divisor)
-    elif init is not None and config.spacing is None:
+    elif keep_init_preprocessing:
+        assert init is not None
         patch_size = init.patch_size
     else:
-        patch_size = plan_patch_size(_median_shape(train_cases, preprocessing.spacing), divisor,
-                                     config.max_patch_size, config.max_patch_voxels)
+        median_shape = preprocessing.size or _median_shape(train_cases, preprocessing.spacing)
+        patch_size = plan_patch_size(median_shape, divisor, config.max_patch_size, config.max_patch_voxels)
     if config.class_weights is not None and len(config.class_weights) != len(labels):
         raise UserError(f"{len(config.class_weights)} class weights for {len(labels)} classes: give one per class, "
                         "background first")
     return TrainingPlan(labels, preprocessing, patch_size, architecture, arguments, lr, weight_decay, config.loss,
-                        config.class_weights, init)
+                        config.class_weights, init, _median_resized_spacing(train_cases, preprocessing))
+
+
+def _check_architecture(architecture: str, arguments: dict) -> None:
+    """Build the network without memory (on PyTorch's meta device) to turn a bad combination of
+    options into a clear error before any data is read."""
+    try:
+        with torch.device("meta"):
+            build_model(architecture, arguments)
+    except ValueError as error:
+        raise UserError(f"--arch {architecture}: {error}") from None
 
 
 def _optimiser_defaults(config) -> tuple[float, float]:
@@ -184,6 +207,17 @@ def _median_spacing(cases: list[Case]) -> tuple[float, float, float]:
     return float3(round(float(value), 5) for value in np.median([_header(case.image)[0] for case in cases], axis=0))
 
 
+def _median_resized_spacing(cases: list[Case], preprocessing: Preprocessing) -> tuple[float, float, float] | None:
+    """The median spacing (x, y, z) of ``cases`` once resized to ``preprocessing.size`` (None
+    without resizing): the voxel size augmentation works in."""
+    if preprocessing.size is None:
+        return None
+    size_xyz = np.asarray(preprocessing.size[::-1], np.float64)
+    spacings = [np.asarray(spacing) * np.asarray(size) / size_xyz
+                for spacing, size, _ in (_header(case.image) for case in cases)]
+    return float3(np.median(spacings, axis=0))
+
+
 def _median_shape(cases: list[Case], spacing) -> tuple[int, int, int]:
     """Median (z, y, x) size of the cases once resampled to ``spacing``."""
     sizes = [np.asarray(size) * np.asarray(own) / np.asarray(spacing)
@@ -215,15 +249,20 @@ def _checked_patch_size(patch_size, divisor: int) -> tuple[int, int, int]:
 
 
 def _preprocessing(config, datalist: Datalist, train_cases: list[Case], labels: list[Label]) -> Preprocessing:
-    spacing = tuple(config.spacing) if config.spacing is not None else _median_spacing(train_cases)
+    if config.resize is not None:
+        spacing, size = None, config.resize
+    else:
+        spacing, size = tuple(config.spacing) if config.spacing is not None else _median_spacing(train_cases), None
     normalization = config.normalization
     if normalization == "auto":
-        normalization = "ct" if _is_ct(datalist.modality) else "zscore"
+        normalization = "window" if config.window is not None else "ct" if _is_ct(datalist.modality) else "zscore"
     channels = _channels(train_cases[0])
+    if normalization == "window":
+        return Preprocessing(spacing, "window", config.window, channels=channels, size=size)
     if normalization != "ct":
-        return Preprocessing(spacing, normalization, channels=channels)
+        return Preprocessing(spacing, normalization, channels=channels, size=size)
     clip, mean, std = ct_statistics(train_cases, {label.value: label.name for label in labels}, config.resample_labels)
-    return Preprocessing(spacing, "ct", clip, mean, std, channels)
+    return Preprocessing(spacing, "ct", clip, mean, std, channels, size)
 
 
 def _is_ct(modality: str | None) -> bool:

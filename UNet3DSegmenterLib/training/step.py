@@ -113,7 +113,7 @@ class TrainingLog:
 
     def columns(self) -> list[str]:
         return (["epoch", "train_loss", "val_loss"] + [f"dice_{name}" for name in self.class_names] + ["mean_dice"]
-                + [f"iou_{name}" for name in self.class_names] + ["lr", "seconds"])
+                + [f"iou_{name}" for name in self.class_names] + ["mean_iou", "accuracy", "lr", "seconds"])
 
     def write(self, csv_path: Path, png_path: Path) -> None:
         from ..plots import save_curves

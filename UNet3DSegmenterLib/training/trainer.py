@@ -269,9 +269,12 @@ class _Run:
         }
         if config.init:
             training["init"] = str(config.init)
+        if config.class_weights is not None:
+            training["class_weights"] = list(config.class_weights)
         if best_row is not None:
             training["best_mean_dice"] = float(best_row["mean_dice"])
             training["validation_dice"] = {name: float(value) for name, value in best_row["dice"].items()}
+            training["validation_iou"] = {name: float(value) for name, value in best_row["iou"].items()}
         return Checkpoint.from_model(self.step_fn.module, plan.labels, plan.preprocessing, plan.patch_size,
                                      config.overlap, training)
 

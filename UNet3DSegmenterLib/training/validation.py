@@ -4,7 +4,7 @@ During training, whole validation cases go through the very sliding window (and 
 inference rewrite) that ``predict`` uses, on the prepared grid, so the Dice that picks ``best.pt``
 is the Dice inference will give. At the end, ``best.pt`` segments the original validation files
 through :class:`~UNet3DSegmenterLib.predictor.Predictor` and every case is scored on its own grid
-with Dice, IoU, HD95 and ASD: that is ``validation_report.json``.
+with Dice, IoU, HD95, ASD and voxel accuracy: that is ``validation_report.json``.
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ from torch import nn
 
 from ..inference.fast import input_layout, prepare_for_inference
 from ..inference.sliding_window import sliding_window_inference
-from ..metrics import dice, iou
+from ..metrics import dice, iou, voxel_accuracy
 from ..runtime import resolve_precision
 from .patches import PreparedCase
 
 
 def validate(module: nn.Module, cases: Sequence[PreparedCase], class_names: Sequence[str],
              patch_size: Sequence[int], device: torch.device, loss: nn.Module, overlap: float = 0.5) -> dict:
-    """Mean loss, per-class Dice and IoU over ``cases`` and the mean foreground Dice, as
-    ``{"val_loss", "dice": {name: value}, "iou": {...}, "mean_dice", "validation_seconds"}``.
+    """Mean loss, per-class Dice and IoU over ``cases``, their means over the foreground classes and
+    the voxel accuracy, as ``{"val_loss", "dice": {name: value}, "iou": {...}, "mean_dice",
+    "mean_iou", "accuracy", "validation_seconds"}``.
 
     ``class_names`` names the foreground classes 1, 2, ... of the network's output."""
     started = time.perf_counter()
@@ -35,6 +36,7 @@ def validate(module: nn.Module, cases: Sequence[PreparedCase], class_names: Sequ
     model = prepare_for_inference(module, device, dtype)
     names = list(class_names)
     losses: list[float] = []
+    accuracies: list[float] = []
     scores: dict[str, dict[str, list[float]]] = {"dice": {name: [] for name in names}, "iou": {name: [] for name in names}}
     autocast = torch.autocast("cuda", dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
     with torch.inference_mode(), autocast:
@@ -46,38 +48,34 @@ def validate(module: nn.Module, cases: Sequence[PreparedCase], class_names: Sequ
             target = torch.from_numpy(np.asarray(case.target, np.int64)).to(device)
             losses.append(float(loss(logits[None], target[None])))
             predicted, expected = logits.argmax(0).cpu().numpy(), np.asarray(case.target)
+            accuracies.append(voxel_accuracy(predicted, expected))
             for index, name in enumerate(names, start=1):
                 scores["dice"][name].append(dice(predicted == index, expected == index))
                 scores["iou"][name].append(iou(predicted == index, expected == index))
     means = {metric: {name: float(np.mean(values)) for name, values in per_class.items()}
              for metric, per_class in scores.items()}
     return {"val_loss": float(np.mean(losses)), **means, "mean_dice": float(np.mean(list(means["dice"].values()))),
+            "mean_iou": float(np.mean(list(means["iou"].values()))), "accuracy": float(np.mean(accuracies)),
             "validation_seconds": time.perf_counter() - started}
 
 
 def write_validation_report(checkpoint_path: Path, cases, device: str, path: Path,
                             resample_labels: bool = False) -> Path:
-    """Segment each validation case's original image with the checkpoint and score it on its own grid."""
+    """Segment each validation case's original image with the checkpoint and score it on its own grid:
+    ``{"checkpoint", "labels": {value: name}}`` and :func:`~UNet3DSegmenterLib.evaluation.summarize`'s report."""
     from ..atomic import write_json
     from ..datalist import load_case
+    from ..evaluation import score_case, summarize
     from ..inference.predictor import Predictor
-    from ..metrics import METRIC_NAMES, segmentation_metrics
 
     predictor = Predictor(checkpoint_path, device=device)
     labels = predictor.checkpoint.foreground_labels
     names = {label.value: label.name for label in predictor.checkpoint.labels}
-    results = {}
+    scores, accuracy = {}, {}
     for case in cases:
         image, reference = load_case(case, names, resample_labels)
         prediction = predictor.predict(image).labelmap
-        results[case.name] = segmentation_metrics(prediction, reference, [label.value for label in labels])
-    mean = {label.value: {metric: float(np.mean([results[name][label.value][metric] for name in results]))
-                          for metric in METRIC_NAMES} for label in labels}
-    report = {
-        "checkpoint": str(checkpoint_path),
-        "labels": {label.value: label.name for label in labels},
-        "cases": results,
-        "mean": mean,
-        "mean_foreground_dice": float(np.mean([scores["dice"] for scores in mean.values()])),
-    }
+        scores[case.name], accuracy[case.name] = score_case(prediction, reference, [label.value for label in labels])
+    report = {"checkpoint": str(checkpoint_path), "labels": {label.value: label.name for label in labels},
+              **summarize(scores, accuracy)}
     return write_json(report, path)

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from UNet3DSegmenterLib.checkpoint import FORMAT_VERSION, Checkpoint, Label, load_checkpoint, save_checkpoint
 from UNet3DSegmenterLib.errors import UserError
+from UNet3DSegmenterLib.inference.predictor import Predictor
+from UNet3DSegmenterLib.io import read_volume
+from UNet3DSegmenterLib.metrics import dice
 from UNet3DSegmenterLib.models import UNet3D
 from UNet3DSegmenterLib.preprocess import Preprocessing
+
+BUNDLED_MODEL = Path(__file__).resolve().parents[3] / "Resources" / "Models" / "hippocampus.pt"
 
 LABELS = [Label(0, "background", (0, 0, 0)), Label(1, "liver", (0.8, 0.3, 0.2)), Label(3, "tumour", (0.1, 0.9, 0.1))]
 
@@ -61,6 +69,30 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path, monkeypatch):
         with pytest.raises(UserError, match="refused|cannot read"):
             load_checkpoint(candidate)
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("preprocessing, version", [
+    (Preprocessing(spacing=(1, 1, 1)), 1),
+    (Preprocessing(size=(16, 32, 32)), 2),
+    (Preprocessing(spacing=(1, 1, 1), normalization="window", clip=(-160, 240)), 2),
+])
+def test_a_checkpoint_is_written_in_the_oldest_format_that_holds_it(tmp_path, preprocessing, version):
+    # Format-1 readers would ignore a resize and predict on the wrong grid: such checkpoints say format 2.
+    checkpoint = dataclasses.replace(small_checkpoint(), preprocessing=preprocessing)
+    path = save_checkpoint(checkpoint, tmp_path / "model.pt")
+    assert torch.load(path, weights_only=True)["format_version"] == version
+    assert load_checkpoint(path).preprocessing == preprocessing
+
+
+def test_bundled_model_is_a_format_1_checkpoint_that_still_segments_a_validation_case(shared_dataset):
+    checkpoint = load_checkpoint(BUNDLED_MODEL)
+    assert torch.load(BUNDLED_MODEL, weights_only=True)["format_version"] == 1
+    assert checkpoint.preprocessing.size is None and checkpoint.preprocessing.normalization == "zscore"
+    folder = shared_dataset("msd_hippocampus")  # hippocampus_011 is in the model's validation split
+    image, reference = (read_volume(folder / kind / "hippocampus_011.nii.gz") for kind in ("images", "labels"))
+    labelmap = Predictor(checkpoint, device="cpu", precision="fp32").predict(image).labelmap
+    for value in (1, 2):  # anterior and posterior hippocampus
+        assert dice(labelmap.array == value, np.asarray(reference.array) == value) > 0.85
 
 
 def test_newer_format_version_is_refused(tmp_path):

@@ -15,7 +15,7 @@ from UNet3DSegmenterLib.commands import evaluate as evaluate_command
 from UNet3DSegmenterLib.errors import UserError
 from UNet3DSegmenterLib.evaluation import evaluate, format_table
 from UNet3DSegmenterLib.io import read_volume, write_volume
-from UNet3DSegmenterLib.metrics import dice, iou, segmentation_metrics, surface_distances
+from UNet3DSegmenterLib.metrics import dice, iou, segmentation_metrics, surface_distances, voxel_accuracy
 from UNet3DSegmenterLib.volume import Volume
 
 
@@ -280,6 +280,26 @@ def test_evaluate_matches_folder_cases_by_name_across_file_formats(case_folders)
     assert result["ignored_predictions"] == []
 
 
+def test_evaluate_reports_voxel_accuracy_and_mean_iou_per_case_and_over_cases(case_folders):
+    predictions, references = case_folders
+    result = evaluate(predictions, references)
+    # each case: 16 of its 1000 voxels wrong; IoU 48/64 of the one foreground class
+    assert result["accuracy"] == {"case_a": pytest.approx(0.984), "case_b": pytest.approx(0.984)}
+    assert result["mean_accuracy"] == pytest.approx(0.984)
+    assert result["mean_foreground_iou"] == pytest.approx(0.75)
+
+
+def test_voxel_accuracy_counts_every_voxel_background_included():
+    reference = np.zeros((4, 5, 5), np.uint8)
+    reference[0] = 1
+    prediction = reference.copy()
+    prediction[0, 0, :2] = 2  # 2 wrong of 100
+    prediction[3, 4, 4] = 1  # and one background voxel called 1
+    assert voxel_accuracy(prediction, reference) == pytest.approx(0.97)
+    with pytest.raises(ValueError, match="differ in shape"):
+        voxel_accuracy(prediction, reference[1:])
+
+
 def test_evaluate_scores_a_single_pair_of_files(case_folders):
     predictions, references = case_folders
     result = evaluate(predictions / "case_b.nrrd", references / "case_b.nii.gz")
@@ -345,11 +365,13 @@ def test_format_table_shows_each_case_and_label_the_mean_and_infinite_distances(
     write_volume(label_volume(reference), tmp_path / "knee_01.nii.gz")
     table = format_table(evaluate(tmp_path / "prediction.nii.gz", tmp_path / "knee_01.nii.gz"))
     rows = table.splitlines()
-    assert rows[0].split() == ["case", "label", "dice", "iou", "hd95", "mm", "asd", "mm"]
-    assert rows[2].split() == ["knee_01", "1", "1.0000", "1.0000", "0.00", "0.00"]
+    assert rows[0].split() == ["case", "label", "dice", "iou", "hd95", "mm", "asd", "mm", "accuracy"]
+    # 8 of the 216 voxels (label 2) are wrong; the case's accuracy is shown once, on its first row
+    assert rows[2].split() == ["knee_01", "1", "1.0000", "1.0000", "0.00", "0.00", "0.9630"]
     assert rows[3].split() == ["knee_01", "2", "0.0000", "0.0000", "inf", "inf"]
-    assert rows[4].split()[:2] == ["mean", "1"]
-    assert rows[-1] == "mean foreground Dice: 0.5000"
+    assert rows[4].split() == ["mean", "1", "1.0000", "1.0000", "0.00", "0.00", "0.9630"]
+    assert rows[-3:] == ["mean foreground Dice: 0.5000", "mean foreground IoU:  0.5000",
+                         "mean voxel accuracy:  0.9630 (all voxels, background included)"]
 
 
 # JSON output and the command line

@@ -27,9 +27,12 @@ def test_overlay_without_reference_and_with_mismatched_grids(tmp_path):
         save_overlay(image, None, Volume(np.zeros((8, 8, 8), np.uint8)), tmp_path / "bad.png")
 
 
-def test_curves_draw_loss_and_dice_per_class(tmp_path):
+def test_curves_draw_loss_then_dice_and_iou_per_class(tmp_path):
     rows = [{"epoch": 1, "train_loss": 1.2, "lr": 1e-3, "seconds": 3.0},
             {"epoch": 2, "train_loss": 0.9, "val_loss": 1.0, "dice": {"organ": 0.5, "lesion": 0.2},
-             "mean_dice": 0.35, "lr": 9e-4, "seconds": 3.0}]
+             "iou": {"organ": 0.33, "lesion": 0.11}, "mean_dice": 0.35, "lr": 9e-4, "seconds": 3.0}]
     path = save_curves(rows, ["organ", "lesion"], tmp_path / "curves.png")
-    assert matplotlib.image.imread(path).shape[1] >= 1000
+    picture = matplotlib.image.imread(path)
+    assert picture.shape[1] >= 1500  # three panels side by side
+    third = picture[:, 2 * picture.shape[1] // 3:, :3]
+    assert (np.abs(third[..., 0] - third[..., 2]) > 0.3).any()  # the IoU panel has coloured class lines

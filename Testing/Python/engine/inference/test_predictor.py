@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from UNet3DSegmenterLib.checkpoint import Checkpoint, Label
+from UNet3DSegmenterLib.choices import ARCHITECTURES, NORMS
 from UNet3DSegmenterLib.errors import UserError
 from UNet3DSegmenterLib.inference.fast import input_layout, prepare_for_inference
 from UNet3DSegmenterLib.inference.postprocess import keep_largest_component
@@ -50,11 +51,12 @@ def test_fast_path_agrees_with_plain_fp32_forward():
     np.testing.assert_allclose(fast.probabilities.array, reference.probabilities.array, atol=1e-4)
 
 
-@pytest.mark.parametrize("architecture", ["unet3d", "resunet3d", "vnet"])
-@pytest.mark.parametrize("norm", ["instance", "batch"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("norm", NORMS)
 def test_inference_rewrite_computes_the_same_function(architecture, norm):
     torch.manual_seed(0)
-    model = build_model(architecture, dict(in_channels=1, out_channels=2, depth=3, base_width=4, norm=norm)).eval()
+    depth = 4 if architecture == "resnet18unet" else 3  # ResNet-18 has four stages
+    model = build_model(architecture, dict(in_channels=1, out_channels=2, depth=depth, base_width=4, norm=norm)).eval()
     for module in model.modules():  # give batch norm non-trivial statistics to fold
         if isinstance(module, torch.nn.BatchNorm3d):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -67,6 +69,14 @@ def test_inference_rewrite_computes_the_same_function(architecture, norm):
         bf16 = prepare_for_inference(model, cpu, torch.bfloat16)(input_layout(batch, cpu, torch.bfloat16)).float()
     torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-4)
     assert (bf16 - expected).abs().mean() < 0.05 * expected.abs().mean() + 0.01
+
+
+def test_resize_checkpoint_segments_on_the_input_grid():
+    resized = Checkpoint.from_model(checkpoint().build_model(), LABELS, Preprocessing(size=(16, 16, 16)), (16, 16, 16))
+    volume = oblique_input()
+    result = Predictor(resized, device="cpu").predict(volume, probabilities=True)
+    assert result.labelmap.same_grid(volume) and result.probabilities.same_grid(volume)
+    np.testing.assert_allclose(result.probabilities.array.sum(axis=0), 1.0, atol=1e-4)
 
 
 def test_channel_mismatch_is_a_clear_error():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from UNet3DSegmenterLib.training.losses import LOSSES, build_loss, inverse_frequency_weights
+from UNet3DSegmenterLib.training.losses import LOSSES, DiceLoss, FocalLoss, build_loss, inverse_frequency_weights
 
 
 def logits_for(labels: torch.Tensor, classes: int, confidence: float = 20.0) -> torch.Tensor:
@@ -50,8 +50,47 @@ def test_rarer_classes_get_larger_default_weights():
     assert weights[2] == pytest.approx(10 * weights[1]) and sum(weights) / 3 == pytest.approx(1.0)
 
 
-def test_unknown_loss_and_wrong_weight_count_are_refused():
+@pytest.mark.parametrize("name", LOSSES)
+def test_a_background_weight_is_honoured_by_every_loss(name, labels):
+    # Never silently dropped: weighing background more or less changes what the same prediction costs.
+    logits = torch.randn((2, 3, 8, 8, 8), generator=torch.Generator().manual_seed(0))
+    light = build_loss(name, 3, class_weights=[0.0, 1.0, 1.0])(logits, labels)
+    heavy = build_loss(name, 3, class_weights=[4.0, 1.0, 1.0])(logits, labels)
+    assert abs(float(light) - float(heavy)) > 1e-3
+
+
+def test_a_positive_background_weight_brings_background_into_the_dice(labels):
+    # Class 1 predicted perfectly, so only background (and class 2's 8-voxel cubes) can cost anything.
+    wrong_background = labels.clone()
+    wrong_background[:, 0, 0, :] = 2  # 16 background voxels called class 2
+    prediction = logits_for(wrong_background, 3)
+    without = float(build_loss("dice", 3, class_weights=[0.0, 1.0, 0.0])(prediction, labels))
+    with_background = float(build_loss("dice", 3, class_weights=[1.0, 1.0, 0.0])(prediction, labels))
+    assert without < 1e-3 < with_background
+
+
+def test_cross_entropy_weighs_each_voxel_by_its_true_class(labels):
+    wrong_lesion = labels.clone()
+    wrong_lesion[labels == 2] = 0
+    prediction = logits_for(wrong_lesion, 3)
+    assert float(build_loss("ce", 3, class_weights=[1.0, 1.0, 0.0])(prediction, labels)) < 1e-3
+    unweighted = float(build_loss("ce", 3)(prediction, labels))
+    assert unweighted == pytest.approx(float(torch.nn.functional.cross_entropy(prediction, labels)))
+    assert float(build_loss("ce", 3, class_weights=[0.0, 0.0, 1.0])(prediction, labels)) == pytest.approx(3 * unweighted)
+
+
+def test_dice_focal_is_the_sum_of_its_two_terms(labels):
+    logits = torch.randn((2, 3, 8, 8, 8), generator=torch.Generator().manual_seed(1))
+    weights = [0.5, 1.0, 2.0]
+    expected = DiceLoss(weights)(logits, labels) + FocalLoss(class_weights=weights)(logits, labels)
+    assert float(build_loss("dice_focal", 3, weights)(logits, labels)) == pytest.approx(float(expected))
+
+
+def test_unknown_loss_and_wrong_weights_are_refused():
     with pytest.raises(ValueError, match="unknown loss 'l2'"):
         build_loss("l2", 3)
     with pytest.raises(ValueError, match="2 class weights for 3 classes"):
         build_loss("weighted_dice", 3, class_weights=[1.0, 2.0])
+    for weights in ([1.0, -1.0, 1.0], [1.0, 0.0, 0.0]):
+        with pytest.raises(ValueError, match="zero or more, with at least one foreground class above zero"):
+            build_loss("dicece", 3, class_weights=weights)

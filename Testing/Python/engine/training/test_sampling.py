@@ -121,6 +121,40 @@ def test_get_dataloader_with_a_background_worker(tmp_path):
     assert [images.shape[0] for images, _ in loader] == [2, 2, 2]
 
 
+def mirror_left_right(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A user transform (module level, so loader workers can pickle it)."""
+    return image.flip(-1), label.flip(-1)
+
+
+def test_get_dataloader_applies_the_transform_to_every_patch(tmp_path):
+    write_folder_pair(tmp_path)
+    options = dict(batch_size=2, patch_size=(8, 16, 16), batches=2, seed=3)
+    plain = list(get_dataloader(tmp_path / "images", tmp_path / "labels", workers=0, **options))
+    mirrored = list(get_dataloader(tmp_path / "images", tmp_path / "labels", transform=mirror_left_right, workers=1,
+                                   **options))
+    assert len(plain) == len(mirrored) == 2
+    for (images, labels), (mirrored_images, mirrored_labels) in zip(plain, mirrored):
+        assert torch.equal(mirrored_images, images.flip(-1)) and torch.equal(mirrored_labels, labels.flip(-1))
+
+
+def test_a_transform_that_does_not_return_a_pair_is_named(tmp_path):
+    write_folder_pair(tmp_path)
+    loader = get_dataloader(tmp_path / "images", tmp_path / "labels", transform=lambda image, label: image, workers=0)
+    with pytest.raises(TypeError, match=r"must return \(image, label\) as two tensors, got Tensor"):
+        next(iter(loader))
+
+
+def test_get_dataloader_resizes_and_scales_a_window(tmp_path):
+    write_folder_pair(tmp_path)
+    loader = get_dataloader(tmp_path / "images", tmp_path / "labels", patch_size=(8, 8, 8), resize=(6, 10, 12),
+                            window=(-1.0, 2.0), workers=0)
+    dataset = loader.dataset
+    assert dataset.preprocessing.size == (6, 10, 12) and dataset.preprocessing.clip == (-1.0, 2.0)
+    assert all(case.image.shape == (1, 6, 10, 12) and case.target.shape == (6, 10, 12) for case in dataset.cases)
+    values = np.concatenate([case.image.ravel() for case in dataset.cases])
+    assert values.min() == 0.0 and values.max() == 1.0  # noise and a brighter cube span the window
+
+
 def test_cache_folder_is_reused_and_memory_mapped(tmp_path):
     datalist = folder_pair(write_folder_pair(tmp_path / "data") / "images", tmp_path / "data" / "labels")
     preprocessing = Preprocessing(spacing=(1.0, 1.0, 1.0))  # resampled from 2 mm slices

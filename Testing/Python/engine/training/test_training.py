@@ -219,3 +219,55 @@ def test_a_short_run_on_real_hippocampus_cases(shared_dataset, tmp_path):
     assert all(size % 4 == 0 for size in checkpoint.patch_size)
     assert checkpoint.preprocessing.normalization == "zscore" and checkpoint.preprocessing.spacing == (1.0, 1.0, 1.0)
     assert np.isfinite(result.best_dice)
+
+
+def test_resize_window_resnet18unet_and_dice_focal_from_the_command_line(phantoms, tmp_path, capsys):
+    output = tmp_path / "run"
+    arguments = ["train", "--data", str(phantoms), "--output", str(output), "--arch", "resnet18unet",
+                 "--base-width", "4", "--resize", "16", "24", "24", "--window", "0", "400", "--loss", "dice_focal",
+                 "--class-weights", "0.5", "1", "2", "--epochs", "2", "--iterations-per-epoch", "2",
+                 "--workers", "0", "--val-fraction", "0.4", "--progress-json"]
+    assert main(arguments) == 0, capsys.readouterr().err
+    checkpoint = load_checkpoint(output / "best.pt")
+    assert checkpoint.architecture == "resnet18unet" and checkpoint.architecture_args["depth"] == 4
+    preprocessing = checkpoint.preprocessing
+    assert preprocessing.size == (16, 24, 24) and preprocessing.spacing is None
+    assert preprocessing.normalization == "window" and preprocessing.clip == (0.0, 400.0)
+    assert checkpoint.patch_size == (16, 24, 24)  # the resized grid, already a multiple of 8
+    assert checkpoint.training["loss"] == "dice_focal" and checkpoint.training["class_weights"] == [0.5, 1, 2]
+    run = json.loads((output / "run.json").read_text())
+    assert run["resize"] == [16, 24, 24] and run["window"] == [0, 400]
+    # the labelmap comes back on each input's own grid, not the resized one
+    image = read_volume(phantoms / "images" / "phantom_000.nii.gz")
+    assert Predictor(output / "best.pt", device="cpu").predict(image).labelmap.same_grid(image)
+
+
+def test_log_and_validation_report_carry_iou_and_voxel_accuracy(phantoms, tmp_path):
+    result = train(tiny(phantoms, tmp_path / "run", epochs=1))
+    with open(tmp_path / "run" / "log.csv", newline="") as stream:
+        row = next(csv.DictReader(stream))
+    scores = {name: float(row[name]) for name in ("iou_organ", "iou_lesion", "mean_iou", "accuracy", "mean_dice")}
+    assert all(0 <= value <= 1 for value in scores.values())
+    assert scores["mean_iou"] == pytest.approx((scores["iou_organ"] + scores["iou_lesion"]) / 2, abs=1e-5)
+    assert scores["mean_iou"] <= scores["mean_dice"] + 1e-6  # IoU never exceeds Dice
+    report = json.loads((tmp_path / "run" / "validation_report.json").read_text())
+    assert sorted(report["accuracy"]) == sorted(report["cases"]) and 0 < report["mean_accuracy"] <= 1
+    means = [report["mean"][label]["iou"] for label in report["mean"]]
+    assert report["mean_foreground_iou"] == pytest.approx(sum(means) / len(means))
+    assert result.history[0]["accuracy"] == pytest.approx(scores["accuracy"], abs=1e-5)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--arch", "resnet18unet", "--depth", "3"], "--arch resnet18unet: resnet18unet has ResNet-18's four stages"),
+    (["--resize", "16", "24", "24", "--spacing", "1", "1", "2"], "give --resize or --spacing, not both"),
+    (["--window", "400", "0"], "window must be LOW HIGH with LOW below HIGH"),
+    (["--window", "0", "400", "--normalization", "zscore"], "leave out --normalization zscore"),
+    (["--normalization", "window"], "the window normalisation needs --window LOW HIGH"),
+    (["--class-weights", "1", "-1", "1"], "class weights must be zero or more"),
+    (["--class-weights", "1", "1"], "2 class weights for 3 classes"),
+])
+def test_preprocessing_loss_and_network_mistakes_end_in_one_line_errors(phantoms, tmp_path, capsys, options, message):
+    assert main(["train", "--data", str(phantoms), "--output", str(tmp_path / "run"), *options]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and "\n" not in error
+    assert not (tmp_path / "run").exists()
