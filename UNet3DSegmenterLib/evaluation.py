@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .io import case_name, list_volume_files, read_volume
+from .io import FORMATS, case_name, read_volume, volumes_by_case
 from .metrics import METRIC_NAMES, found_labels, segmentation_metrics
 
 # What a class absent from both prediction and reference of a case scores (see metrics.dice).
@@ -100,15 +100,9 @@ def _case_pairs(prediction: Path, reference: Path) -> tuple[list[tuple[str, Path
 
 
 def _cases_in(folder: Path) -> dict[str, Path]:
-    files = list_volume_files(folder)
-    if not files:
-        raise UserError(f"{folder} holds no volume files (.nii.gz, .nii, .nrrd, .mha): check the folder")
-    cases: dict[str, Path] = {}
-    for path in files:
-        name = case_name(path)
-        if name in cases:
-            raise UserError(f"{folder} holds two files for case {name}: {cases[name].name} and {path.name}")
-        cases[name] = path
+    cases = volumes_by_case(folder)
+    if not cases:
+        raise UserError(f"{folder} holds no volume files ({FORMATS}) and no DICOM series folders: check the folder")
     return cases
 
 
