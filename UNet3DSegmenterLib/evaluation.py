@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .io import FORMATS, case_name, read_volume, volumes_by_case
+from .io import FORMATS, case_name, is_dicom_folder, read_volume, volumes_by_case
 from .metrics import METRIC_NAMES, found_labels, segmentation_metrics
 
 # What a class absent from both prediction and reference of a case scores (see metrics.dice).
@@ -81,12 +81,12 @@ def _case_pairs(prediction: Path, reference: Path) -> tuple[list[tuple[str, Path
     for path in (prediction, reference):
         if not path.exists():
             raise UserError(f"{path} not found: check the path")
-    if prediction.is_dir() != reference.is_dir():
+    if _holds_cases(prediction) != _holds_cases(reference):
         raise UserError(
             f"give two files or two folders: {prediction} is a {_kind(prediction)} "
             f"and {reference} is a {_kind(reference)}"
         )
-    if not reference.is_dir():
+    if not _holds_cases(reference):
         return [(case_name(reference), prediction, reference)], []
     predictions, references = _cases_in(prediction), _cases_in(reference)
     missing = sorted(set(references) - set(predictions))
@@ -114,8 +114,13 @@ def _score_case(prediction_path: Path, reference_path: Path) -> dict[int, dict[s
     )
 
 
+def _holds_cases(path: Path) -> bool:
+    """A folder of cases, not a single volume (a file or a DICOM series folder)."""
+    return path.is_dir() and not is_dicom_folder(path)
+
+
 def _kind(path: Path) -> str:
-    return "folder" if path.is_dir() else "file"
+    return "folder" if _holds_cases(path) else "DICOM series" if path.is_dir() else "file"
 
 
 def _list_names(names: list[str]) -> str:
