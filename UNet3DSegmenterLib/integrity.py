@@ -9,7 +9,6 @@ checksum, before the file is read. NRRD files need no check: ITK refuses them it
 
 from __future__ import annotations
 
-import gzip
 import os
 import zlib
 from pathlib import Path
@@ -58,16 +57,28 @@ def _check_nifti(path: Path) -> None:
 
 
 def _gzip_size(path: Path) -> int:
-    """The decompressed size; the gzip module checks the end-of-stream marker and the CRC on the way."""
-    size = 0
+    """The decompressed size of the gzip members; zlib checks each one's end marker and CRC on the way.
+
+    Decompressed in bounded pieces (a few MB at a time, however well the data compress).
+    """
+    size, decompressor = 0, zlib.decompressobj(wbits=31)
     try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(_CHUNK):
-                size += len(chunk)
-    except EOFError:
-        raise _truncated(path, "the compressed data end early") from None
-    except (OSError, zlib.error) as error:
+        with open(path, "rb") as file:
+            data = file.read(_CHUNK)
+            while data:
+                size += len(decompressor.decompress(data, _CHUNK))
+                if not decompressor.eof:
+                    data = decompressor.unconsumed_tail or file.read(_CHUNK)
+                    continue
+                rest = decompressor.unused_data or file.read(_CHUNK)
+                if not rest.startswith(_GZIP_MAGIC):  # the end, or padding after the last member
+                    return size
+                decompressor, data = zlib.decompressobj(wbits=31), rest
+            size += len(decompressor.flush())
+    except zlib.error as error:
         raise _truncated(path, f"damaged compressed data: {error}") from None
+    if not decompressor.eof:
+        raise _truncated(path, "the compressed data end early")
     return size
 
 

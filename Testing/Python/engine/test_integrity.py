@@ -84,3 +84,11 @@ def test_gzip_stream_of_a_truncated_nifti_is_refused(tmp_path):
     (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(data[: len(data) // 2]))
     with pytest.raises(UserError, match=r"bytes of image data where the header needs"):
         read_volume(tmp_path / "cut.nii.gz")
+
+
+def test_gzip_file_of_several_members_is_whole(tmp_path):
+    """Concatenated gzip members (as parallel compressors write them) are one valid file."""
+    volume = noisy_volume()
+    data = write_volume(volume, tmp_path / "case.nii").read_bytes()
+    (tmp_path / "members.nii.gz").write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:]))
+    np.testing.assert_array_equal(read_volume(tmp_path / "members.nii.gz").array, volume.array)
