@@ -257,10 +257,12 @@ def _check_even_slices(reader: sitk.ImageSeriesReader, image: sitk.Image, folder
     gaps = np.diff(positions @ normal)
     typical = float(np.median(np.abs(gaps)))
     if typical > 0 and np.ptp(gaps) > max(1e-3, 0.01 * typical):
-        largest = float(np.abs(gaps).max())
-        raise UserError(f"the DICOM series in {folder} has unevenly spaced slices ({float(np.abs(gaps).min()):.4g} to "
-                        f"{largest:.4g} mm apart, about {round(largest / typical) - 1} missing in the largest gap): "
-                        "a slice file is missing or unreadable")
+        smallest, largest = float(np.abs(gaps).min()), float(np.abs(gaps).max())
+        missing = round(largest / typical) - 1
+        where = f", about {missing} missing in the largest gap" if missing >= 1 else ""
+        raise UserError(f"the DICOM series in {folder} has unevenly spaced slices ({smallest:.4g} to {largest:.4g} mm "
+                        f"apart{where}): a slice file is missing or unreadable, or the scan varies its slice spacing, "
+                        "which one grid cannot hold")
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
