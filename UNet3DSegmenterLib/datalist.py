@@ -154,7 +154,7 @@ def _entry_spacing(entry: dict, path: Path, index: int) -> tuple[float, float, f
     if not (isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(value, (int, float)) and value > 0
                                                                      for value in spacing)):
         raise UserError(f"{path}: entry {index}: \"spacing\" must be three positive numbers [x, y, z] in mm")
-    if not any(volume_suffix(entry[key]) == ".npy" for key in ("image", "label")):
+    if not any(volume_suffix(str(entry[key])) == ".npy" for key in ("image", "label")):
         raise UserError(f"{path}: entry {index} gives a \"spacing\", but its files record their own: "
                         "\"spacing\" is for .npy arrays")
     return float(spacing[0]), float(spacing[1]), float(spacing[2])
