@@ -3,7 +3,8 @@
 The core (top level) holds what both pipelines share; two subpackages hold the pipelines, one the
 command line::
 
-    core:       volume (the Volume type), io (read/write NIfTI, NRRD, MHA, DICOM), preprocess,
+    core:       volume (the Volume type), io (read/write NIfTI, NRRD, MHA, NumPy, DICOM series),
+                integrity (truncated files), dicom (sort DICOM files by their tags), preprocess,
                 models, checkpoint, metrics, evaluation, datalist, labels, choices, runtime (device,
                 precision), progress, atomic, errors, phantom (generated data), plots
     inference:  io.read_volume -> preprocess -> inference.predictor (inference.fast + models,
@@ -11,7 +12,8 @@ command line::
     training:   training.config -> datalist -> training.splits -> training.planning ->
                 training.patches -> training.augment -> training.step (losses) ->
                 training.validation -> checkpoint; training.trainer runs the loop
-    commands:   commands.cli and one module per command (predict, train, evaluate, overlay, demo, info)
+    commands:   commands.cli and one module per command (predict, train, evaluate, overlay, convert,
+                dicom_sort, demo, info)
 
 Typical use::
 

@@ -13,6 +13,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Compute precision: 'auto' is bf16 on CPUs with native bf16, fp16/bf16 autocast on CUDA, else fp32."""
 
+DICOM_MODALITIES = ("OT", "CT", "MR", "PT", "NM", "US")
+"""The modality a written DICOM series declares: 'OT' (other), CT, MR, PET, nuclear medicine, ultrasound."""
+
 ARCHITECTURES = ("unet3d", "resunet3d", "resnet18unet", "vnet")
 """Networks of :mod:`UNet3DSegmenterLib.models`, by registry name."""
 

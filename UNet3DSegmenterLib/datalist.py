@@ -2,12 +2,18 @@
 
 Three layouts are understood, so that data can be used where it lies:
 
-- a folder pair: ``images/`` and ``labels/`` side by side, matched by file name
-  (``images/case_01.nii.gz`` with ``labels/case_01.nii.gz``);
+- a folder pair: ``images/`` and ``labels/`` side by side, matched by case name
+  (``images/case_01.nii.gz`` with ``labels/case_01.nii.gz``); a case may also be a subfolder holding
+  a DICOM series (``images/case_01/`` with ``labels/case_01/`` or ``labels/case_01.nrrd``);
 - a Medical Segmentation Decathlon folder: ``dataset.json`` (its ``training`` list, ``labels`` and
   ``modality``) with ``imagesTr/`` and ``labelsTr/``;
 - a JSON list: a ``.json`` file holding ``[{"image": ..., "label": ...}, ...]`` with paths relative
-  to the file, or an object with such a list under ``"training"`` and optional ``labels``/``modality``.
+  to the file (files or DICOM series folders), or an object with such a list under ``"training"``
+  and optional ``labels``/``modality``. An entry may add ``"name"`` (the case's name, e.g. where
+  series folders share one) and ``"spacing": [x, y, z]`` (mm, for ``.npy`` arrays).
+
+A ``.npy`` array has no geometry: its spacing is the entry's, else the one given to
+:func:`load_datalist` (``train --input-spacing``), else 1 mm.
 
 Loading a case checks that image and labelmap share one grid (or resamples the labels onto the
 image when asked), casts labels to integers and refuses values that the label map does not name.
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .io import case_name, list_volume_files, read_volume
+from .io import FORMATS, case_name, check_input_spacing, read_volume, volume_suffix, volumes_by_case
 from .labels import Label
 from .preprocess import resample_to_grid
 from .volume import Volume
@@ -36,11 +42,13 @@ from .volume import Volume
 
 @dataclass
 class Case:
-    """One labelled example: its name (file name without extension) and the two files."""
+    """One labelled example: its name (file name without extension), the two files (or DICOM series
+    folders), and the spacing (x, y, z) in mm of its ``.npy`` arrays when one was given."""
 
     name: str
     image: Path
     label: Path
+    spacing: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -65,32 +73,41 @@ class Datalist:
         return [by_name[name] for name in names]
 
 
-def load_datalist(path: str | os.PathLike) -> Datalist:
-    """Discover the cases at ``path``: a folder pair, a Decathlon folder, or a JSON list file."""
+def load_datalist(path: str | os.PathLike, input_spacing: tuple[float, float, float] | None = None) -> Datalist:
+    """Discover the cases at ``path``: a folder pair, a Decathlon folder, or a JSON list file.
+
+    ``input_spacing`` (x, y, z) in mm is the spacing of ``.npy`` cases that a JSON list gives none for.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"training data not found: {path}: give a folder with images/ and labels/, "
                         "a Decathlon folder with dataset.json, or a JSON list")
     if path.is_file():
-        return _from_json(path)
-    if (path / "dataset.json").is_file():
-        return _from_json(path / "dataset.json")
-    if (path / "images").is_dir() and (path / "labels").is_dir():
-        return folder_pair(path / "images", path / "labels")
-    raise UserError(f"{path} holds neither images/ and labels/ folders nor a dataset.json: "
-                    "see 'unet3d-segmenter train --help' for the layouts")
+        datalist = _from_json(path)
+    elif (path / "dataset.json").is_file():
+        datalist = _from_json(path / "dataset.json")
+    elif (path / "images").is_dir() and (path / "labels").is_dir():
+        datalist = folder_pair(path / "images", path / "labels")
+    else:
+        raise UserError(f"{path} holds neither images/ and labels/ folders nor a dataset.json: "
+                        "see 'unet3d-segmenter train --help' for the layouts")
+    if input_spacing is not None:
+        check_input_spacing(input_spacing, [file for case in datalist.cases for file in (case.image, case.label)])
+        for case in datalist.cases:
+            case.spacing = case.spacing or input_spacing
+    return datalist
 
 
 def folder_pair(image_dir: str | os.PathLike, label_dir: str | os.PathLike) -> Datalist:
-    """Pair every volume in ``image_dir`` with the file of the same case name in ``label_dir``."""
+    """Pair every volume (file or DICOM series folder) in ``image_dir`` with the one of the same case name
+    in ``label_dir``."""
     image_dir, label_dir = Path(image_dir), Path(label_dir)
     for folder in (image_dir, label_dir):
         if not folder.is_dir():
             raise UserError(f"folder not found: {folder}: check the path")
-    images = {case_name(path): path for path in list_volume_files(image_dir)}
-    labels = {case_name(path): path for path in list_volume_files(label_dir)}
+    images, labels = volumes_by_case(image_dir), volumes_by_case(label_dir)
     if not images:
-        raise UserError(f"{image_dir} holds no volume files (.nii.gz, .nii, .nrrd, .mha)")
+        raise UserError(f"{image_dir} holds no volume files ({FORMATS}) and no DICOM series folders")
     unmatched = sorted(set(images) ^ set(labels))
     if unmatched:
         side = "label" if unmatched[0] in images else "image"
@@ -113,7 +130,8 @@ def _from_json(path: Path) -> Datalist:
     names = [case.name for case in cases]
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
-        raise UserError(f"{path} lists case {duplicate} twice: case file names must be unique")
+        raise UserError(f"{path} lists case {duplicate} twice: case file names must be unique, or give each entry "
+                        "a \"name\"")
     label_names = _label_names(record.get("labels"), path) if isinstance(record, dict) else None
     label_colors = _label_colors(record.get("label_colors"), path) if isinstance(record, dict) else None
     return Datalist(cases, label_names, _modality(record), path.parent, label_colors)
@@ -126,7 +144,20 @@ def _case_from_entry(entry, path: Path, index: int) -> Case:
     for file in (image, label):
         if not file.exists():
             raise UserError(f"{path}: entry {index} names {file}, which does not exist")
-    return Case(case_name(image), image, label)
+    return Case(str(entry.get("name") or case_name(image)), image, label, _entry_spacing(entry, path, index))
+
+
+def _entry_spacing(entry: dict, path: Path, index: int) -> tuple[float, float, float] | None:
+    if "spacing" not in entry:
+        return None
+    spacing = entry["spacing"]
+    if not (isinstance(spacing, list) and len(spacing) == 3 and all(isinstance(value, (int, float)) and value > 0
+                                                                     for value in spacing)):
+        raise UserError(f"{path}: entry {index}: \"spacing\" must be three positive numbers [x, y, z] in mm")
+    if not any(volume_suffix(str(entry[key])) == ".npy" for key in ("image", "label")):
+        raise UserError(f"{path}: entry {index} gives a \"spacing\", but its files record their own: "
+                        "\"spacing\" is for .npy arrays")
+    return float(spacing[0]), float(spacing[1]), float(spacing[2])
 
 
 def _label_names(labels, path: Path) -> dict[int, str] | None:
@@ -193,7 +224,7 @@ def load_case(case: Case, label_names: dict[int, str] | None = None,
     resampled onto the image by nearest neighbour), when a label is not a whole number, or when a
     value is missing from ``label_names``.
     """
-    image, labels = read_volume(case.image), read_volume(case.label)
+    image, labels = read_volume(case.image, spacing=case.spacing), read_volume(case.label, spacing=case.spacing)
     if labels.channels != 1:
         raise UserError(f"case {case.name}: the labelmap {case.label} has {labels.channels} channels; "
                         "a labelmap must be a single 3D volume")

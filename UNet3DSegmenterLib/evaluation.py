@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .io import case_name, list_volume_files, read_volume
+from .io import FORMATS, case_name, is_dicom_folder, read_volume, volumes_by_case
 from .metrics import METRIC_NAMES, found_labels, segmentation_metrics, voxel_accuracy
 from .volume import Volume
 
@@ -120,12 +120,12 @@ def _case_pairs(prediction: Path, reference: Path) -> tuple[list[tuple[str, Path
     for path in (prediction, reference):
         if not path.exists():
             raise UserError(f"{path} not found: check the path")
-    if prediction.is_dir() != reference.is_dir():
+    if _holds_cases(prediction) != _holds_cases(reference):
         raise UserError(
             f"give two files or two folders: {prediction} is a {_kind(prediction)} "
             f"and {reference} is a {_kind(reference)}"
         )
-    if not reference.is_dir():
+    if not _holds_cases(reference):
         return [(case_name(reference), prediction, reference)], []
     predictions, references = _cases_in(prediction), _cases_in(reference)
     missing = sorted(set(references) - set(predictions))
@@ -139,15 +139,9 @@ def _case_pairs(prediction: Path, reference: Path) -> tuple[list[tuple[str, Path
 
 
 def _cases_in(folder: Path) -> dict[str, Path]:
-    files = list_volume_files(folder)
-    if not files:
-        raise UserError(f"{folder} holds no volume files (.nii.gz, .nii, .nrrd, .mha): check the folder")
-    cases: dict[str, Path] = {}
-    for path in files:
-        name = case_name(path)
-        if name in cases:
-            raise UserError(f"{folder} holds two files for case {name}: {cases[name].name} and {path.name}")
-        cases[name] = path
+    cases = volumes_by_case(folder)
+    if not cases:
+        raise UserError(f"{folder} holds no volume files ({FORMATS}) and no DICOM series folders: check the folder")
     return cases
 
 
@@ -157,8 +151,13 @@ def _score_files(prediction_path: Path, reference_path: Path) -> tuple[dict[int,
                       reference_name=str(reference_path))
 
 
+def _holds_cases(path: Path) -> bool:
+    """A folder of cases, not a single volume (a file or a DICOM series folder)."""
+    return path.is_dir() and not is_dicom_folder(path)
+
+
 def _kind(path: Path) -> str:
-    return "folder" if path.is_dir() else "file"
+    return "folder" if _holds_cases(path) else "DICOM series" if path.is_dir() else "file"
 
 
 def _list_names(names: list[str]) -> str:

@@ -1,14 +1,23 @@
-"""Reading and writing volumes: NIfTI, NRRD, MHA files and DICOM series folders, through SimpleITK.
+"""Reading and writing volumes: NIfTI, NRRD, MHA files and DICOM series folders (through SimpleITK), and
+NumPy ``.npy`` arrays.
 
 Every reader returns a :class:`Volume` and every writer takes one; geometry passes through untouched
 because Volume uses SimpleITK's own convention. Writes are atomic: the file appears whole or not at all.
+
+A ``.npy`` file holds an array and nothing else. It is read in the engine's own order, ``[z, y, x]``
+(or ``[channel, z, y, x]``), with an identity direction, origin 0 and a spacing of 1 mm unless the
+caller gives one; written, it keeps the array and drops the geometry.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
+import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +27,15 @@ import SimpleITK as sitk
 
 from .atomic import atomic_path
 from .errors import UserError
-from .volume import Volume
+from .integrity import check_whole
+from .volume import Volume, float3
 
 # ITK prints warnings (e.g. "no DICOM series found") straight to stderr; errors are ours to word.
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha")
-_DICOM_SUFFIXES = (".dcm", ".ima", "")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha", ".npy")
+FORMATS = ".nii.gz, .nii, .nrrd, .mha, .npy"
+"""The file formats, as messages name them."""
 
 
 def volume_suffix(path: str | os.PathLike) -> str:
@@ -48,8 +59,44 @@ def list_volume_files(folder: str | os.PathLike) -> list[Path]:
     )
 
 
+def list_volumes(folder: str | os.PathLike) -> list[Path]:
+    """The volumes directly inside ``folder``, sorted by case name: volume files, and subfolders holding
+    DICOM files (a series each)."""
+    folder = Path(folder)
+    series = [path for path in folder.iterdir()
+              if path.is_dir() and not path.name.startswith(".") and holds_dicom_files(path)]
+    return sorted(list_volume_files(folder) + series, key=lambda path: (case_name(path), path.name))
+
+
+def volumes_by_case(folder: str | os.PathLike) -> dict[str, Path]:
+    """The volumes of :func:`list_volumes` by case name; two volumes with one case name are refused."""
+    volumes: dict[str, Path] = {}
+    for path in list_volumes(folder):
+        name = case_name(path)
+        if name in volumes:
+            raise UserError(f"{folder} holds two volumes for case {name}: {volumes[name].name} and {path.name}; "
+                            "keep one")
+        volumes[name] = path
+    return volumes
+
+
 def is_dicom_folder(folder: str | os.PathLike) -> bool:
     return Path(folder).is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True for a DICOM file as the standard stores it: 128 bytes of preamble, then 'DICM'."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def holds_dicom_files(folder: Path) -> bool:
+    """True when a file directly inside ``folder`` is a DICOM file (a quick look, not a full read)."""
+    return any(path.is_file() and not path.name.startswith(".") and is_dicom_file(path)
+               for path in sorted(folder.iterdir()))
 
 
 def from_sitk(image: sitk.Image) -> Volume:
@@ -78,15 +125,21 @@ def to_sitk(volume: Volume) -> sitk.Image:
     return image
 
 
-def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
-    """Read a volume file (NIfTI, NRRD, MHA) or a DICOM series folder.
+def read_volume(path: str | os.PathLike, check_finite: bool = True,
+                spacing: Sequence[float] | None = None) -> Volume:
+    """Read a volume file (NIfTI, NRRD, MHA, NumPy .npy) or a DICOM series folder.
 
-    Raises :class:`UserError` with a one-line explanation for a missing, unreadable, 2D or
-    non-finite input.
+    ``spacing`` (x, y, z) in mm is that of a ``.npy`` array, which records none (default 1 mm);
+    files that record their own geometry keep it. Raises :class:`UserError` with a one-line
+    explanation for a missing, unreadable, truncated, 2D or non-finite input.
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"input not found: {path}: check the path")
+    if volume_suffix(path) == ".npy":
+        return _read_npy(path, spacing, check_finite)
+    if path.is_file():
+        check_whole(path)
     try:
         image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -109,9 +162,49 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True) -> Volume:
     return volume
 
 
+def check_input_spacing(spacing: Sequence[float] | None, inputs: Sequence[str | os.PathLike]) -> None:
+    """Refuse an ``--input-spacing`` that nothing would use (no .npy among ``inputs``) or that is not positive."""
+    if spacing is None:
+        return
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise UserError(f"--input-spacing must be three positive numbers X Y Z in mm, got {' '.join(map(str, spacing))}")
+    if not any(volume_suffix(path) == ".npy" for path in inputs):
+        raise UserError(f"--input-spacing gives the spacing of .npy arrays, and {Path(inputs[0]) if inputs else 'the input'} "
+                        "records its own (no .npy input): leave it out")
+
+
+def _read_npy(path: Path, spacing: Sequence[float] | None, check_finite: bool) -> Volume:
+    """A NumPy array in the engine's order, [z, y, x] or [channel, z, y, x], on an identity grid."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise UserError(f"cannot read {path}: not a readable NumPy .npy file ({str(error)[:160]})") from None
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise UserError(f"{path} holds a {array.dtype} array: a volume needs numbers (integers or floats)")
+    if array.ndim not in (3, 4) or sum(size > 1 for size in array.shape[-3:]) < 3:
+        raise UserError(f"{path} holds an array of shape {array.shape}: a 3D volume (z, y, x), or "
+                        "(channel, z, y, x), is needed")
+    if array.dtype == np.float16 or not array.dtype.isnative:  # ITK stores neither half floats nor big-endian
+        array = array.astype(np.float32 if array.dtype == np.float16 else array.dtype.newbyteorder("="))
+    try:
+        grid_spacing = float3(spacing) if spacing is not None else (1.0, 1.0, 1.0)
+        volume = Volume(array, grid_spacing)
+    except ValueError as error:
+        raise UserError(f"{path}: {error}") from None
+    if check_finite:
+        _check_finite(volume.array, path)
+    return volume
+
+
 def _nifti_data(path: Path) -> np.ndarray:
     """The stored values of a NIfTI file as nibabel sees them: ITK's reader turns NaN into 0."""
-    image: Any = nibabel.load(path)  # a Nifti1Image; nibabel's annotation is its base class
+    image: Any  # a Nifti1Image; nibabel's annotation is its base class
+    try:
+        image = nibabel.load(path)
+    except nibabel.filebasedimages.ImageFileError:  # a plain NIfTI under a .nii.gz name, which ITK reads
+        image = nibabel.Nifti1Image.from_bytes(path.read_bytes())
     if not np.issubdtype(image.get_data_dtype(), np.floating):
         return np.zeros(0)
     return np.asanyarray(image.dataobj)
@@ -131,33 +224,81 @@ def _is_flat(image: sitk.Image) -> bool:
 def _read_dicom_series(folder: Path) -> sitk.Image:
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        volumes = list_volume_files(folder)
-        hint = " (it holds volume files: pass one of them, or use predict on the folder)" if volumes else ""
+        if list_volume_files(folder):
+            hint = " (it holds volume files: pass one of them)"
+        elif any(path.is_dir() for path in folder.iterdir()):
+            hint = " (DICOM files in subfolders: 'unet3d-segmenter dicom-sort' gathers them into one folder per series)"
+        else:
+            hint = ""
         raise UserError(f"{folder} is a folder with no DICOM series in it{hint}")
     if len(series) > 1:
-        raise UserError(f"{folder} holds {len(series)} DICOM series: point to a folder with one series")
+        raise UserError(f"{folder} holds {len(series)} DICOM series: point to a folder with one series "
+                        "('unet3d-segmenter dicom-sort' puts each series in a folder of its own)")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return reader.Execute()
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    _check_even_slices(reader, image, folder)
+    return image
+
+
+def _check_even_slices(reader: sitk.ImageSeriesReader, image: sitk.Image, folder: Path) -> None:
+    """A missing or unreadable slice (a half-copied file, which GDCM leaves out) would shift every slice
+    after it: refuse a series whose slices are not evenly spaced."""
+    files = len(reader.GetFileNames())
+    if files < 3 or image.GetDimension() != 3 or image.GetSize()[2] != files:
+        return
+    try:
+        positions = np.array([[float(value) for value in reader.GetMetaData(index, "0020|0032").split("\\")]
+                              for index in range(files)])
+    except (RuntimeError, ValueError):
+        return  # no positions to check: ITK spaced the slices from the header
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    gaps = np.diff(positions @ normal)
+    typical = float(np.median(np.abs(gaps)))
+    if typical > 0 and np.ptp(gaps) > max(1e-3, 0.01 * typical):
+        smallest, largest = float(np.abs(gaps).min()), float(np.abs(gaps).max())
+        missing = round(largest / typical) - 1
+        where = f", about {missing} missing in the largest gap" if missing >= 1 else ""
+        raise UserError(f"the DICOM series in {folder} has unevenly spaced slices ({smallest:.4g} to {largest:.4g} mm "
+                        f"apart{where}): a slice file is missing or unreadable, or the scan varies its slice spacing, "
+                        "which one grid cannot hold")
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write a volume file atomically (temporary file in the same folder, then rename).
+    """Write a volume atomically (a temporary file or folder beside it, then a rename).
 
-    The format follows the extension: .nii, .nii.gz, .nrrd, .seg.nrrd or .mha. A folder path without
-    an extension writes a DICOM series (see :func:`write_dicom_series`).
+    The format follows the extension: .nii, .nii.gz, .nrrd, .seg.nrrd, .mha, or .npy (the array
+    alone: the geometry is dropped). A path without an extension is a folder for a DICOM series
+    (:func:`write_dicom_series` with its defaults). ``compress`` applies to NRRD and MHA; NIfTI
+    compression follows the extension.
     """
     path = Path(path)
     suffix = volume_suffix(path)
     if not suffix:
-        raise UserError(f"cannot write {path}: use a file name ending in .nii.gz, .nii, .nrrd or .mha")
+        if is_series_folder_name(path):
+            return write_dicom_series(volume, path)
+        raise UserError(f"cannot write {path}: use a file name ending in {FORMATS}, "
+                        "or a folder name without an extension for a DICOM series")
     _check_writable_folder(path.parent)
     try:
         with atomic_path(path, suffix) as temporary:
-            sitk.WriteImage(to_sitk(volume), str(temporary), compress)
+            if suffix == ".npy":
+                np.save(temporary, volume.array)
+            else:
+                sitk.WriteImage(to_sitk(volume), str(temporary), compress)
     except RuntimeError as error:
         raise UserError(f"cannot write {path}: {str(error).strip().splitlines()[-1][:160]}") from None
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     return path
+
+
+def is_series_folder_name(path: str | os.PathLike) -> bool:
+    """True when ``path`` names a folder for a DICOM series: an existing folder, or a name with no file
+    extension (a dot followed by letters, as in '.png' or '.dcm'; 'series.1.2' is a folder name)."""
+    path = Path(path)
+    return path.is_dir() or not (volume_suffix(path) or re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]*", path.suffix))
 
 
 def _check_writable_folder(folder: Path) -> None:
@@ -170,52 +311,104 @@ def _check_writable_folder(folder: Path) -> None:
         raise UserError(f"output folder {folder} is not writable: choose another output path")
 
 
-def write_dicom_series(volume: Volume, folder: str | os.PathLike, modality: str = "OT") -> Path:
-    """Write a scalar volume as a DICOM series, one file per slice, into ``folder``.
+# SOP classes: CT and MR image storage where the data fit their 16-bit pixels, else secondary capture.
+_SOP_CLASSES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "MR": "1.2.840.10008.5.1.4.1.1.4"}
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
-    Integer images that fit are stored as they are (int16); others are stored as int16 times the
-    DICOM rescale slope, so that readers get the values back to within 1/32000 of the largest value.
+
+def write_dicom_series(volume: Volume, folder: str | os.PathLike, modality: str = "OT",
+                       patient_name: str | None = None, patient_id: str | None = None,
+                       series_description: str | None = None) -> Path:
+    """Write a scalar volume as a DICOM series into the new folder ``folder``, one file per slice.
+
+    Files are ``IM0001.dcm``, ``IM0002.dcm``, ... in slice order, as their instance numbers. Each
+    carries its position, orientation, pixel spacing and slice spacing, so the series reads back on
+    the same grid (a left-handed grid comes back with its slices in the other order, on the same points).
+
+    Values: integers are stored exactly (16 bits where they fit, else 32), so labelmaps stay
+    labelmaps; floats holding whole numbers that fit 16 bits are stored exactly too; other floats
+    are stored as 32-bit integers with a rescale slope and intercept, which give them back to
+    within (max - min) / 2**32.
+
+    Tags: modality; SOP class CT or MR image storage for 16-bit CT or MR data, else secondary
+    capture; patient name, patient ID and series description (default: the folder's name); new
+    study, series and frame-of-reference UIDs; study date and time now; series number 1.
     """
     if volume.channels != 1:
-        raise UserError("a DICOM series can hold one channel only")
+        raise UserError(f"cannot write {folder}: a DICOM series holds one channel, the volume has {volume.channels}")
     folder = Path(folder)
-    _check_writable_folder(folder.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    array = volume.array
-    storage = {}
-    if np.issubdtype(array.dtype, np.integer) and array.min() >= -32768 and array.max() <= 32767:
-        image = to_sitk(volume.with_array(array.astype(np.int16)))
-    else:  # GDCM stores floats as signed 16-bit integers times a rescale slope (intercept 0)
-        slope = float(np.abs(array).max()) / 32000.0 or 1.0
-        image = to_sitk(volume.with_array(array.astype(np.float64)))
-        storage = {"0028|1053": f"{slope:.10g}", "0028|1052": "0", "0028|0100": "16", "0028|0101": "16",
-                   "0028|0102": "15", "0028|0103": "1"}
-    study, series = _new_uid(), _new_uid()
-    row, column = volume.direction[:, 0], volume.direction[:, 1]
-    orientation = "\\".join(f"{value:.10g}" for value in (*row, *column))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        slice_image = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, value in {
-            "0008|0060": modality,
-            "0020|000d": study,
-            "0020|000e": series,
-            "0008|0018": _new_uid(),
-            "0020|0013": str(k + 1),
-            "0020|0037": orientation,
-            "0020|0032": "\\".join(f"{value:.10g}" for value in position),
-            "0018|0050": f"{volume.spacing[2]:.10g}",
-            **storage,
-        }.items():
-            slice_image.SetMetaData(tag, value)
-        writer.SetFileName(str(staging / f"slice{k:04d}.dcm"))
-        writer.Execute(slice_image)
     if folder.exists():
         raise UserError(f"{folder} already exists: choose a new folder for the DICOM series")
-    os.replace(staging, folder)
+    _check_writable_folder(folder.parent)
+    pixels, pixel_tags = _dicom_pixels(volume.array, folder)
+    image = to_sitk(volume.with_array(pixels))
+    sop_class = _SOP_CLASSES.get(modality, _SECONDARY_CAPTURE) if pixels.dtype.itemsize == 2 else _SECONDARY_CAPTURE
+    now = time.localtime()
+    normal = volume.direction[:, 2]
+    series_tags = {
+        "0008|0016": sop_class, "0008|0060": modality, "0008|0008": "DERIVED\\SECONDARY",
+        "0008|0020": time.strftime("%Y%m%d", now), "0008|0030": time.strftime("%H%M%S", now),
+        "0010|0010": patient_name if patient_name is not None else folder.name,
+        "0010|0020": patient_id if patient_id is not None else folder.name,
+        "0008|103e": series_description if series_description is not None else folder.name,
+        "0020|000d": _new_uid(), "0020|000e": _new_uid(), "0020|0052": _new_uid(),
+        "0020|0010": "1", "0020|0011": "1",
+        "0020|0037": _decimals(*volume.direction[:, 0], *volume.direction[:, 1]),
+        "0028|0030": _decimals(volume.spacing[1], volume.spacing[0]),
+        "0018|0050": _decimals(volume.spacing[2]), "0018|0088": _decimals(volume.spacing[2]),
+        **pixel_tags,
+    }
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        for k in range(image.GetDepth()):
+            slice_image = image[:, :, k]
+            position = image.TransformIndexToPhysicalPoint((0, 0, k))
+            slice_tags = {"0008|0018": _new_uid(), "0020|0013": str(k + 1), "0020|0032": _decimals(*position),
+                          "0020|1041": _decimals(float(np.dot(position, normal)))}
+            for tag, value in {**series_tags, **slice_tags}.items():
+                slice_image.SetMetaData(tag, value)
+            writer.SetFileName(str(staging / instance_file_name(k + 1, image.GetDepth())))
+            writer.Execute(slice_image)
+        os.rename(staging, folder)
+    except RuntimeError as error:
+        raise UserError(f"cannot write {folder}: {str(error).strip().splitlines()[-1][:160]}") from None
+    except OSError as error:
+        raise UserError(f"cannot write {folder}: {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def instance_file_name(number: int, count: int = 1) -> str:
+    """``IM0001.dcm`` for instance 1: four digits, more when ``count`` needs them, so names sort in order."""
+    return f"IM{number:0{max(4, len(str(count)))}d}.dcm"
+
+
+def _dicom_pixels(array: np.ndarray, folder: Path) -> tuple[np.ndarray, dict[str, str]]:
+    """The array as the series stores it, and the pixel tags that tell readers how to get the values back."""
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise UserError(f"cannot write {folder}: the volume holds NaN or infinite values, which DICOM cannot store")
+        if np.array_equal(array, np.round(array)) and array.min() >= -32768 and array.max() <= 32767:
+            return array.astype(np.int16), {}
+        low, high = float(array.min()), float(array.max())
+        # GDCM turns floats into integers with the slope and intercept given; a little margin keeps the
+        # rounding of their decimal strings from overflowing 32 bits.
+        slope, intercept = (high - low) / 2**32 * 1.001 or 1.0, (high + low) / 2
+        return array.astype(np.float64), {"0028|1053": _decimals(slope), "0028|1052": _decimals(intercept),
+                                           "0028|0100": "32", "0028|0101": "32", "0028|0102": "31", "0028|0103": "1"}
+    for dtype in (np.int16, np.uint16, np.int32):
+        if array.min() >= np.iinfo(dtype).min and array.max() <= np.iinfo(dtype).max:
+            return array.astype(dtype), {}
+    raise UserError(f"cannot write {folder}: values {array.min()}..{array.max()} do not fit the 32-bit integers "
+                    "DICOM stores")
+
+
+def _decimals(*values: float) -> str:
+    """DICOM decimal strings (at most 16 characters each), backslash-separated."""
+    return "\\".join(f"{value:.10g}" for value in values)
 
 
 def _new_uid() -> str:

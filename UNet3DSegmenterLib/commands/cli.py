@@ -1,6 +1,6 @@
-"""The command line: ``unet3d-segmenter {predict, train, evaluate, overlay, demo, info}``.
+"""The command line: ``unet3d-segmenter {predict, train, evaluate, overlay, convert, dicom-sort, demo, info}``.
 
-Each command is a module of this package with ``add_arguments(parser)`` and ``run(args)``; a
+Each command is a module of this package (``dicom-sort`` is ``dicom_sort``) with ``add_arguments(parser)`` and ``run(args)``; a
 command's module (and so torch) is imported only when that command runs, so ``--help`` is quick.
 A user mistake ends in one line on stderr (``error: ...``) and exit status 2, never a traceback.
 """
@@ -23,6 +23,8 @@ COMMANDS = {
     "train": "train a model from labelled volumes",
     "evaluate": "Dice, IoU, HD95, surface distance and voxel accuracy of predictions against references",
     "overlay": "a picture of image | reference | prediction slices for one case (PNG)",
+    "convert": "convert a volume to another format (NIfTI, NRRD, MHA, NumPy, DICOM series)",
+    "dicom-sort": "sort mixed DICOM files into one folder per patient, study and series",
     "demo": "train and segment on generated phantoms, end to end",
     "info": "describe a checkpoint in words",
 }
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"{__package__}.{name}")
+        module = importlib.import_module(f"{__package__}.{name.replace('-', '_')}")
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(subparser)
         subparser.set_defaults(run=module.run)

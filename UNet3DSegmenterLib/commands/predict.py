@@ -1,4 +1,5 @@
-"""``unet3d-segmenter predict``: one volume, one DICOM series, or a folder of volumes."""
+"""``unet3d-segmenter predict``: one volume, one DICOM series, or a folder of volumes (files or DICOM series
+folders)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from ..choices import DEVICES, PRECISIONS
 from ..errors import UserError
-from ..io import case_name, is_dicom_folder, list_volume_files, volume_suffix
+from ..io import FORMATS, case_name, check_input_spacing, is_dicom_folder, list_volumes, volume_suffix
 from ..progress import ProgressBar, emit_json
 
 
@@ -17,9 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``predict`` subcommand's options."""
     parser.add_argument("--checkpoint", "-c", required=True, type=Path, help="model checkpoint (.pt)")
     parser.add_argument("--input", "-i", required=True, type=Path,
-                        help="a volume file (.nii.gz, .nrrd, .mha), a DICOM series folder, or a folder of volumes")
+                        help="a volume file (.nii.gz, .nrrd, .mha, .npy), a DICOM series folder, or a folder of "
+                             "volumes (files or DICOM series folders)")
     parser.add_argument("--output", "-o", required=True, type=Path,
                         help="labelmap file, or a folder when the input is a folder of volumes")
+    parser.add_argument("--input-spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                        help="voxel spacing in mm of .npy inputs (default 1 1 1; other formats record their own)")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (default: checkpoint's)")
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower)")
@@ -39,22 +43,27 @@ def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
     if not source.exists():
         raise UserError(f"input not found: {source}: check the path")
     if source.is_dir() and not is_dicom_folder(source):
-        files = list_volume_files(source)
-        if not files:
-            raise UserError(f"{source} holds no volume files (.nii.gz, .nii, .nrrd, .mha) and no DICOM series")
+        volumes = list_volumes(source)
+        if not volumes:
+            raise UserError(f"{source} holds no volume files ({FORMATS}) and no DICOM series")
         if volume_suffix(output):
             raise UserError(f"the input {source} is a folder, so --output must be a folder, not {output}")
         if probabilities is not None and volume_suffix(probabilities):
             raise UserError(f"the input is a folder, so --probabilities must be a folder, not {probabilities}")
-        return [(path, output / path.name, probabilities / path.name if probabilities else None)
-                for path in files]
+        return [(path, output / _output_name(path), probabilities / _output_name(path) if probabilities else None)
+                for path in volumes]
     if output.is_dir() or not volume_suffix(output):
-        name = case_name(source) + (volume_suffix(source) or ".nii.gz")
+        name = _output_name(source)
         output = output / name
         probabilities = probabilities / name if probabilities and not volume_suffix(probabilities) else probabilities
     if probabilities is not None and not volume_suffix(probabilities):
         raise UserError(f"--probabilities {probabilities}: use a file name ending in .nii.gz, .nrrd or .mha")
     return [(source, output, probabilities)]
+
+
+def _output_name(source: Path) -> str:
+    """A case's output file name: its own (same format), or the case's name + .nii.gz for a DICOM series."""
+    return case_name(source) + (volume_suffix(source) or ".nii.gz")
 
 
 def _check_writable(paths: list[Path]) -> None:
@@ -69,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference.predictor import Predictor, predict_file
 
     cases = _plan(args)
+    check_input_spacing(args.input_spacing, [source for source, _, _ in cases])
     _check_writable([output for _, output, _ in cases] + [p for _, _, p in cases if p is not None])
     predictor = Predictor(args.checkpoint, device=args.device, overlap=args.overlap, batch_size=args.batch_size,
                           tta=args.tta, largest_component=args.largest_component, precision=args.precision)
@@ -84,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(done, total)
 
         try:
-            predict_file(predictor, source, output, probabilities, progress=progress)
+            predict_file(predictor, source, output, probabilities, progress=progress, spacing=args.input_spacing)
         except UserError as error:
             if len(cases) == 1:
                 raise

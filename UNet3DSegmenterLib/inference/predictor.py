@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,11 +129,14 @@ class Predictor:
 
 def predict_file(predictor: Predictor, input_path: Path, output_path: Path,
                  probabilities_path: Path | None = None, progress: ProgressCallback | None = None,
-                 cancel: CancelCheck | None = None) -> Prediction:
-    """Read, segment and write one case; outputs are written only once the whole case succeeded."""
+                 cancel: CancelCheck | None = None, spacing: Sequence[float] | None = None) -> Prediction:
+    """Read, segment and write one case; outputs are written only once the whole case succeeded.
+
+    ``spacing`` (x, y, z) in mm is that of a ``.npy`` input, which records none (default 1 mm).
+    """
     from ..io import read_volume, write_volume
 
-    volume = read_volume(input_path)
+    volume = read_volume(input_path, spacing=spacing)
     result = predictor.predict(volume, probabilities=probabilities_path is not None,
                                progress=progress, cancel=cancel)
     write_volume(result.labelmap, output_path)

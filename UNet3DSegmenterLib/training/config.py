@@ -46,8 +46,9 @@ GROUPS = {
     "run": "run",
 }
 
-_DATA_HELP = ("training data: a folder with images/ and labels/ (same file names), a Medical Segmentation "
-              "Decathlon folder (dataset.json, imagesTr/, labelsTr/), or a JSON list of {\"image\", \"label\"} pairs")
+_DATA_HELP = ("training data: a folder with images/ and labels/ (same file names; DICOM series as subfolders), a "
+              "Medical Segmentation Decathlon folder (dataset.json, imagesTr/, labelsTr/), or a JSON list of "
+              "{\"image\", \"label\"} pairs")
 
 
 def option(default: Any, help: str, *, group: str, flag: str | None = None, short: str | None = None,
@@ -81,6 +82,9 @@ class TrainingConfig:
     data: Path = _required(_DATA_HELP, "-d")
     output: Path = _required("folder for best.pt, last.pt, run.json, log.csv, curves.png, split.json and "
                              "validation_report.json", "-o")
+    input_spacing: tuple[float, float, float] | None = option(
+        None, "voxel spacing in mm of .npy cases (default 1 1 1; other formats record their own)", group="data",
+        metavar=("X", "Y", "Z"))
     # model
     architecture: str | None = option(None, "network (default unet3d, or the --init checkpoint's)", group="model",
                                       flag="--arch", choices=ARCHITECTURES)
@@ -177,6 +181,8 @@ class TrainingConfig:
             (0 <= self.foreground_fraction <= 1, f"foreground fraction must be in [0, 1], got {self.foreground_fraction}"),
             (self.lr is None or self.lr > 0, f"learning rate must be positive, got {self.lr}"),
             (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.input_spacing is None or min(self.input_spacing) > 0,
+             f"input spacing must be positive, got {self.input_spacing}"),
             ((self.folds is None) == (self.fold is None), "k-fold needs both folds (--folds K) and fold (--fold I)"),
             (self.depth is None or self.depth >= 2, f"depth must be at least 2, got {self.depth}"),
             (self.base_width is None or self.base_width >= 1, f"base width must be at least 1, got {self.base_width}"),

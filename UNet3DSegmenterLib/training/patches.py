@@ -124,7 +124,8 @@ def _cached(cache_dir, case: Case, preprocessing: Preprocessing, label_values, c
     """The prepared case from the cache folder; the key covers the files and every setting."""
     key = hashlib.sha1(json.dumps([
         [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in (case.image, case.label)
-    ] + [preprocessing.to_dict(), list(map(int, label_values)), crop_foreground, resample_labels]).encode())
+    ] + [preprocessing.to_dict(), list(map(int, label_values)), crop_foreground, resample_labels]
+        + ([list(case.spacing)] if case.spacing else [])).encode())
     stem = Path(cache_dir) / f"{case.name}-{key.hexdigest()[:16]}"
     image_file, target_file = (stem.with_name(stem.name + suffix) for suffix in (".image.npy", ".target.npy"))
     if not (image_file.exists() and target_file.exists()):
@@ -313,5 +314,5 @@ def discover_label_values(cases: Sequence[Case]) -> list[int]:
 
     values = {0}
     for case in cases:
-        values.update(int(value) for value in np.unique(read_volume(case.label).array))
+        values.update(int(value) for value in np.unique(read_volume(case.label, spacing=case.spacing).array))
     return sorted(values)

@@ -184,11 +184,12 @@ def _load_matching_weights(model: nn.Module, init: Checkpoint, labels: list[Labe
 
 
 def _channels(case: Case) -> int:
-    return _header(case.image)[2]
+    return _header(case.image, case.spacing)[2]
 
 
-def _header(path: Path) -> tuple[tuple[float, ...], tuple[int, ...], int]:
-    """(spacing xyz, size xyz, channels) from the file header, without reading the voxels."""
+def _header(path: Path, spacing: tuple[float, float, float] | None = None) -> tuple[tuple[float, ...], tuple[int, ...], int]:
+    """(spacing xyz, size xyz, channels) from the file header, without reading the voxels (``spacing``:
+    that of a .npy array)."""
     if path.is_file():
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -198,13 +199,13 @@ def _header(path: Path) -> tuple[tuple[float, ...], tuple[int, ...], int]:
             return reader.GetSpacing()[:3], reader.GetSize()[:3], channels
         except RuntimeError:
             pass  # read_volume below explains the problem
-    volume = read_volume(path)
+    volume = read_volume(path, spacing=spacing)
     return volume.spacing, volume.shape[::-1], volume.channels
 
 
 def _median_spacing(cases: list[Case]) -> tuple[float, float, float]:
     """Rounded to 0.01 micrometre: headers store float32, and 0.800000011920929 reads worse than 0.8."""
-    return float3(round(float(value), 5) for value in np.median([_header(case.image)[0] for case in cases], axis=0))
+    return float3(round(float(value), 5) for value in np.median([_header(case.image, case.spacing)[0] for case in cases], axis=0))
 
 
 def _median_resized_spacing(cases: list[Case], preprocessing: Preprocessing) -> tuple[float, float, float] | None:
@@ -221,7 +222,7 @@ def _median_resized_spacing(cases: list[Case], preprocessing: Preprocessing) -> 
 def _median_shape(cases: list[Case], spacing) -> tuple[int, int, int]:
     """Median (z, y, x) size of the cases once resampled to ``spacing``."""
     sizes = [np.asarray(size) * np.asarray(own) / np.asarray(spacing)
-             for own, size, _ in (_header(case.image) for case in cases)]
+             for own, size, _ in (_header(case.image, case.spacing) for case in cases)]
     return int3(round(value) for value in np.median(sizes, axis=0)[::-1])
 
 

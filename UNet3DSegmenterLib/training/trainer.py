@@ -102,7 +102,7 @@ class _Run:
 
     def run(self) -> TrainingResult:
         config = self.config
-        datalist = load_datalist(config.data)
+        datalist = load_datalist(config.data, config.input_spacing)
         self.split = self._split([case.name for case in datalist.cases])
         train_cases, validation_cases = datalist.subset(self.split.train), datalist.subset(self.split.validation)
         state = self._load_state() if config.resume else None

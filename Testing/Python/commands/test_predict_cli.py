@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from UNet3DSegmenterLib.checkpoint import Checkpoint, Label, save_checkpoint
+from UNet3DSegmenterLib.commands.cli import main
 from UNet3DSegmenterLib.io import read_volume, write_dicom_series, write_volume
 from UNet3DSegmenterLib.models import build_model
 from UNet3DSegmenterLib.preprocess import Preprocessing
@@ -126,3 +127,53 @@ def test_folder_input_with_file_output_is_refused(model_path, tmp_path):
     write_volume(small_volume(), tmp_path / "in" / "a.nii.gz")
     assert_one_line_error(run_cli("predict", "-c", model_path, "-i", tmp_path / "in", "-o", tmp_path / "o.nii.gz"),
                           "must be a folder")
+
+
+
+# In the test process (torch is loaded already), for speed; the tests above run the console command.
+def predict(*args) -> int:
+    return main(["predict", *map(str, args)])
+
+
+def assert_one_line_error_in_process(capsys, code: int, *fragments: str) -> None:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_predict_npy_takes_the_given_spacing(model_path, tmp_path):
+    array = small_volume().array
+    np.save(tmp_path / "case.npy", array)
+    assert predict("-c", model_path, "-i", tmp_path / "case.npy", "-o", tmp_path / "seg.nii.gz",
+                   "--input-spacing", "1.0", "1.2", "1.5", "--device", "cpu") == 0
+    labelmap = read_volume(tmp_path / "seg.nii.gz")
+    assert labelmap.shape == array.shape and labelmap.spacing == pytest.approx((1.0, 1.2, 1.5))
+
+
+def test_predict_folder_of_npy_arrays_and_dicom_series(model_path, tmp_path):
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "alpha.npy", small_volume().array)
+    volume = small_volume(1)
+    write_dicom_series(volume.with_array(volume.array.astype(np.int16)), tmp_path / "in" / "beta")
+    assert predict("-c", model_path, "-i", tmp_path / "in", "-o", tmp_path / "out", "--input-spacing", "1", "1", "2",
+                   "--device", "cpu") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["alpha.npy", "beta.nii.gz"]
+    assert np.load(tmp_path / "out" / "alpha.npy").shape == small_volume().shape
+    assert read_volume(tmp_path / "out" / "beta.nii.gz").same_grid(volume, tolerance=1e-3)
+
+
+def test_half_downloaded_real_nifti_is_refused_and_nothing_written(model_path, shared_dataset, tmp_path, capsys):
+    source = shared_dataset("msd_hippocampus") / "images" / "hippocampus_001.nii.gz"
+    data = source.read_bytes()
+    (tmp_path / "case.nii.gz").write_bytes(data[: len(data) * 2 // 3])
+    code = predict("-c", model_path, "-i", tmp_path / "case.nii.gz", "-o", tmp_path / "seg.nii.gz", "--device", "cpu")
+    assert_one_line_error_in_process(capsys, code, "case.nii.gz is truncated or corrupt", "download it again")
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_input_spacing_for_a_file_with_its_own_is_refused(model_path, tmp_path, capsys):
+    write_volume(small_volume(), tmp_path / "in.nii.gz")
+    code = predict("-c", model_path, "-i", tmp_path / "in.nii.gz", "-o", tmp_path / "o.nii.gz",
+                   "--input-spacing", "1", "1", "1")
+    assert_one_line_error_in_process(capsys, code, "--input-spacing", "records its own")

@@ -9,7 +9,7 @@ import pytest
 
 from UNet3DSegmenterLib.datalist import load_case, load_datalist
 from UNet3DSegmenterLib.errors import UserError
-from UNet3DSegmenterLib.io import write_volume
+from UNet3DSegmenterLib.io import write_dicom_series, write_volume
 from UNet3DSegmenterLib.training.splits import make_split, read_split, write_split
 from UNet3DSegmenterLib.volume import Volume
 
@@ -55,6 +55,98 @@ def test_json_list_resolves_paths_relative_to_the_file(tmp_path):
     datalist = load_datalist(listing)
     assert [case.name for case in datalist.cases] == ["one"]
     assert datalist.cases[0].image.resolve() == (tmp_path / "data" / "images" / "one.nii.gz").resolve()
+
+
+def case_volumes(seed: int = 0) -> tuple[Volume, Volume]:
+    """A small oblique, anisotropic CT-like image (int16) and its labelmap (values 0, 1, 2)."""
+    image = np.random.default_rng(seed).normal(0, 100, (6, 10, 12)).astype(np.int16)
+    direction = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    volume = Volume(image, (0.8, 0.9, 2.5), (10.0, -20.0, 30.0), direction)
+    return volume, volume.with_array(np.digitize(image, [-50, 50]).astype(np.uint8))
+
+
+def test_folder_pair_of_dicom_series_folders(tmp_path):
+    for name, seed in (("ct_1", 0), ("ct_2", 1)):
+        image, labels = case_volumes(seed)
+        write_dicom_series(image, tmp_path / "images" / name, modality="CT")
+        if name == "ct_1":
+            write_dicom_series(labels, tmp_path / "labels" / name)
+        else:  # a series image with a labelmap file, as Slicer saves segmentations
+            write_volume(labels, tmp_path / "labels" / f"{name}.seg.nrrd")
+    (tmp_path / "images" / "notes").mkdir()  # not a series, not a case
+    datalist = load_datalist(tmp_path)
+    assert [case.name for case in datalist.cases] == ["ct_1", "ct_2"]
+    for case, seed in zip(datalist.cases, (0, 1)):
+        image, labels = load_case(case, {0: "background", 1: "soft", 2: "dense"})
+        expected_image, expected_labels = case_volumes(seed)
+        assert image.same_grid(expected_image, tolerance=1e-4) and labels.same_grid(image)
+        np.testing.assert_array_equal(image.array, expected_image.array)
+        np.testing.assert_array_equal(labels.array, expected_labels.array)
+        assert labels.array.dtype == np.uint8
+
+
+def test_json_list_of_dicom_series_folders_named_by_entry(tmp_path):
+    entries = []
+    for patient, seed in (("patient_1", 0), ("patient_2", 1)):
+        image, labels = case_volumes(seed)
+        write_dicom_series(image, tmp_path / patient / "ct")
+        write_dicom_series(labels, tmp_path / patient / "liver")
+        entries.append({"image": f"{patient}/ct", "label": f"{patient}/liver", "name": patient})
+    (tmp_path / "list.json").write_text(json.dumps(entries))
+    datalist = load_datalist(tmp_path / "list.json")
+    assert [case.name for case in datalist.cases] == ["patient_1", "patient_2"]
+    _, labels = load_case(datalist.cases[1])
+    np.testing.assert_array_equal(labels.array, case_volumes(1)[1].array)
+    for entry in entries:
+        del entry["name"]  # both series folders are called ct
+    (tmp_path / "list.json").write_text(json.dumps(entries))
+    with pytest.raises(UserError, match='lists case ct twice: .* give each entry a "name"'):
+        load_datalist(tmp_path / "list.json")
+
+
+def test_npy_cases_take_the_input_spacing(tmp_path):
+    image, labels = case_volumes()
+    for folder, volume in (("images", image), ("labels", labels)):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / "case.npy", volume.array)
+    case = load_datalist(tmp_path, input_spacing=(0.8, 0.9, 2.5)).cases[0]
+    loaded_image, loaded_labels = load_case(case)
+    assert loaded_image.spacing == loaded_labels.spacing == (0.8, 0.9, 2.5)
+    np.testing.assert_array_equal(loaded_labels.array, labels.array)
+    assert load_case(load_datalist(tmp_path).cases[0])[0].spacing == (1.0, 1.0, 1.0)
+
+
+def test_json_entry_spacing_is_for_npy_cases(tmp_path):
+    image, labels = case_volumes()
+    np.save(tmp_path / "a.npy", image.array)
+    np.save(tmp_path / "a_seg.npy", labels.array)
+    write_case(tmp_path, "b")
+    listing = tmp_path / "list.json"
+    listing.write_text(json.dumps([{"image": "a.npy", "label": "a_seg.npy", "spacing": [0.5, 0.5, 3]},
+                                   {"image": "images/b.nii.gz", "label": "labels/b.nii.gz"}]))
+    datalist = load_datalist(listing, input_spacing=(2.0, 2.0, 2.0))
+    assert [case.spacing for case in datalist.cases] == [(0.5, 0.5, 3.0), (2.0, 2.0, 2.0)]
+    assert load_case(datalist.cases[0])[0].spacing == (0.5, 0.5, 3.0)
+    assert load_case(datalist.cases[1])[0].spacing == (1.0, 1.0, 1.0)  # a NIfTI keeps its own
+    listing.write_text(json.dumps([{"image": "images/b.nii.gz", "label": "labels/b.nii.gz", "spacing": [1, 1, 1]}]))
+    with pytest.raises(UserError, match='entry 0 gives a "spacing", but its files record their own'):
+        load_datalist(listing)
+    listing.write_text(json.dumps([{"image": "a.npy", "label": "a_seg.npy", "spacing": [1, 0, 1]}]))
+    with pytest.raises(UserError, match="three positive numbers"):
+        load_datalist(listing)
+
+
+def test_input_spacing_without_npy_cases_is_refused(tmp_path):
+    write_case(tmp_path, "a")
+    with pytest.raises(UserError, match="--input-spacing gives the spacing of .npy arrays"):
+        load_datalist(tmp_path, input_spacing=(1.0, 1.0, 1.0))
+
+
+def test_two_volumes_of_one_case_are_refused(tmp_path):
+    write_case(tmp_path, "a")
+    write_volume(Volume(np.zeros((4, 4, 4), np.float32)), tmp_path / "images" / "a.nrrd")
+    with pytest.raises(UserError, match="holds two volumes for case a"):
+        load_datalist(tmp_path)
 
 
 def test_image_without_label_is_refused_naming_the_case(tmp_path):

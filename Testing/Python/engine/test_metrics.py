@@ -14,7 +14,7 @@ from UNet3DSegmenterLib.atomic import write_json
 from UNet3DSegmenterLib.commands import evaluate as evaluate_command
 from UNet3DSegmenterLib.errors import UserError
 from UNet3DSegmenterLib.evaluation import evaluate, format_table
-from UNet3DSegmenterLib.io import read_volume, write_volume
+from UNet3DSegmenterLib.io import read_volume, write_dicom_series, write_volume
 from UNet3DSegmenterLib.metrics import dice, iou, segmentation_metrics, surface_distances, voxel_accuracy
 from UNet3DSegmenterLib.volume import Volume
 
@@ -327,6 +327,16 @@ def test_evaluate_refuses_a_file_compared_with_a_folder(case_folders):
     predictions, references = case_folders
     with pytest.raises(UserError, match="two files or two folders"):
         evaluate(predictions / "case_a.nrrd", references)
+
+
+def test_evaluate_reads_dicom_series_as_single_volumes_and_as_cases(tmp_path):
+    reference = np.zeros((6, 8, 8), np.uint8)
+    reference[1:5, 2:6, 2:6] = 1
+    write_dicom_series(label_volume(reference), tmp_path / "references" / "case_a")
+    write_volume(label_volume(reference), tmp_path / "predictions" / "case_a.nii.gz")
+    single = evaluate(tmp_path / "predictions" / "case_a.nii.gz", tmp_path / "references" / "case_a")
+    assert single["cases"]["case_a"][1]["dice"] == 1.0
+    assert list(evaluate(tmp_path / "predictions", tmp_path / "references")["cases"]) == ["case_a"]
 
 
 def test_evaluate_refuses_a_missing_path(tmp_path, case_folders):

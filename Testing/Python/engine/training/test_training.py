@@ -20,7 +20,7 @@ from UNet3DSegmenterLib.checkpoint import load_checkpoint
 from UNet3DSegmenterLib.commands.cli import main
 from UNet3DSegmenterLib.datalist import load_datalist
 from UNet3DSegmenterLib.inference.predictor import Predictor
-from UNet3DSegmenterLib.io import read_volume
+from UNet3DSegmenterLib.io import read_volume, write_dicom_series
 from UNet3DSegmenterLib.phantom import write_phantom_dataset
 from UNet3DSegmenterLib.training.planning import plan_patch_size, plan_training
 from UNet3DSegmenterLib.training.trainer import TrainingConfig, train
@@ -174,6 +174,27 @@ def test_defaults_come_from_the_data(tmp_path):
     assert -200 < low < high < 1000 and low < plan.preprocessing.mean < high
     # too large: the axis covering most of its median size shrinks first (here z)
     assert plan_patch_size((300, 512, 512), 16, max_size=128, max_voxels=96**3) == (64, 112, 112)
+
+
+def test_trains_on_dicom_series_and_npy_arrays(phantoms, tmp_path):
+    """The liver pipeline's layout (DICOM series folders) and NumPy arrays, in one folder pair."""
+    data = tmp_path / "data"
+    for index in range(4):
+        name = f"phantom_{index:03d}"
+        image, labels = (read_volume(phantoms / kind / f"{name}.nii.gz") for kind in ("images", "labels"))
+        if index < 2:
+            write_dicom_series(image, data / "images" / name, modality="MR")
+            write_dicom_series(labels, data / "labels" / name)
+        else:
+            for kind, volume in (("images", image), ("labels", labels)):
+                (data / kind).mkdir(parents=True, exist_ok=True)
+                np.save(data / kind / f"{name}.npy", volume.array)
+    assert main([*cli_arguments(data, tmp_path / "run", epochs=1), "--input-spacing", "1", "1", "2"]) == 0
+    # 1 mm for the arrays would have made the median z spacing 1.5 mm
+    assert load_checkpoint(tmp_path / "run" / "best.pt").preprocessing.spacing == (1.0, 1.0, 2.0)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert sorted(split["train"] + split["validation"]) == [f"phantom_{index:03d}" for index in range(4)]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["input_spacing"] == [1.0, 1.0, 2.0]
 
 
 def test_fine_tuning_keeps_weights_and_gets_a_new_output_layer_for_new_labels(phantoms, tmp_path):

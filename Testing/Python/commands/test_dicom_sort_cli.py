@@ -1,0 +1,49 @@
+"""`unet3d-segmenter dicom-sort`: the report a person reads, and mistakes in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from UNet3DSegmenterLib.commands.cli import main
+from UNet3DSegmenterLib.io import read_volume, write_dicom_series
+from UNet3DSegmenterLib.volume import Volume
+
+
+def scanner_export(folder):
+    """Two series of two patients in one folder, under names that say nothing, and a stray file."""
+    for index, (name, patient_id) in enumerate([("Doe^Jane", "P1"), ("Roe^Richard", "P2")]):
+        volume = Volume(np.full((3, 4, 5), index, np.int16), (0.5, 0.5, 2.0))
+        series = write_dicom_series(volume, folder / f"tmp{index}", modality="CT", patient_name=name,
+                                    patient_id=patient_id, series_description="chest")
+        for path in series.iterdir():
+            path.rename(folder / f"{index}_{path.stem}")
+        series.rmdir()
+    (folder / "index.html").write_text("<html></html>")
+
+
+def test_sort_prints_what_it_found_and_did(tmp_path, capsys):
+    scanner_export(tmp_path / "export")
+    assert main(["dicom-sort", str(tmp_path / "export"), str(tmp_path / "sorted")]) == 0
+    out = capsys.readouterr().out
+    assert "found 2 patients, 2 studies, 2 series, 6 image files" in out
+    assert "skipped 1 file, not DICOM: index.html" in out
+    assert f"copied 6 files into {tmp_path / 'sorted'}" in out
+    (jane,) = (tmp_path / "sorted" / "Doe_Jane_P1").glob("*/001_chest")
+    assert read_volume(jane).array.max() == 0 and len(list((tmp_path / "export").iterdir())) == 7
+
+
+def test_dry_run_and_move(tmp_path, capsys):
+    scanner_export(tmp_path / "export")
+    assert main(["dicom-sort", str(tmp_path / "export"), str(tmp_path / "sorted"), "--dry-run"]) == 0
+    assert "would copy 6 files" in capsys.readouterr().out and not (tmp_path / "sorted").exists()
+    assert main(["dicom-sort", str(tmp_path / "export"), str(tmp_path / "sorted"), "--move"]) == 0
+    assert "moved 6 files" in capsys.readouterr().out
+    assert [path.name for path in (tmp_path / "export").iterdir()] == ["index.html"]
+
+
+def test_folder_without_dicom_is_one_line(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8\xff")
+    assert main(["dicom-sort", str(tmp_path / "photos"), str(tmp_path / "sorted")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: found no DICOM image in {tmp_path / 'photos'} (1 file looked at): check the folder"]

@@ -1,0 +1,94 @@
+"""A file that ends early or whose compressed data are damaged is refused before ITK reads zeros from it."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from UNet3DSegmenterLib.errors import UserError
+from UNet3DSegmenterLib.integrity import check_whole
+from UNet3DSegmenterLib.io import read_volume, write_volume
+from UNet3DSegmenterLib.volume import Volume
+
+
+def noisy_volume() -> Volume:
+    array = np.random.default_rng(0).normal(100, 20, (12, 30, 40)).astype(np.float32)
+    return Volume(array, (0.7, 0.8, 2.0), (1.0, 2.0, 3.0))
+
+
+def cut(path, fraction: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def flip_byte(path, position: float) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * position)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_half_downloaded_real_nifti_is_refused(shared_dataset, tmp_path):
+    source = shared_dataset("msd_hippocampus") / "images" / "hippocampus_001.nii.gz"
+    path = tmp_path / source.name
+    path.write_bytes(source.read_bytes())
+    read_volume(path)  # whole: reads
+    cut(path, 0.6)
+    with pytest.raises(UserError, match=r"hippocampus_001.nii.gz is truncated or corrupt .*download it again"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("suffix, damage", [
+    (suffix, damage) for suffix in (".nii.gz", ".nii", ".mha") for damage in ("cut at 30%", "cut at 99%")
+] + [(".nii.gz", "a flipped byte"), (".mha", "a flipped byte")])
+def test_truncated_or_damaged_file_is_refused(tmp_path, suffix, damage):
+    path = write_volume(noisy_volume(), tmp_path / f"case{suffix}")
+    if damage.startswith("cut"):
+        cut(path, float(damage.split()[-1].rstrip("%")) / 100)
+    else:
+        flip_byte(path, 0.5)
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".seg.nrrd"])
+def test_truncated_nrrd_is_refused_by_itk_in_one_line(tmp_path, suffix):
+    path = write_volume(noisy_volume(), tmp_path / f"case{suffix}")
+    cut(path, 0.5)
+    with pytest.raises(UserError, match="cannot read") as error:
+        read_volume(path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha", ".nrrd"])
+def test_whole_files_pass(tmp_path, suffix):
+    volume = noisy_volume()
+    path = write_volume(volume, tmp_path / f"case{suffix}")
+    check_whole(path)
+    np.testing.assert_array_equal(read_volume(path).array, volume.array)
+
+
+def test_uncompressed_nifti_named_nii_gz_is_read(tmp_path):
+    """Some tools write plain NIfTI under a .nii.gz name; ITK reads it, and so do we."""
+    volume = noisy_volume()
+    plain = write_volume(volume, tmp_path / "case.nii")
+    named = tmp_path / "plain.nii.gz"
+    named.write_bytes(plain.read_bytes())
+    np.testing.assert_array_equal(read_volume(named).array, volume.array)
+
+
+def test_gzip_stream_of_a_truncated_nifti_is_refused(tmp_path):
+    """A whole gzip stream around a NIfTI that was already cut: the header promises more than it holds."""
+    data = write_volume(noisy_volume(), tmp_path / "case.nii").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(data[: len(data) // 2]))
+    with pytest.raises(UserError, match=r"bytes of image data where the header needs"):
+        read_volume(tmp_path / "cut.nii.gz")
+
+
+def test_gzip_file_of_several_members_is_whole(tmp_path):
+    """Concatenated gzip members (as parallel compressors write them) are one valid file."""
+    volume = noisy_volume()
+    data = write_volume(volume, tmp_path / "case.nii").read_bytes()
+    (tmp_path / "members.nii.gz").write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:]))
+    np.testing.assert_array_equal(read_volume(tmp_path / "members.nii.gz").array, volume.array)
