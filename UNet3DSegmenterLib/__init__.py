@@ -11,13 +11,14 @@ command line::
     training:   training.config -> datalist -> training.splits -> training.planning ->
                 training.patches -> training.augment -> training.step (losses) ->
                 training.validation -> checkpoint; training.trainer runs the loop
-    commands:   commands.cli and one module per command (predict, train, evaluate, demo, info)
+    commands:   commands.cli and one module per command (predict, train, evaluate, demo, info, ensemble)
 
 Typical use::
 
     from UNet3DSegmenterLib import Predictor, read_volume, write_volume
     result = Predictor("model.pt").predict(read_volume("ct.nii.gz"))
     write_volume(result.labelmap, "ct_seg.nii.gz")
+    ensemble = Predictor(["a.pt", "b.pt"])  # an ensemble: a list of checkpoints, or a folder of them
 
 Importing this package imports no torch: the public names below load their module on first use.
 The engine never imports slicer, qt, ctk or vtk; ``UNet3DSegmenterLib.slicer`` is the Slicer side.
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _PUBLIC = {
     "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "Ensemble": "checkpoint", "load_ensemble": "checkpoint",
     "Label": "labels", "UserError": "errors", "Volume": "volume",
     "read_volume": "io", "write_volume": "io",
     "UNet3D": "models", "ResidualUNet3D": "models", "VNet": "models", "build_model": "models",
@@ -47,9 +49,10 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "Checkpoint", "Label", "Prediction", "Predictor", "Preprocessing", "ResidualUNet3D", "TrainingConfig", "UNet3D",
-    "UserError", "VNet", "Volume", "build_model", "get_dataloader", "load_checkpoint", "patchify", "read_volume",
-    "save_checkpoint", "sliding_window_inference", "train", "unpatchify", "write_volume",
+    "Checkpoint", "Ensemble", "Label", "Prediction", "Predictor", "Preprocessing", "ResidualUNet3D", "TrainingConfig",
+    "UNet3D", "UserError", "VNet", "Volume", "build_model", "get_dataloader", "load_checkpoint",
+    "load_ensemble", "patchify", "read_volume", "save_checkpoint", "sliding_window_inference", "train", "unpatchify",
+    "write_volume",
 ]
 
 _moved.install(__name__)
@@ -71,7 +74,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and editors see
-    from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint import Checkpoint, Ensemble, load_checkpoint, load_ensemble, save_checkpoint
     from .errors import UserError
     from .inference.predictor import Prediction, Predictor
     from .inference.sliding_window import patchify, sliding_window_inference, unpatchify

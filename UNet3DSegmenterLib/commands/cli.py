@@ -1,4 +1,4 @@
-"""The command line: ``unet3d-segmenter {predict, train, evaluate, demo, info}``.
+"""The command line: ``unet3d-segmenter {predict, train, evaluate, demo, info, ensemble}``.
 
 Each command is a module of this package with ``add_arguments(parser)`` and ``run(args)``; a
 command's module (and so torch) is imported only when that command runs, so ``--help`` is quick.
@@ -24,6 +24,7 @@ COMMANDS = {
     "evaluate": "Dice, IoU, HD95 and surface distance of predictions against references",
     "demo": "train and segment on generated phantoms, end to end",
     "info": "describe a checkpoint in words",
+    "ensemble": "join checkpoints (e.g. the folds of a cross-validation) into one ensemble file",
 }
 
 
