@@ -24,6 +24,8 @@ Everything not given is chosen from the training cases (spacing, patch size, nor
 examples:
   unet3d-segmenter train --data Task04_Hippocampus --output runs/hippocampus
   unet3d-segmenter train --data cases/ --output runs/fold0 --folds 5 --fold 0 --labels 1=liver 2=tumour
+  unet3d-segmenter train --data cases/ --output runs/a --split 0.8 0.1 0.1 --group-by '^(Case_[0-9]+)'
+  unet3d-segmenter train --data msd_hippocampus --output runs/b --split-file Resources/Models/hippocampus_split.json
   unet3d-segmenter train --data cases/ --output runs/fold0 --resume          (continue a stopped run)
   unet3d-segmenter train --config runs/hippocampus/run.json --epochs 200     (a saved run, changed)
   torchrun --nproc_per_node=4 -m UNet3DSegmenterLib train --data cases/ --output runs/ddp   (4 GPUs)
@@ -123,6 +125,9 @@ class _TerminalReporter:
         if kind == "epoch":
             self.close()
             print(_epoch_line(event), file=sys.stderr)
+        elif kind == "test":
+            self.close()
+            print(_test_table(event), file=sys.stderr)
 
     def _bar(self, label: str, unit: str) -> ProgressBar:
         if self.bar is None or self.bar.label != label:
@@ -143,3 +148,17 @@ def _epoch_line(event: Mapping[str, Any]) -> str:
         line += f", Dice {scores} (mean {event['mean_dice']:.3f})"
     minutes, seconds = divmod(int(event["eta"]), 60)
     return line + f", lr {event['lr']:.2e}, {event['seconds']:.0f} s, eta {minutes}m{seconds:02d}s"
+
+
+def _test_table(event: Mapping[str, Any]) -> str:
+    """The test report's means: loss, then Dice, IoU and HD95 per class."""
+    lines = [f"test set: {event['cases']} cases scored with {event['checkpoint']}: loss {event['loss']:.4f}",
+             f"  {'class':<16}  {'Dice':>6}  {'IoU':>6}  {'HD95 mm':>8}"]
+    for name, dice in event["dice"].items():
+        lines.append(f"  {name:<16}  {dice:6.4f}  {event['iou'][name]:6.4f}  {_millimetres(event['hd95'][name]):>8}")
+    lines.append(f"  {'mean':<16}  {event['mean_dice']:6.4f}")
+    return "\n".join(lines + [f"written to {event['report']}"])
+
+
+def _millimetres(value: float | None) -> str:
+    return "inf" if value is None or value == float("inf") else f"{value:.2f}"
