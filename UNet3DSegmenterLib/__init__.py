@@ -10,7 +10,8 @@ command line::
                 inference.sliding_window) -> inference.postprocess -> io.write_volume
     training:   training.config -> datalist -> training.splits -> training.planning ->
                 training.patches -> training.augment -> training.step (losses) ->
-                training.validation -> checkpoint; training.trainer runs the loop
+                training.validation -> checkpoint; training.trainer runs the loop;
+                training.cross_validation runs every fold, then joins them as an ensemble
     commands:   commands.cli and one module per command (predict, train, evaluate, demo, info, ensemble)
 
 Typical use::
@@ -18,7 +19,7 @@ Typical use::
     from UNet3DSegmenterLib import Predictor, read_volume, write_volume
     result = Predictor("model.pt").predict(read_volume("ct.nii.gz"))
     write_volume(result.labelmap, "ct_seg.nii.gz")
-    ensemble = Predictor(["a.pt", "b.pt"])  # an ensemble: a list of checkpoints, or a folder of them
+    ensemble = Predictor("runs/cv")         # a folder of fold checkpoints (or a list of .pt files)
 
 Importing this package imports no torch: the public names below load their module on first use.
 The engine never imports slicer, qt, ctk or vtk; ``UNet3DSegmenterLib.slicer`` is the Slicer side.
@@ -46,11 +47,12 @@ _PUBLIC = {
     "sliding_window_inference": "inference.sliding_window",
     "get_dataloader": "training.patches",
     "TrainingConfig": "training.config", "train": "training.trainer",
+    "cross_validate": "training.cross_validation",
 }
 
 __all__ = [
     "Checkpoint", "Ensemble", "Label", "Prediction", "Predictor", "Preprocessing", "ResidualUNet3D", "TrainingConfig",
-    "UNet3D", "UserError", "VNet", "Volume", "build_model", "get_dataloader", "load_checkpoint",
+    "UNet3D", "UserError", "VNet", "Volume", "build_model", "cross_validate", "get_dataloader", "load_checkpoint",
     "load_ensemble", "patchify", "read_volume", "save_checkpoint", "sliding_window_inference", "train", "unpatchify",
     "write_volume",
 ]
@@ -83,6 +85,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .models import ResidualUNet3D, UNet3D, VNet, build_model
     from .preprocess import Preprocessing
     from .training.config import TrainingConfig
+    from .training.cross_validation import cross_validate
     from .training.patches import get_dataloader
     from .training.trainer import train
     from .volume import Volume

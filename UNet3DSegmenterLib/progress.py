@@ -79,6 +79,25 @@ class TestEvent(TypedDict):
     mean_dice: float
 
 
+class FoldEvent(TypedDict):
+    """Cross-validation starts (or resumes) training fold ``fold`` (0-based) of ``folds``."""
+
+    event: Literal["fold"]
+    fold: int
+    folds: int
+
+
+class CrossValidationEvent(TypedDict):
+    """Every fold is trained: the mean over folds of each fold's validation Dice per class name."""
+
+    event: Literal["cross_validation"]
+    report: str
+    ensemble: str
+    folds: int
+    dice: dict[str, float]
+    mean_dice: float
+
+
 class WindowsEvent(TypedDict):
     """Sliding-window progress of one case of ``predict``."""
 
@@ -96,7 +115,7 @@ class WrittenEvent(TypedDict):
     output: str
 
 
-TrainingEvent = PreparingEvent | IterationEvent | EpochEvent | DoneEvent | TestEvent
+TrainingEvent = PreparingEvent | IterationEvent | EpochEvent | DoneEvent | TestEvent | FoldEvent | CrossValidationEvent
 PredictEvent = WindowsEvent | WrittenEvent
 
 

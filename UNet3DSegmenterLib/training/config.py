@@ -145,8 +145,10 @@ class TrainingConfig:
     group_by: str | None = option(None, "cases whose names share this regular expression's first group are one "
                                   "subject, never split between sets or folds, e.g. '^(Case_[0-9]+)'",
                                   group="validation", metavar="REGEX")
-    folds: int | None = option(None, "k-fold cross-validation: number of folds", group="validation", metavar="K")
-    fold: int | None = option(None, "which fold validates (0..K-1)", group="validation", metavar="I")
+    folds: int | None = option(None, "k-fold cross-validation: number of folds; without --fold every fold is "
+                               "trained in turn (fold_0/, fold_1/, ...), then cv_report.json and ensemble.pt",
+                               group="validation", metavar="K")
+    fold: int | None = option(None, "train only this fold (0..K-1)", group="validation", metavar="I")
     val_every: int = option(1, "epochs between validations", group="validation")
     overlap: float = option(0.5, "sliding-window overlap for validation and the checkpoint's inference default",
                             group="validation")
@@ -177,7 +179,10 @@ class TrainingConfig:
             (0 <= self.foreground_fraction <= 1, f"foreground fraction must be in [0, 1], got {self.foreground_fraction}"),
             (self.lr is None or self.lr > 0, f"learning rate must be positive, got {self.lr}"),
             (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
-            ((self.folds is None) == (self.fold is None), "k-fold needs both folds (--folds K) and fold (--fold I)"),
+            (self.fold is None or self.folds is not None, "--fold I needs --folds K"),
+            (self.folds is None or self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
+            (self.fold is None or self.folds is None or 0 <= self.fold < self.folds,
+             f"--fold must be in 0..{(self.folds or 0) - 1}, got {self.fold}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -214,6 +219,11 @@ class TrainingConfig:
     def validation_fraction(self) -> float:
         """The share of cases that validate: --split's second share, else --val-fraction."""
         return self.split[1] if self.split is not None else self.val_fraction
+
+    @property
+    def cross_validation(self) -> bool:
+        """True when every fold is to be trained in turn (--folds without --fold)."""
+        return self.folds is not None and self.fold is None
 
     def to_json(self) -> dict:
         """The configuration as plain JSON data, paths absolute, ready for ``run.json``."""

@@ -79,8 +79,12 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
 
     ``progress`` receives event dictionaries (the JSON lines of ``train --progress-json``);
     ``cancel`` is polled after every iteration, and when it returns True the run stops with a
-    loadable ``last.pt`` that ``resume`` continues from.
+    loadable ``last.pt`` that ``resume`` continues from. With ``--folds K`` and no ``--fold``, use
+    :func:`~UNet3DSegmenterLib.training.cross_validation.cross_validate`, which trains every fold.
     """
+    if config.cross_validation:
+        raise UserError(f"{config.folds} folds and no fold to train: give one fold (--fold I), or train every fold "
+                        "with cross_validate(config) (the train command does)")
     distributed = Distributed.start(config.device)
     try:
         return _Run(config, distributed, progress or (lambda event: None), cancel).run()
@@ -107,8 +111,11 @@ class _Run:
         self.split = self._split([case.name for case in datalist.cases])
         train_cases, validation_cases = datalist.subset(self.split.train), datalist.subset(self.split.validation)
         self.test_files = datalist.subset(self.split.test)
+        # The folds of a cross-validation share one plan (made from all their cases), so that their
+        # checkpoints preprocess alike and can be averaged as an ensemble.
+        plan_cases = datalist.subset(sorted(self.split.train + self.split.validation)) if config.folds else train_cases
         state = self._load_state() if config.resume else None
-        self.plan = plan_training(config, datalist, train_cases, self.paths["last.pt"] if state else None)
+        self.plan = plan_training(config, datalist, plan_cases, self.paths["last.pt"] if state else None)
         self.log = TrainingLog([label.name for label in self.plan.labels[1:]])
         prepared = self._prepare(train_cases, config.crop_foreground, "training")
         self.validation_files = validation_cases

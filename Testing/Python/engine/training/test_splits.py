@@ -153,10 +153,12 @@ def test_group_check_finds_a_subject_on_both_sides(tmp_path):
 @pytest.mark.parametrize("options, message", [
     (dict(split=(0.8, 0.1, 0.2)), "give three shares that add up to 1"),
     (dict(split=(0.0, 0.5, 0.5)), "training above 0"),
-    (dict(split=(0.8, 0.1, 0.1), folds=5, fold=0), "write the split as --split TRAIN 0 TEST, e.g. --split 0.9 0 0.1"),
+    (dict(split=(0.8, 0.1, 0.1), folds=5), "write the split as --split TRAIN 0 TEST, e.g. --split 0.9 0 0.1"),
     (dict(split=(0.8, 0.1, 0.1), val_fraction=0.3), "give --split or --val-fraction, not both"),
-    (dict(split_file="split.json", folds=5, fold=0), "--split-file fixes the sets: leave out --folds"),
+    (dict(split_file="split.json", folds=5), "--split-file fixes the sets: leave out --folds"),
     (dict(split_file="split.json", split=(0.8, 0.2, 0.0)), "--split-file fixes the sets: leave out --split"),
+    (dict(fold=1), "--fold I needs --folds K"),
+    (dict(folds=3, fold=3), r"--fold must be in 0..2"),
     (dict(group_by="(Case"), "is not a valid regular expression"),
 ])
 def test_contradicting_split_options_are_refused(options, message):
@@ -166,5 +168,7 @@ def test_contradicting_split_options_are_refused(options, message):
 
 def test_split_options_say_what_they_choose():
     config = TrainingConfig(data="data", output="run", split=(0.8, 0.1, 0.1))
-    assert (config.validation_fraction, config.test_fraction) == (0.1, 0.1)
+    assert (config.validation_fraction, config.test_fraction, config.cross_validation) == (0.1, 0.1, False)
+    assert TrainingConfig(data="data", output="run", folds=5).cross_validation
+    assert not TrainingConfig(data="data", output="run", folds=5, fold=2).cross_validation
     assert TrainingConfig(data="data", output="run").test_fraction == 0
