@@ -11,15 +11,17 @@ command line::
                 inference.sliding_window) -> inference.postprocess -> io.write_volume
     training:   training.config -> datalist -> training.splits -> training.planning ->
                 training.patches -> training.augment -> training.step (losses) ->
-                training.validation -> checkpoint; training.trainer runs the loop
+                training.validation -> checkpoint; training.trainer runs the loop;
+                training.cross_validation runs every fold, then joins them as an ensemble
     commands:   commands.cli and one module per command (predict, train, evaluate, overlay, convert,
-                dicom_sort, demo, info)
+                dicom_sort, ensemble, demo, info)
 
 Typical use::
 
     from UNet3DSegmenterLib import Predictor, read_volume, write_volume
     result = Predictor("model.pt").predict(read_volume("ct.nii.gz"))
     write_volume(result.labelmap, "ct_seg.nii.gz")
+    ensemble = Predictor("runs/cv")         # a folder of fold checkpoints (or a list of .pt files)
 
 Importing this package imports no torch: the public names below load their module on first use.
 The engine never imports slicer, qt, ctk or vtk; ``UNet3DSegmenterLib.slicer`` is the Slicer side.
@@ -37,6 +39,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _PUBLIC = {
     "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "Ensemble": "checkpoint", "load_ensemble": "checkpoint",
     "Label": "labels", "UserError": "errors", "Volume": "volume",
     "read_volume": "io", "write_volume": "io",
     "UNet3D": "models", "ResidualUNet3D": "models", "ResNet18UNet3D": "models", "VNet": "models",
@@ -47,13 +50,14 @@ _PUBLIC = {
     "sliding_window_inference": "inference.sliding_window",
     "get_dataloader": "training.patches",
     "TrainingConfig": "training.config", "train": "training.trainer",
+    "cross_validate": "training.cross_validation",
 }
 
 __all__ = [
-    "Checkpoint", "Label", "Prediction", "Predictor", "Preprocessing", "ResNet18UNet3D", "ResidualUNet3D",
-    "TrainingConfig", "UNet3D",
-    "UserError", "VNet", "Volume", "build_model", "get_dataloader", "load_checkpoint", "patchify", "read_volume",
-    "save_checkpoint", "sliding_window_inference", "train", "unpatchify", "write_volume",
+    "Checkpoint", "Ensemble", "Label", "Prediction", "Predictor", "Preprocessing", "ResNet18UNet3D",
+    "ResidualUNet3D", "TrainingConfig", "UNet3D", "UserError", "VNet", "Volume", "build_model", "cross_validate",
+    "get_dataloader", "load_checkpoint", "load_ensemble", "patchify", "read_volume", "save_checkpoint",
+    "sliding_window_inference", "train", "unpatchify", "write_volume",
 ]
 
 _moved.install(__name__)
@@ -75,7 +79,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and editors see
-    from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint import Checkpoint, Ensemble, load_checkpoint, load_ensemble, save_checkpoint
     from .errors import UserError
     from .inference.predictor import Prediction, Predictor
     from .inference.sliding_window import patchify, sliding_window_inference, unpatchify
@@ -84,6 +88,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .models import ResidualUNet3D, ResNet18UNet3D, UNet3D, VNet, build_model
     from .preprocess import Preprocessing
     from .training.config import TrainingConfig
+    from .training.cross_validation import cross_validate
     from .training.patches import get_dataloader
     from .training.trainer import train
     from .volume import Volume

@@ -5,7 +5,7 @@ A checkpoint is a plain dictionary of tensors, numbers, strings and lists, so th
 nothing in it runs. Writes go to a temporary file that is renamed into place, so a crash never
 leaves a broken checkpoint.
 
-Record::
+One network::
 
     format_version     int: 1, or 2 when the preprocessing resizes to a fixed grid or scales a window
     architecture       a name of models.ARCHITECTURES ('unet3d', 'resunet3d', 'resnet18unet', 'vnet')
@@ -16,15 +16,30 @@ Record::
     inference          {patch_size: [z, y, x], overlap}
     training           free-form record of how it was made (data, epochs, metrics)
 
+An ensemble (format version 2) holds several
+networks that segment the same labels from the same preprocessed image, e.g. the folds of a
+cross-validation; inference averages their softmax probabilities::
+
+    format_version     2
+    labels             shared, as above
+    preprocessing      shared, as above
+    inference          {overlap}, shared
+    members            [{architecture, architecture_args, state_dict, inference: {patch_size}, training}]
+    training           how the ensemble was made (e.g. the cross-validation's scores)
+
+Members must agree on labels (values and names, in order), input channels and preprocessing
+(spacing, normalisation and its numbers); each has its own architecture, weights and patch size.
+
 A checkpoint is written in the oldest format that holds it, so that older versions of this tool keep
 reading what they can, and refuse (rather than silently mis-read) what they cannot: a format-1
-reader would ignore a resize and predict on the wrong grid.
+reader would ignore a resize and predict on the wrong grid, and cannot average an ensemble.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +53,9 @@ from .models import architecture_name, build_model, count_parameters
 from .preprocess import Preprocessing
 from .volume import float3, int3
 
+ENSEMBLE_FORMAT = 2
 FORMAT_VERSION = 2
+"""The newest checkpoint format this version reads."""
 _REQUIRED = ("format_version", "architecture", "architecture_args", "state_dict", "labels",
              "preprocessing", "inference")
 
@@ -101,30 +118,143 @@ class Checkpoint:
 
     def describe(self) -> str:
         """The record in words, as ``unet3d-segmenter info`` prints it."""
+        return _lines(self._description())
+
+    def _description(self) -> list[tuple[str | None, str]]:
+        """(heading, text) pairs of :meth:`describe`; a None heading is a line of its own."""
         model = build_model(self.architecture, self.architecture_args)
         args = self.architecture_args
-        lines = [
-            f"architecture:   {self.architecture} (depth {args.get('depth')}, base width {args.get('base_width')}, "
-            f"{args.get('norm')} norm, dropout {args.get('dropout')})",
-            f"parameters:     {count_parameters(model):,}",
-            f"input channels: {self.in_channels}",
-            "labels:         " + ", ".join(
-                f"{label.value} {label.name} (rgb {_hex(label.color)})" for label in self.labels),
-            f"grid:           {_grid(self.preprocessing)}",
-            f"normalisation:  {self.preprocessing.describe()}",
-            f"patch size:     {' x '.join(map(str, self.patch_size))} voxels (z, y, x), overlap {self.overlap:g}",
+        items: list[tuple[str | None, str]] = [
+            ("architecture", f"{self.architecture} (depth {args.get('depth')}, base width {args.get('base_width')}, "
+                             f"{args.get('norm')} norm, dropout {args.get('dropout')})"),
+            ("parameters", f"{count_parameters(model):,}"),
+            ("input channels", f"{self.in_channels}"),
+            ("labels", ", ".join(f"{label.value} {label.name} (rgb {_hex(label.color)})" for label in self.labels)),
+            ("grid", _grid(self.preprocessing)),
+            ("normalisation", self.preprocessing.describe()),
+            ("patch size", f"{' x '.join(map(str, self.patch_size))} voxels (z, y, x), overlap {self.overlap:g}"),
         ]
-        training = self.training
-        if training:
-            summary = ", ".join(f"{key} {_short(value)}" for key, value in training.items()
-                                if not isinstance(value, (dict, list)))
-            lines.append(f"training:       {summary or 'recorded'}")
-            for key, value in training.items():
-                if isinstance(value, dict) and value and all(not isinstance(v, (dict, list)) for v in value.values()):
-                    lines.append(f"  {key}: " + ", ".join(f"{k} {_short(v)}" for k, v in value.items()))
-        else:
-            lines.append("training:       not recorded")
+        return items + _training_items(self.training)
+
+
+def _training_items(training: dict) -> list[tuple[str | None, str]]:
+    if not training:
+        return [("training", "not recorded")]
+    summary = ", ".join(f"{key} {_short(value)}" for key, value in training.items()
+                        if not isinstance(value, (dict, list)))
+    items: list[tuple[str | None, str]] = [("training", summary or "recorded")]
+    for key, value in training.items():
+        if isinstance(value, dict) and value and all(not isinstance(v, (dict, list)) for v in value.values()):
+            items.append((None, f"  {key}: " + ", ".join(f"{k} {_short(v)}" for k, v in value.items())))
+    return items
+
+
+def _lines(items: list[tuple[str | None, str]], indent: str = "") -> str:
+    return "\n".join(indent + (text if heading is None else f"{heading + ':':<16}{text}") for heading, text in items)
+
+
+@dataclass
+class Ensemble:
+    """Several networks that segment the same labels from the same preprocessed image; inference
+    averages their softmax probabilities.
+
+    It answers the questions a single :class:`Checkpoint` does (``labels``, ``preprocessing``,
+    ``in_channels``, ``overlap``), so code that only reads those takes either. ``training`` records
+    how the ensemble was made; each member keeps its own record.
+
+    Example::
+
+        >>> ensemble = Ensemble([load_checkpoint(f"cv/fold_{fold}/best.pt") for fold in range(5)])
+        >>> save_checkpoint(ensemble, "model.pt")
+    """
+
+    members: list[Checkpoint]
+    training: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_members(self.members, [f"member {index}" for index in range(1, len(self.members) + 1)])
+
+    @property
+    def labels(self) -> list[Label]:
+        return self.members[0].labels
+
+    @property
+    def foreground_labels(self) -> list[Label]:
+        return self.members[0].foreground_labels
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.members[0].preprocessing
+
+    @property
+    def in_channels(self) -> int:
+        return self.members[0].in_channels
+
+    @property
+    def overlap(self) -> float:
+        return self.members[0].overlap
+
+    def to_dict(self) -> dict:
+        shared = self.members[0].to_dict()
+        members = []
+        for member in self.members:
+            record = member.to_dict()
+            members.append({"architecture": record["architecture"], "architecture_args": record["architecture_args"],
+                            "state_dict": record["state_dict"],
+                            "inference": {"patch_size": record["inference"]["patch_size"]},
+                            "training": record["training"]})
+        return {"format_version": ENSEMBLE_FORMAT, "labels": shared["labels"],
+                "preprocessing": shared["preprocessing"], "inference": {"overlap": shared["inference"]["overlap"]},
+                "members": members, "training": self.training}
+
+    def describe(self) -> str:
+        """The ensemble in words: what every member shares once, then what each member has of its own."""
+        descriptions = [member._description() for member in self.members]
+        shared = [item for item in descriptions[0]
+                  if item[0] not in ("training", None) and all(item in other for other in descriptions[1:])]
+        lines = [_lines([("ensemble", f"{len(self.members)} networks; predictions average their softmax "
+                                      "probabilities (the lines below hold for every network)")] + shared)]
+        if self.training:
+            made = _training_items(self.training)
+            lines.append(_lines([("made by", made[0][1])] + made[1:]))
+        for index, description in enumerate(descriptions, start=1):
+            lines.append(f"member {index} of {len(self.members)}:")
+            lines.append(_lines([item for item in description if item not in shared], indent="  "))
         return "\n".join(lines)
+
+
+def check_members(members: Sequence[Checkpoint], names: Sequence[str]) -> None:
+    """Refuse networks that cannot be averaged: they must share labels, input channels and preprocessing."""
+    if not members:
+        raise UserError("an ensemble needs at least one checkpoint")
+    first = members[0]
+    for member, name in zip(members[1:], names[1:]):
+        problem = None
+        if [(label.value, label.name) for label in member.labels] != \
+                [(label.value, label.name) for label in first.labels]:
+            problem = (f"its labels ({_label_list(member)}) differ from those of {names[0]} ({_label_list(first)}): "
+                       "every member must segment the same labels")
+        elif member.in_channels != first.in_channels:
+            problem = (f"it takes {member.in_channels} input channel(s) and {names[0]} {first.in_channels}")
+        elif member.preprocessing != first.preprocessing:
+            problem = (f"its preprocessing ({_preprocessing_words(member)}) differs from that of {names[0]} "
+                       f"({_preprocessing_words(first)}): train the members with the same --spacing and "
+                       "normalisation (the folds of one 'train --folds K' run always share them)")
+        if problem:
+            raise UserError(f"{name} cannot join an ensemble with {names[0]}: {problem}")
+
+
+def _label_list(checkpoint: Checkpoint) -> str:
+    return ", ".join(f"{label.value} {label.name}" for label in checkpoint.foreground_labels)
+
+
+def _preprocessing_words(checkpoint: Checkpoint) -> str:
+    return f"{_grid(checkpoint.preprocessing)}, {checkpoint.preprocessing.describe()}"
+
+
+def members_of(model: Checkpoint | Ensemble) -> list[Checkpoint]:
+    """The networks of ``model``: itself for one network, the members of an ensemble."""
+    return list(model.members) if isinstance(model, Ensemble) else [model]
 
 
 def _hex(color) -> str:
@@ -143,7 +273,7 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
+def save_checkpoint(checkpoint: Checkpoint | Ensemble, path: str | os.PathLike) -> Path:
     """Write ``checkpoint`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,9 +282,80 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint safely; every problem is a :class:`UserError` that names the file."""
-    path = Path(path)
+CheckpointSource = str | os.PathLike | Sequence[str | os.PathLike]
+"""A checkpoint file, a folder of checkpoints, or several of either."""
+
+
+def load_checkpoint(source: CheckpointSource) -> Checkpoint | Ensemble:
+    """Read a checkpoint safely; every problem is a :class:`UserError` that names the file.
+
+    ``source`` is a ``.pt`` file (one network, or an ensemble file), a folder (see
+    :func:`checkpoint_files`) or a list of either. One network gives a :class:`Checkpoint`; several
+    give an :class:`Ensemble` of all their networks (an ensemble file counts as its members).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_dir():
+            return _load_file(path)
+        files = checkpoint_files(path)
+    else:
+        files = [Path(item) for item in source]
+    if not files:
+        raise UserError("no checkpoint given: give a .pt file or a folder of them")
+    models = [load_checkpoint(file) for file in files]
+    if len(models) == 1:
+        return models[0]
+    members, names = [], []
+    for model, file in zip(models, files):
+        networks = members_of(model)
+        members += networks
+        names += [str(file)] if len(networks) == 1 else [f"{file} (member {index})" for index in
+                                                          range(1, len(networks) + 1)]
+    check_members(members, names)
+    return Ensemble(members, {"from": ", ".join(str(file) for file in files)})
+
+
+def load_ensemble(source: CheckpointSource) -> Ensemble:
+    """:func:`load_checkpoint`, always as an :class:`Ensemble` (one network is an ensemble of one)."""
+    model = load_checkpoint(source)
+    return model if isinstance(model, Ensemble) else Ensemble([model])
+
+
+def load_single_checkpoint(path: str | os.PathLike, purpose: str) -> Checkpoint:
+    """One network's checkpoint; an ensemble is refused with a message that says what ``purpose`` needs."""
+    model = load_checkpoint(path)
+    if isinstance(model, Ensemble):
+        raise UserError(f"{path} is an ensemble of {len(model.members)} networks, but {purpose} takes one network: "
+                        "give one of its checkpoints (e.g. a fold's best.pt)")
+    return model
+
+
+def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
+    """The checkpoints a folder stands for, as one model.
+
+    A cross-validation output (``fold_0/best.pt``, ``fold_1/best.pt``, ...) stands for its folds'
+    best checkpoints; a training output (``best.pt`` beside ``last.pt``) for its ``best.pt``; any
+    other folder for every ``.pt`` file in it, in name order.
+    """
+    folder = Path(folder)
+    folds = sorted((path for path in folder.glob("fold_*") if path.is_dir() and path.name[5:].isdigit()),
+                   key=lambda path: int(path.name[5:]))
+    if folds:
+        unfinished = [path.name for path in folds if not (path / "best.pt").is_file()]
+        if unfinished:
+            raise UserError(f"{folder / unfinished[0]} holds no best.pt yet: finish the cross-validation "
+                            "(train ... --resume) or give the fold checkpoints you want")
+        return [path / "best.pt" for path in folds]
+    if (folder / "best.pt").is_file():
+        return [folder / "best.pt"]
+    files = sorted(path for path in folder.glob("*.pt") if path.is_file())
+    if not files:
+        raise UserError(f"{folder} holds no checkpoints (.pt files, or fold_*/best.pt of a cross-validation): "
+                        "check the path")
+    return files
+
+
+def _load_file(path: Path) -> Checkpoint | Ensemble:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}: check the path")
     try:
@@ -165,19 +366,42 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except Exception as error:  # torch raises many kinds for a damaged or foreign file
         raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint or damaged "
                         f"({type(error).__name__})") from None
+    if isinstance(record, dict) and "members" in record:
+        return _ensemble_from_record(record, path)
     return _from_record(record, path)
 
 
-def _from_record(record, path: Path) -> Checkpoint:
-    if not isinstance(record, dict) or "format_version" not in record:
-        raise UserError(f"{path} is a PyTorch file but not a unet3d-segmenter checkpoint (no format_version)")
-    version = record["format_version"]
+def _ensemble_from_record(record: dict, path: Path) -> Ensemble:
+    _check_version(record, path)
+    missing = [key for key in ("labels", "preprocessing", "inference", "members") if key not in record]
+    if missing:
+        raise UserError(f"{path} is missing ensemble fields: {', '.join(missing)}")
+    members = record["members"]
+    if not isinstance(members, list) or not members or not all(isinstance(member, dict) for member in members):
+        raise UserError(f"{path} is an inconsistent ensemble: its members must be a non-empty list of networks")
+    shared = {key: record[key] for key in ("labels", "preprocessing")}
+    networks = []
+    for index, member in enumerate(members, start=1):
+        inference = {**dict(member.get("inference") or {}), "overlap": dict(record["inference"]).get("overlap", 0.5)}
+        network = {**member, **shared, "inference": inference, "format_version": ENSEMBLE_FORMAT}
+        networks.append(_from_record(network, path, f" (member {index})"))
+    return Ensemble(networks, dict(record.get("training") or {}))
+
+
+def _check_version(record: dict, path: Path) -> None:
+    version = record["format_version"] if "format_version" in record else None
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {version}, newer than this version reads "
                         f"({FORMAT_VERSION}): upgrade UNet3DSegmenter")
+
+
+def _from_record(record, path: Path, part: str = "") -> Checkpoint:
+    if not isinstance(record, dict) or "format_version" not in record:
+        raise UserError(f"{path} is a PyTorch file but not a unet3d-segmenter checkpoint (no format_version)")
+    _check_version(record, path)
     missing = [key for key in _REQUIRED if key not in record]
     if missing:
-        raise UserError(f"{path} is missing checkpoint fields: {', '.join(missing)}")
+        raise UserError(f"{path}{part} is missing checkpoint fields: {', '.join(missing)}")
     try:
         labels = [Label(int(item["value"]), str(item["name"]), float3(item["color"]))
                   for item in record["labels"]]
@@ -194,5 +418,5 @@ def _from_record(record, path: Path) -> Checkpoint:
         checkpoint.build_model()  # the weights must fit the architecture
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0][:160]
-        raise UserError(f"{path} is an inconsistent checkpoint ({type(error).__name__}: {reason})") from None
+        raise UserError(f"{path}{part} is an inconsistent checkpoint ({type(error).__name__}: {reason})") from None
     return checkpoint

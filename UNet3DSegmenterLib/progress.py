@@ -64,6 +64,40 @@ class DoneEvent(TypedDict):
     stopped: str
 
 
+class TestEvent(TypedDict):
+    """best.pt (or a cross-validation's ensemble) scored on the held-out test cases: the loss, and per
+    class name Dice, IoU and HD95 in mm (None where a class is missing on one side), all case means."""
+
+    event: Literal["test"]
+    checkpoint: str
+    report: str
+    cases: int
+    loss: float
+    dice: dict[str, float]
+    iou: dict[str, float]
+    hd95: dict[str, float | None]
+    mean_dice: float
+
+
+class FoldEvent(TypedDict):
+    """Cross-validation starts (or resumes) training fold ``fold`` (0-based) of ``folds``."""
+
+    event: Literal["fold"]
+    fold: int
+    folds: int
+
+
+class CrossValidationEvent(TypedDict):
+    """Every fold is trained: the mean over folds of each fold's validation Dice per class name."""
+
+    event: Literal["cross_validation"]
+    report: str
+    ensemble: str
+    folds: int
+    dice: dict[str, float]
+    mean_dice: float
+
+
 class WindowsEvent(TypedDict):
     """Sliding-window progress of one case of ``predict``."""
 
@@ -81,7 +115,7 @@ class WrittenEvent(TypedDict):
     output: str
 
 
-TrainingEvent = PreparingEvent | IterationEvent | EpochEvent | DoneEvent
+TrainingEvent = PreparingEvent | IterationEvent | EpochEvent | DoneEvent | TestEvent | FoldEvent | CrossValidationEvent
 PredictEvent = WindowsEvent | WrittenEvent
 
 

@@ -39,6 +39,21 @@ def shared_dataset() -> Callable[[str], Path]:
     return locate
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One PyTorch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
+
+    The tests share a small machine, and idle OpenMP threads spinning on a busy core slow tiny
+    convolutions down a hundredfold.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     slicer_folder = Path(__file__).resolve().parent / "slicer"
     for item in items:

@@ -1,4 +1,5 @@
-"""The command line: ``unet3d-segmenter {predict, train, evaluate, overlay, convert, dicom-sort, demo, info}``.
+"""The command line: ``unet3d-segmenter {predict, train, evaluate, overlay, convert, dicom-sort, ensemble, demo,
+info}``.
 
 Each command is a module of this package (``dicom-sort`` is ``dicom_sort``) with ``add_arguments(parser)`` and ``run(args)``; a
 command's module (and so torch) is imported only when that command runs, so ``--help`` is quick.
@@ -27,6 +28,7 @@ COMMANDS = {
     "dicom-sort": "sort mixed DICOM files into one folder per patient, study and series",
     "demo": "train and segment on generated phantoms, end to end",
     "info": "describe a checkpoint in words",
+    "ensemble": "join checkpoints (e.g. the folds of a cross-validation) into one ensemble file",
 }
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="model checkpoint (.pt)")
+    parser.add_argument("checkpoint", type=Path, nargs="+",
+                        help="model checkpoint (.pt); an ensemble file, a folder of fold checkpoints or several "
+                             "checkpoints are described as one ensemble")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,9 @@ from ..progress import ProgressBar, emit_json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``predict`` subcommand's options."""
-    parser.add_argument("--checkpoint", "-c", required=True, type=Path, help="model checkpoint (.pt)")
+    parser.add_argument("--checkpoint", "-c", required=True, type=Path, nargs="+", metavar="CHECKPOINT",
+                        help="model checkpoint (.pt); several, or a folder of fold checkpoints, make an ensemble "
+                             "that averages their probabilities")
     parser.add_argument("--input", "-i", required=True, type=Path,
                         help="a volume file (.nii.gz, .nrrd, .mha, .npy), a DICOM series folder, or a folder of "
                              "volumes (files or DICOM series folders)")

@@ -24,6 +24,10 @@ Everything not given is chosen from the training cases (spacing, patch size, nor
 examples:
   unet3d-segmenter train --data Task04_Hippocampus --output runs/hippocampus
   unet3d-segmenter train --data cases/ --output runs/fold0 --folds 5 --fold 0 --labels 1=liver 2=tumour
+  unet3d-segmenter train --data cases/ --output runs/cv --folds 5 --split 0.8 0 0.2   (every fold, a test set,
+                                                                                       then ensemble.pt)
+  unet3d-segmenter train --data cases/ --output runs/a --split 0.8 0.1 0.1 --group-by '^(Case_[0-9]+)'
+  unet3d-segmenter train --data msd_hippocampus --output runs/b --split-file Resources/Models/hippocampus_split.json
   unet3d-segmenter train --data cases/ --output runs/fold0 --resume          (continue a stopped run)
   unet3d-segmenter train --config runs/hippocampus/run.json --epochs 200     (a saved run, changed)
   torchrun --nproc_per_node=4 -m UNet3DSegmenterLib train --data cases/ --output runs/ddp   (4 GPUs)
@@ -43,18 +47,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..training.config import config_from_arguments
+    from ..training.cross_validation import CrossValidationResult, cross_validate
     from ..training.trainer import train
 
     config = config_from_arguments(args)
     reporter = _JsonReporter() if args.progress_json else _TerminalReporter()
     stop = _StopOnSignal()
     with stop:
-        result = train(config, progress=reporter, cancel=stop)
+        result = (cross_validate if config.cross_validation else train)(config, progress=reporter, cancel=stop)
     reporter.close()
     if result.stopped == "cancelled":
-        print(f"stopped; {result.last_checkpoint} holds the weights so far: continue with --resume", file=sys.stderr)
+        kept = (f"{result.output} holds the folds so far" if isinstance(result, CrossValidationResult)
+                else f"{result.last_checkpoint} holds the weights so far")
+        print(f"stopped; {kept}: continue with --resume", file=sys.stderr)
         return EXIT_CANCELLED
-    if not args.progress_json:
+    if args.progress_json:
+        return 0
+    if isinstance(result, CrossValidationResult):
+        print(_cross_validation_table(result.report), file=sys.stderr)
+        print(f"ensemble of the {config.folds} folds: {result.ensemble}; everything is in {result.output}",
+              file=sys.stderr)
+    else:
         dice = "no validation cases" if result.best_dice != result.best_dice else f"mean Dice {result.best_dice:.4f}"
         print(f"best checkpoint: {result.best_checkpoint} ({dice}, epoch {result.best_epoch}); "
               f"everything is in {result.output}", file=sys.stderr)
@@ -123,6 +136,12 @@ class _TerminalReporter:
         if kind == "epoch":
             self.close()
             print(_epoch_line(event), file=sys.stderr)
+        elif kind == "fold":
+            self.close()
+            print(f"fold {event['fold']} of {event['folds']} (0..{event['folds'] - 1})", file=sys.stderr)
+        elif kind == "test":
+            self.close()
+            print(_test_table(event), file=sys.stderr)
 
     def _bar(self, label: str, unit: str) -> ProgressBar:
         if self.bar is None or self.bar.label != label:
@@ -143,3 +162,37 @@ def _epoch_line(event: Mapping[str, Any]) -> str:
         line += f", Dice {scores} (mean {event['mean_dice']:.3f})"
     minutes, seconds = divmod(int(event["eta"]), 60)
     return line + f", lr {event['lr']:.2e}, {event['seconds']:.0f} s, eta {minutes}m{seconds:02d}s"
+
+
+def _test_table(event: Mapping[str, Any]) -> str:
+    """The test report's means: loss, then Dice, IoU and HD95 per class."""
+    lines = [f"test set: {event['cases']} cases scored with {event['checkpoint']}: loss {event['loss']:.4f}",
+             f"  {'class':<16}  {'Dice':>6}  {'IoU':>6}  {'HD95 mm':>8}"]
+    for name, dice in event["dice"].items():
+        lines.append(f"  {name:<16}  {dice:6.4f}  {event['iou'][name]:6.4f}  {_millimetres(event['hd95'][name]):>8}")
+    lines.append(f"  {'mean':<16}  {event['mean_dice']:6.4f}")
+    return "\n".join(lines + [f"written to {event['report']}"])
+
+
+def _cross_validation_table(report: Mapping[str, Any]) -> str:
+    """Validation Dice per fold and class, then the mean and standard deviation over the folds."""
+    names = report["labels"]
+    widths = {value: max(6, len(name)) for value, name in names.items()}
+
+    def row(title: str, scores: Mapping[str, Any]) -> str:
+        return f"  {title:<18}" + "".join(f"  {scores[value]['dice']:>{widths[value]}.4f}" for value in names)
+
+    lines = [f"{'validation Dice':<20}" + "".join(f"  {name:>{widths[value]}}" for value, name in names.items())]
+    lines += [row(f"fold {entry['fold']}", entry["mean"]) for entry in report["per_fold"]]
+    lines += [row("mean over folds", report["mean"]), row("std over folds", report["std"])]
+    test = report.get("test")
+    if test:
+        lines.append(f"test Dice ({len(test['cases'])} cases)")
+        lines.append(row("ensemble", test["ensemble"]["mean"]))
+        if test["mean_of_folds"]:
+            lines.append(row("mean of the folds", test["mean_of_folds"]))
+    return "\n".join(lines)
+
+
+def _millimetres(value: float | None) -> str:
+    return "inf" if value is None or value == float("inf") else f"{value:.2f}"

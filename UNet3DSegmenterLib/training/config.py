@@ -33,6 +33,7 @@ from typing import Any
 
 from ..choices import ARCHITECTURES, DEVICES, LOSSES, NORMALIZATIONS, NORMS, OPTIMIZERS, PRECISIONS, SCHEDULES
 from ..errors import UserError
+from .splits import compile_group_by
 
 CONFIG_FORMAT = 1
 
@@ -80,8 +81,8 @@ class TrainingConfig:
     """
 
     data: Path = _required(_DATA_HELP, "-d")
-    output: Path = _required("folder for best.pt, last.pt, run.json, log.csv, curves.png, split.json and "
-                             "validation_report.json", "-o")
+    output: Path = _required("folder for best.pt, last.pt, run.json, log.csv, curves.png, split.json, "
+                             "validation_report.json and test_report.json", "-o")
     input_spacing: tuple[float, float, float] | None = option(
         None, "voxel spacing in mm of .npy cases (default 1 1 1; other formats record their own)", group="data",
         metavar=("X", "Y", "Z"))
@@ -149,8 +150,20 @@ class TrainingConfig:
                                         group="optimisation")
     # validation and stopping
     val_fraction: float = option(0.2, "share of cases held out for validation (0: none)", group="validation")
-    folds: int | None = option(None, "k-fold cross-validation: number of folds", group="validation", metavar="K")
-    fold: int | None = option(None, "which fold validates (0..K-1)", group="validation", metavar="I")
+    split: tuple[float, float, float] | None = option(
+        None, "training, validation and test shares of the cases, e.g. 0.8 0.1 0.1, instead of --val-fraction; "
+        "best.pt is scored on the test cases at the end (test_report.json). With --folds: TRAIN 0 TEST",
+        group="validation", metavar=("TRAIN", "VAL", "TEST"))
+    split_file: Path | None = option(None, "use the split in this split.json (e.g. a run's own, or "
+                                     "Resources/Models/hippocampus_split.json) instead of drawing one",
+                                     group="validation", metavar="SPLIT_JSON")
+    group_by: str | None = option(None, "cases whose names share this regular expression's first group are one "
+                                  "subject, never split between sets or folds, e.g. '^(Case_[0-9]+)'",
+                                  group="validation", metavar="REGEX")
+    folds: int | None = option(None, "k-fold cross-validation: number of folds; without --fold every fold is "
+                               "trained in turn (fold_0/, fold_1/, ...), then cv_report.json and ensemble.pt",
+                               group="validation", metavar="K")
+    fold: int | None = option(None, "train only this fold (0..K-1)", group="validation", metavar="I")
     val_every: int = option(1, "epochs between validations", group="validation")
     overlap: float = option(0.5, "sliding-window overlap for validation and the checkpoint's inference default",
                             group="validation")
@@ -183,7 +196,10 @@ class TrainingConfig:
             (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
             (self.input_spacing is None or min(self.input_spacing) > 0,
              f"input spacing must be positive, got {self.input_spacing}"),
-            ((self.folds is None) == (self.fold is None), "k-fold needs both folds (--folds K) and fold (--fold I)"),
+            (self.fold is None or self.folds is not None, "--fold I needs --folds K"),
+            (self.folds is None or self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
+            (self.fold is None or self.folds is None or 0 <= self.fold < self.folds,
+             f"--fold must be in 0..{(self.folds or 0) - 1}, got {self.fold}"),
             (self.depth is None or self.depth >= 2, f"depth must be at least 2, got {self.depth}"),
             (self.base_width is None or self.base_width >= 1, f"base width must be at least 1, got {self.base_width}"),
             (self.resize is None or min(self.resize) >= 1, f"resize needs three sizes of at least 1 voxel, got "
@@ -203,6 +219,43 @@ class TrainingConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self._check_split_options()
+
+    def _check_split_options(self) -> None:
+        """--split, --split-file, --folds and --val-fraction each choose the sets: refuse combinations in
+        which one would silently win over another."""
+        default_fraction = next(item.default for item in dataclasses.fields(self) if item.name == "val_fraction")
+        chosen_by = "--split" if self.split is not None else "--split-file" if self.split_file is not None else None
+        if chosen_by and self.val_fraction != default_fraction:
+            raise UserError(f"give {chosen_by} or --val-fraction, not both")
+        if self.split_file is not None and (self.split is not None or self.folds is not None):
+            raise UserError("--split-file fixes the sets: leave out " + ("--split" if self.split is not None else
+                                                                        "--folds and --fold"))
+        if self.group_by is not None:
+            compile_group_by(self.group_by)
+        if self.split is not None:
+            shares = self.split
+            if min(shares) < 0 or shares[0] <= 0 or abs(sum(shares) - 1) > 1e-6:
+                raise UserError(f"--split {' '.join(f'{share:g}' for share in shares)}: give three shares that add "
+                                "up to 1, training above 0, e.g. 0.8 0.1 0.1")
+            if self.folds is not None and shares[1] != 0:
+                raise UserError("with --folds the folds choose the validation cases: write the split as "
+                                f"--split TRAIN 0 TEST, e.g. --split {1 - shares[2]:g} 0 {shares[2]:g}")
+
+    @property
+    def test_fraction(self) -> float:
+        """The share of cases held out as a test set (0 without --split)."""
+        return self.split[2] if self.split is not None else 0.0
+
+    @property
+    def validation_fraction(self) -> float:
+        """The share of cases that validate: --split's second share, else --val-fraction."""
+        return self.split[1] if self.split is not None else self.val_fraction
+
+    @property
+    def cross_validation(self) -> bool:
+        """True when every fold is to be trained in turn (--folds without --fold)."""
+        return self.folds is not None and self.fold is None
 
     def to_json(self) -> dict:
         """The configuration as plain JSON data, paths absolute, ready for ``run.json``."""

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from ..checkpoint import Checkpoint, load_checkpoint
+from ..checkpoint import Checkpoint, load_single_checkpoint
 from ..datalist import Case, Datalist, load_case
 from ..errors import UserError
 from ..io import read_volume
@@ -92,12 +92,12 @@ def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_fr
     """Decide the plan for ``config`` (a :class:`~UNet3DSegmenterLib.trainer.TrainingConfig`)."""
     lr, weight_decay = _optimiser_defaults(config)
     if resume_from is not None:
-        previous = load_checkpoint(resume_from)
+        previous = load_single_checkpoint(resume_from, "resuming")
         return TrainingPlan(previous.labels, previous.preprocessing, previous.patch_size, previous.architecture,
                             previous.architecture_args, lr, weight_decay, config.loss, config.class_weights,
                             median_spacing=_median_resized_spacing(train_cases, previous.preprocessing))
     labels = _labels(config, datalist)
-    init = load_checkpoint(config.init) if config.init else None
+    init = load_single_checkpoint(config.init, "fine-tuning (--init)") if config.init else None
     if init is not None:
         architecture, arguments = _init_architecture(config, init, len(labels))
     else:

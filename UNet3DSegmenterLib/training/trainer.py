@@ -35,7 +35,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_json
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..datalist import load_datalist
 from ..errors import UserError
@@ -46,9 +46,9 @@ from .config import TrainingConfig
 from .distributed import Distributed
 from .patches import EpochSampler, PatchDataset, make_loader, prepare_cases
 from .planning import plan_training
-from .splits import make_split, read_split, write_split
+from .splits import check_groups, check_split_cases, make_split, read_split, write_split
 from .step import TrainingLog, TrainingStep, learning_rate
-from .validation import validate, write_validation_report
+from .validation import case_report, test_event, validate, write_validation_report
 
 log = logging.getLogger("UNet3DSegmenterLib")
 
@@ -70,6 +70,7 @@ class TrainingResult:
     stopped: str
     history: list[dict] = field(default_factory=list)
     validation_report: Path | None = None
+    test_report: Path | None = None
 
 
 def train(config: TrainingConfig, progress: ProgressCallback | None = None,
@@ -78,8 +79,12 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
 
     ``progress`` receives event dictionaries (the JSON lines of ``train --progress-json``);
     ``cancel`` is polled after every iteration, and when it returns True the run stops with a
-    loadable ``last.pt`` that ``resume`` continues from.
+    loadable ``last.pt`` that ``resume`` continues from. With ``--folds K`` and no ``--fold``, use
+    :func:`~UNet3DSegmenterLib.training.cross_validation.cross_validate`, which trains every fold.
     """
+    if config.cross_validation:
+        raise UserError(f"{config.folds} folds and no fold to train: give one fold (--fold I), or train every fold "
+                        "with cross_validate(config) (the train command does)")
     distributed = Distributed.start(config.device)
     try:
         return _Run(config, distributed, progress or (lambda event: None), cancel).run()
@@ -96,7 +101,7 @@ class _Run:
         self.output = config.output
         self.paths = {name: self.output / name for name in
                       ("best.pt", "last.pt", "last.state.pt", "run.json", "log.csv", "curves.png",
-                       "split.json", "validation_report.json")}
+                       "split.json", "validation_report.json", "test_report.json")}
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -105,8 +110,12 @@ class _Run:
         datalist = load_datalist(config.data, config.input_spacing)
         self.split = self._split([case.name for case in datalist.cases])
         train_cases, validation_cases = datalist.subset(self.split.train), datalist.subset(self.split.validation)
+        self.test_files = datalist.subset(self.split.test)
+        # The folds of a cross-validation share one plan (made from all their cases), so that their
+        # checkpoints preprocess alike and can be averaged as an ensemble.
+        plan_cases = datalist.subset(sorted(self.split.train + self.split.validation)) if config.folds else train_cases
         state = self._load_state() if config.resume else None
-        self.plan = plan_training(config, datalist, train_cases, self.paths["last.pt"] if state else None)
+        self.plan = plan_training(config, datalist, plan_cases, self.paths["last.pt"] if state else None)
         self.log = TrainingLog([label.name for label in self.plan.labels[1:]])
         prepared = self._prepare(train_cases, config.crop_foreground, "training")
         self.validation_files = validation_cases
@@ -123,7 +132,7 @@ class _Run:
             self._restore(state)
         elif self.distributed.main:
             self.output.mkdir(parents=True, exist_ok=True)
-            for stale in ("best.pt", "validation_report.json"):
+            for stale in ("best.pt", "validation_report.json", "test_report.json"):
                 self.paths[stale].unlink(missing_ok=True)
             write_split(self.split, self.paths["split.json"])
             dataclasses.replace(config, resume=False).save(self.paths["run.json"])
@@ -141,12 +150,19 @@ class _Run:
         config = self.config
         if config.resume and self.paths["split.json"].is_file():
             split = read_split(self.paths["split.json"])
-            missing = sorted(set(split.train + split.validation) - set(names))
+            missing = sorted(set(split.train + split.validation + split.test) - set(names))
             if missing:
                 raise UserError(f"cannot resume: case {missing[0]} of {self.paths['split.json']} is no longer in "
                                 f"{config.data}")
             return split
-        return make_split(names, config.val_fraction, config.folds, config.fold, config.seed)
+        if config.split_file is not None:
+            split = read_split(config.split_file)
+            check_split_cases(split, names, str(config.split_file), str(config.data))
+            if config.group_by is not None:
+                check_groups(split, config.group_by, str(config.split_file))
+            return split
+        return make_split(names, config.validation_fraction, config.folds, config.fold, config.seed,
+                          config.test_fraction, config.group_by)
 
     def _prepare(self, cases, crop: bool, kind: Literal["training", "validation"]):
         if not cases:
@@ -249,6 +265,11 @@ class _Run:
         if self.distributed.main and self.validation_cases:
             write_validation_report(self.paths["best.pt"], self.validation_files, str(self.device),
                                     self.paths["validation_report.json"], self.config.resample_labels)
+        if self.distributed.main and self.test_files:
+            report = case_report(self.paths["best.pt"], self.test_files, str(self.device), self.config.resample_labels,
+                                 self.step_fn.loss)
+            write_json(report, self.paths["test_report.json"])
+            self._emit(**test_event(report, self.paths["best.pt"], self.paths["test_report.json"]))
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -261,7 +282,9 @@ class _Run:
         best_row = next((row for row in self.log.rows if row["epoch"] == self.best["epoch"] and "dice" in row), None)
         training = {
             "data": str(config.data), "training_cases": len(self.split.train),
-            "validation_cases": len(self.split.validation), "epochs": self.epoch,
+            "validation_cases": len(self.split.validation),
+            **({"test_cases": len(self.split.test)} if self.split.test else {}),
+            **({"folds": config.folds, "fold": config.fold} if config.folds else {}), "epochs": self.epoch,
             "iterations_per_epoch": config.iterations_per_epoch, "batch_size": config.batch_size,
             "world_size": self.distributed.world_size, "loss": config.loss, "optimizer": config.optimizer,
             "lr": plan.base_lr, "seed": config.seed, "augment": config.augment,
@@ -316,11 +339,11 @@ class _Run:
                      self.output, self.epoch)
 
     def _result(self, stopped: str) -> TrainingResult:
-        report = self.paths["validation_report.json"]
+        report, test_report = self.paths["validation_report.json"], self.paths["test_report.json"]
         best_dice = self.best["dice"] if self.best["dice"] > -math.inf else math.nan
         if self.distributed.main:
             self._emit(event="done", best_checkpoint=str(self.paths["best.pt"]),
                        last_checkpoint=str(self.paths["last.pt"]), best_dice=best_dice, stopped=stopped)
         return TrainingResult(self.output, self.paths["best.pt"], self.paths["last.pt"], best_dice,
                               self.best["epoch"], self.epoch, stopped, list(self.log.rows),
-                              report if report.is_file() else None)
+                              report if report.is_file() else None, test_report if test_report.is_file() else None)

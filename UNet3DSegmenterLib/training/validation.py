@@ -4,11 +4,14 @@ During training, whole validation cases go through the very sliding window (and 
 inference rewrite) that ``predict`` uses, on the prepared grid, so the Dice that picks ``best.pt``
 is the Dice inference will give. At the end, ``best.pt`` segments the original validation files
 through :class:`~UNet3DSegmenterLib.predictor.Predictor` and every case is scored on its own grid
-with Dice, IoU, HD95, ASD and voxel accuracy: that is ``validation_report.json``.
+with Dice, IoU, HD95, ASD and voxel accuracy: that is ``validation_report.json``; the test cases, scored the same
+way and with the training loss, make ``test_report.json``.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,9 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import CheckpointSource
 from ..inference.fast import input_layout, prepare_for_inference
 from ..inference.sliding_window import sliding_window_inference
 from ..metrics import dice, iou, voxel_accuracy
+from ..progress import TestEvent
 from ..runtime import resolve_precision
 from .patches import PreparedCase
 
@@ -61,21 +66,66 @@ def validate(module: nn.Module, cases: Sequence[PreparedCase], class_names: Sequ
 
 def write_validation_report(checkpoint_path: Path, cases, device: str, path: Path,
                             resample_labels: bool = False) -> Path:
-    """Segment each validation case's original image with the checkpoint and score it on its own grid:
-    ``{"checkpoint", "labels": {value: name}}`` and :func:`~UNet3DSegmenterLib.evaluation.summarize`'s report."""
+    """Segment each validation case's original image with the checkpoint and score it on its own grid."""
     from ..atomic import write_json
+
+    return write_json(case_report(checkpoint_path, cases, device, resample_labels), path)
+
+
+def case_report(checkpoint: CheckpointSource, cases, device: str, resample_labels: bool = False,
+                loss: nn.Module | None = None) -> dict:
+    """Segment each case's original image with ``checkpoint`` (a path, a folder or an ensemble) and score
+    it on its own grid: Dice, IoU, HD95 and ASD per case and class, the voxel accuracy per case, and
+    their means (:func:`~UNet3DSegmenterLib.evaluation.summarize`).
+
+    With ``loss`` (a training loss), also the loss of the predicted probabilities against the
+    reference, per case (``case_loss``) and on average (``loss``): the loss of what inference
+    outputs, an ensemble's averaged probabilities included.
+    """
     from ..datalist import load_case
     from ..evaluation import score_case, summarize
     from ..inference.predictor import Predictor
 
-    predictor = Predictor(checkpoint_path, device=device)
+    predictor = Predictor(checkpoint, device=device)
     labels = predictor.checkpoint.foreground_labels
+    values = [label.value for label in predictor.checkpoint.labels]
     names = {label.value: label.name for label in predictor.checkpoint.labels}
-    scores, accuracy = {}, {}
+    loss = copy.deepcopy(loss).cpu() if loss is not None else None
+    scores: dict[str, dict[int, dict[str, float]]] = {}
+    accuracy: dict[str, float] = {}
+    losses: dict[str, float] = {}
     for case in cases:
         image, reference = load_case(case, names, resample_labels)
-        prediction = predictor.predict(image).labelmap
-        scores[case.name], accuracy[case.name] = score_case(prediction, reference, [label.value for label in labels])
-    report = {"checkpoint": str(checkpoint_path), "labels": {label.value: label.name for label in labels},
-              **summarize(scores, accuracy)}
-    return write_json(report, path)
+        prediction = predictor.predict(image, probabilities=loss is not None)
+        scores[case.name], accuracy[case.name] = score_case(prediction.labelmap, reference,
+                                                            [label.value for label in labels])
+        if loss is not None and prediction.probabilities is not None:
+            losses[case.name] = _probability_loss(loss, prediction.probabilities.array, reference.array, values)
+    report: dict = {
+        "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else [str(path) for path in checkpoint],
+        "labels": {label.value: label.name for label in labels},
+        **summarize(scores, accuracy),
+    }
+    if losses:
+        report = {"loss": float(np.mean(list(losses.values()))), **report, "case_loss": losses}
+    return report
+
+
+def _probability_loss(loss: nn.Module, probabilities: np.ndarray, reference: np.ndarray, values: list[int]) -> float:
+    """``loss`` of class probabilities (c, z, y, x): their logarithms are logits whose softmax is exactly them."""
+    lookup = np.zeros(max(values) + 1, np.int64)
+    lookup[values] = np.arange(len(values))
+    target = torch.from_numpy(lookup[np.asarray(reference, np.int64)])
+    logits = torch.from_numpy(np.asarray(probabilities, np.float32)).clamp_min(1e-8).log()
+    with torch.no_grad():
+        return float(loss(logits[None], target[None]))
+
+
+def test_event(report: dict, checkpoint: Path, path: Path) -> TestEvent:
+    """The progress event that announces a test report (class names instead of label values)."""
+    names, mean = report["labels"], report["mean"]
+    return {"event": "test", "checkpoint": str(checkpoint), "report": str(path), "cases": len(report["cases"]),
+            "loss": report["loss"], "dice": {names[value]: scores["dice"] for value, scores in mean.items()},
+            "iou": {names[value]: scores["iou"] for value, scores in mean.items()},
+            "hd95": {names[value]: scores["hd95"] for value, scores in mean.items()},
+            "mean_dice": report["mean_foreground_dice"]}

@@ -46,7 +46,7 @@ def test_fast_path_agrees_with_plain_fp32_forward():
     volume = oblique_input()
     fast = Predictor(checkpoint(spacing=None), device="cpu", precision="fp32").predict(volume, probabilities=True)
     plain = Predictor(checkpoint(spacing=None), device="cpu", precision="fp32")
-    plain._prepared_model = lambda device, dtype: plain._model  # the network exactly as trained
+    plain._prepared_model = lambda device, dtype, member=0: plain._models[member]  # the network exactly as trained
     reference = plain.predict(volume, probabilities=True)
     np.testing.assert_allclose(fast.probabilities.array, reference.probabilities.array, atol=1e-4)
 
@@ -115,7 +115,7 @@ def test_gpu_out_of_memory_falls_back_to_cpu_accumulator_then_cpu(caplog, monkey
     predictor.device = torch.device("cuda")  # as on a GPU machine; the attempts below never touch CUDA
     attempts = []
 
-    def sliding_window(image, compute, accumulate, progress, cancel):
+    def sliding_window(image, member, compute, accumulate, progress, cancel):
         attempts.append((compute.type, accumulate.type))
         if len(attempts) < 3:
             raise torch.cuda.OutOfMemoryError("out of memory")
@@ -124,6 +124,6 @@ def test_gpu_out_of_memory_falls_back_to_cpu_accumulator_then_cpu(caplog, monkey
     predictor._sliding_window = sliding_window
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     with caplog.at_level("WARNING", logger="UNet3DSegmenterLib"):
-        predictor._infer(torch.zeros(1, 8, 8, 8), None, None)
+        predictor._infer(torch.zeros(1, 8, 8, 8), 0, None, None)
     assert attempts == [("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cpu")]
     assert "accumulator on the CPU" in caplog.text and "the CPU only" in caplog.text
