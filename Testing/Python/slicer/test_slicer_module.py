@@ -473,15 +473,27 @@ def _cmake_files(variable: str, sets: dict[str, list[str]]) -> set[str]:
     return files
 
 
-def test_cmake_declares_the_extension_metadata():
+def test_cmake_declares_the_extension_metadata_without_invented_addresses():
     sets = _cmake_sets()
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
-                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+    for key in ("EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_DEPENDS"):
         assert key in sets and sets[key] and sets[key][0].strip('"'), f"{key} is not set"
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        value = sets[key][0].strip('"')
+        assert value == "" or value.startswith("https://"), key  # empty until the release step gives real ones
     assert "PyTorch" in " ".join(sets["EXTENSION_DEPENDS"])
     text = CMAKE_FILE.read_text(encoding="utf-8")
     assert re.search(r"project\(\s*UNet3DSegmenter\s*\)", text)
     assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_EXTENSION_CPACK})" in text
+
+
+def test_cmake_refuses_a_slicer_older_than_the_one_the_module_asks_for():
+    from UNet3DSegmenterLib.slicer import install
+
+    sets = _cmake_sets()
+    assert sets["MINIMUM_SLICER_VERSION"] == [f'"{install.MINIMUM_SLICER}"']
+    assert re.search(r'VERSION_LESS\s+"\$\{MINIMUM_SLICER_VERSION\}"\)\s*message\(FATAL_ERROR', _cmake_text())
+    readme = (REPOSITORY / "README.md").read_text(encoding="utf-8")
+    assert f"Slicer {install.MINIMUM_SLICER} or newer" in readme
 
 
 def test_cmake_builds_the_scripted_module_with_its_tests():
@@ -502,10 +514,17 @@ def test_cmake_lists_every_python_file_and_resource_the_module_needs():
     assert needed <= scripts, f"not installed with the module: {sorted(needed - scripts)}"
     resources = _cmake_files("MODULE_PYTHON_RESOURCES", sets)
     assert {"Resources/Icons/UNet3DSegmenter.png", "Resources/UI/UNet3DSegmenter.ui"} <= resources
-    models = {str(path.relative_to(REPOSITORY)) for path in (REPOSITORY / "Resources" / "Models").glob("*.pt")}
-    assert models <= resources
+    models = {str(path.relative_to(REPOSITORY)) for path in (REPOSITORY / "Resources" / "Models").iterdir()}
+    assert models <= resources, f"model files not installed: {sorted(models - resources)}"
     for path in scripts | resources:
         assert (REPOSITORY / path).is_file(), f"CMakeLists.txt names {path}, which does not exist"
+
+
+def test_the_licence_file_is_the_one_pyproject_names():
+    pyproject = (REPOSITORY / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'license\s*=\s*\{\s*text\s*=\s*"Apache-2.0"\s*\}', pyproject)
+    licence = (REPOSITORY / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in licence and "Version 2.0, January 2004" in licence
 
 
 def test_the_slicer_side_stays_out_of_the_wheel():
