@@ -109,14 +109,41 @@ def test_module_file_imports_only_the_torch_free_slicer_side_at_load_time():
 
 
 def _loaded_at_module_load() -> list[Path]:
-    """The files Python runs when Slicer loads the module: the module file, the package's top and its Slicer side."""
+    """The files Python runs when Slicer loads the module: the module file and, through the imports at the top
+    of each file (not those inside functions, which run when the engine is used), the package's modules."""
     package = REPOSITORY / "UNet3DSegmenterLib"
-    return [MODULE_FILE, package / "__init__.py", package / "_moved.py", package / "choices.py",
-            *sorted((package / "slicer").glob("*.py"))]
+    files, todo = [], [MODULE_FILE]
+    while todo:
+        path = todo.pop()
+        if path in files:
+            continue
+        files.append(path)
+        folder = package if path == MODULE_FILE else path.parent
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.ImportFrom) or (node.module or "").startswith("__future__"):
+                continue
+            module = node.module or ""
+            if node.level == 0 and not module.startswith("UNet3DSegmenterLib"):
+                continue
+            base = package if node.level == 0 else folder.parents[node.level - 2] if node.level > 1 else folder
+            parts = module.split(".")[1:] if node.level == 0 else [part for part in module.split(".") if part]
+            target = base.joinpath(*parts)
+            todo += [target / "__init__.py"] if target.is_dir() else [target.with_suffix(".py")]
+            if target.is_dir():  # from package import module, module
+                todo += [target / f"{alias.name}.py" for alias in node.names if (target / f"{alias.name}.py").is_file()]
+            for parent in [target, *target.parents]:  # importing a module runs its packages' __init__ first
+                if parent == package.parent:
+                    break
+                if (parent / "__init__.py").is_file():
+                    todo.append(parent / "__init__.py")
+    return sorted(files)
 
 
 def test_what_loads_with_the_module_parses_as_python_3_9():
     """Slicer 5.8 runs Python 3.9: the module must load there far enough to tell the user to update."""
+    loaded = {str(path.relative_to(REPOSITORY)) for path in _loaded_at_module_load()}
+    assert {"UNet3DSegmenterLib/__init__.py", "UNet3DSegmenterLib/choices.py", "UNet3DSegmenterLib/slicer/panel.py",
+            "UNet3DSegmenterLib/slicer/install.py", "UNet3DSegmenterLib/slicer/process.py"} <= loaded, loaded
     for path in _loaded_at_module_load():
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=(3, 9))
         future = [alias.name for node in tree.body if isinstance(node, ast.ImportFrom) and node.module == "__future__"
