@@ -1,9 +1,13 @@
 """``unet3d-segmenter train``: train a model from labelled volumes.
 
 Everything not given is chosen from the data (spacing, patch size, normalisation), so
-``unet3d-segmenter train --data DATA --output RUN`` is a sensible first run. Ctrl-C (or SIGTERM,
-which is how the Slicer module cancels) stops after the current iteration and saves ``last.pt``;
-``--resume`` continues from there.
+``unet3d-segmenter train --data DATA --output RUN`` is a sensible first run.
+
+Stopping: a file named ``STOP`` in the output folder, Ctrl-C or SIGTERM ends the run after the
+current iteration; it writes ``last.pt``, ``log.csv`` and the curves, removes the ``STOP`` file,
+says that it stopped and exits 0, and ``--resume`` continues from there. The file works the same
+on every system and through launchers that do not pass signals on (Slicer's ``PythonSlicer``), so
+it is how the Slicer module stops a run.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import argparse
 import signal
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..progress import ProgressBar, emit_json
 
-EXIT_CANCELLED = 130
+STOP_FILE = "STOP"
+"""A file of this name in the output folder stops the run after the current iteration."""
 
 _EXAMPLES = """\
 Everything not given is chosen from the training cases (spacing, patch size, normalisation).
@@ -30,6 +36,7 @@ examples:
   unet3d-segmenter train --data msd_hippocampus --output runs/b --split-file Resources/Models/hippocampus_split.json
   unet3d-segmenter train --data cases/ --output runs/fold0 --resume          (continue a stopped run)
   unet3d-segmenter train --config runs/hippocampus/run.json --epochs 200     (a saved run, changed)
+  touch runs/hippocampus/STOP     (from anywhere: stop after this iteration, saving last.pt; or Ctrl-C)
   torchrun --nproc_per_node=4 -m UNet3DSegmenterLib train --data cases/ --output runs/ddp   (4 GPUs)
 """
 
@@ -52,15 +59,16 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_arguments(args)
     reporter = _JsonReporter() if args.progress_json else _TerminalReporter()
-    stop = _StopOnSignal()
+    stop = _StopRequest(config.output / STOP_FILE)
     with stop:
         result = (cross_validate if config.cross_validation else train)(config, progress=reporter, cancel=stop)
     reporter.close()
     if result.stopped == "cancelled":
+        stop.file.unlink(missing_ok=True)  # honoured: it must not stop the next run in this folder
         kept = (f"{result.output} holds the folds so far" if isinstance(result, CrossValidationResult)
                 else f"{result.last_checkpoint} holds the weights so far")
-        print(f"stopped; {kept}: continue with --resume", file=sys.stderr)
-        return EXIT_CANCELLED
+        print(f"stopped as asked; {kept}: continue with --resume", file=sys.stderr)
+        return 0
     if args.progress_json:
         return 0
     if isinstance(result, CrossValidationResult):
@@ -74,15 +82,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _StopOnSignal:
-    """The first Ctrl-C or SIGTERM asks training to stop after the current iteration; a second Ctrl-C
-    interrupts at once."""
+class _StopRequest:
+    """True once ``file`` exists or the first Ctrl-C or SIGTERM came: training then stops after the
+    current iteration. A second Ctrl-C interrupts at once."""
 
-    def __init__(self):
+    def __init__(self, file: Path):
+        self.file = file
         self.requested = False
-        self.previous = {}
+        self.previous: dict[int, Any] = {}
 
     def __call__(self) -> bool:
+        if not self.requested and self.file.exists():
+            self.requested = True
+            print(f"\n{self.file} found: stopping after this iteration", file=sys.stderr)
         return self.requested
 
     def _handle(self, number, frame) -> None:

@@ -196,6 +196,7 @@ class _Run:
                     self.partial["seconds"] = time.perf_counter() - epoch_started
                     if self.distributed.main:
                         self._save_last()
+                        self.log.write(self.paths["log.csv"], self.paths["curves.png"])
                     return self._result("cancelled")
             stopped = self._end_epoch(time.perf_counter() - epoch_started, started, steps_at_start)
             if stopped != "completed":

@@ -1,8 +1,39 @@
-"""Fixtures of the Slicer side's tests: a headless Slicer (slicer-core) with the module imported."""
+"""Fixtures of the Slicer side's tests: a headless Slicer (slicer-core) with the module imported.
+
+The tests mirror ``UNet3DSegmenterLib/slicer/``: test_slicer_<module>.py for each of its modules,
+test_slicer_module.py for the module file, its .ui and CMakeLists.txt, test_slicer_boundaries.py
+for what may import what. (The ``test_slicer_`` prefix keeps the names apart from the engine's tests.)
+"""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from pathlib import Path
+
 import pytest
+
+# slicer-core's ``slicer`` package takes every ``<entry>/slicer`` folder on sys.path for a part of itself
+# and imports each module in it (pkgutil.extend_path). Pytest puts Testing/Python on the path for the
+# root conftest, so this folder would be imported as slicer.test_slicer_... and its names copied into
+# ``slicer``. Import slicer-core once, now, with Testing/Python off the path, so that it never sees it.
+_TESTING = str(Path(__file__).resolve().parents[1])
+if "slicer" not in sys.modules:
+    _entries = [entry for entry in sys.path if entry and Path(entry).resolve() == Path(_TESTING)]
+    for _entry in _entries:
+        sys.path.remove(_entry)
+    try:
+        with contextlib.suppress(ImportError):  # no slicer-core: the tests skip, saying so
+            import slicer  # noqa: F401
+    finally:
+        sys.path[:0] = _entries
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_child(monkeypatch):
+    """Engine child processes use one thread: the tests share a small machine, and idle OpenMP threads
+    spinning on a busy core slow tiny networks down many times over."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="module")
@@ -45,5 +76,6 @@ def checkpoint_path(tmp_path_factory, slicer_harness):
     from UNet3DSegmenterLib import save_checkpoint
 
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(tiny_checkpoint(slicer_harness), path)
+    save_checkpoint(tiny_checkpoint(), path)
     return path
+

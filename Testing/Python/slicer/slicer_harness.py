@@ -8,20 +8,25 @@ logics, created and attached to the scene as the application does and reachable 
 Stood in for, because the wheel has no Qt and no application (and only as much as the module's
 Logic and Test classes touch):
 
-- ``slicer.app``: testing mode on, a temporary folder, no event loop;
+- ``slicer.app``: testing mode on, a temporary folder, the slicer-core version, no event loop;
 - ``qt`` and ``ctk``: empty modules; any use of them raises, since only the Widget may use Qt;
 - ``slicer.ScriptedLoadableModule``: the four base classes (the Widget base refuses to build);
-- ``slicer.parameterNodeWrapper``: typed properties over a ``vtkMRMLScriptedModuleNode``.
+- ``slicer.parameterNodeWrapper``: typed properties over a ``vtkMRMLScriptedModuleNode`` that check
+  every value as Slicer's wrapper does (types, ``Choice``, ``WithinRange``), see ``_parameterNodeWrapper``.
 
-:meth:`SlicerHarness.install` puts these in place, puts the module folder on the Python path as Slicer
-does, and imports ``UNet3DSegmenter``; :meth:`SlicerHarness.uninstall` restores ``sys.modules``,
-``sys.path`` and the ``slicer`` package exactly as they were, so that other tests in the same process
-see no trace of them.
+The stand-ins are strict: an attribute they do not define raises, and setting a parameter that the
+parameter node does not declare raises, so that a misspelt name fails a test instead of passing.
+
+:meth:`SlicerHarness.install` puts these in place, appends the module folder to the Python path as
+Slicer does (``qSlicerCorePythonManager::appendPythonPaths``), and imports ``UNet3DSegmenter``;
+:meth:`SlicerHarness.uninstall` restores ``sys.modules``, ``sys.path`` and the ``slicer`` package
+exactly as they were, so that other tests in the same process see no trace of them.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import logging
 import os
 import pathlib
@@ -86,8 +91,8 @@ class SlicerHarness:
         for name in _REPLACED_ATTRIBUTES:
             self._saved["attribute:" + name] = getattr(slicer, name, _MISSING)
         sys.modules.pop(MODULE_NAME, None)
-        if str(MODULE_FOLDER) not in sys.path:  # Slicer puts each module's folder on the Python path
-            sys.path.insert(0, str(MODULE_FOLDER))
+        if str(MODULE_FOLDER) not in sys.path:  # Slicer appends each module's folder to the Python path
+            sys.path.append(str(MODULE_FOLDER))
             self._addedPath = True
 
         scriptedLoadableModule = _scriptedLoadableModule()
@@ -147,13 +152,42 @@ class SlicerHarness:
         return getattr(self.module, MODULE_NAME)(parent), parent
 
 
+def scene_state(scene) -> list[tuple[str, str]]:
+    """(ID, name) of every node: equal before and after means the scene was left as it was."""
+    return [(scene.GetNthNode(index).GetID(), scene.GetNthNode(index).GetName())
+            for index in range(scene.GetNumberOfNodes())]
+
+
+# Segment colours chosen in the scene, unlike the phantom's own, to see them reach checkpoints and datasets.
+SEGMENT_COLORS = {"organ": (0.1, 0.2, 0.9), "lesion": (0.95, 0.85, 0.05), "vessel": (0.5, 0.0, 0.5)}
+
+
+def phantom_pair(logic, seed: int, classes: int = 2, names=None, direction=None):
+    """A phantom volume in the scene and a segmentation of its true labels (segments named by ``names``,
+    value -> name; coloured from SEGMENT_COLORS): (volume node, segmentation node, true labelmap)."""
+    from UNet3DSegmenterLib import Label
+    from UNet3DSegmenterLib.phantom import PHANTOM_LABELS, make_phantom
+    from UNet3DSegmenterLib.slicer import selftest
+
+    image, labels = make_phantom(shape=selftest.SHAPE, spacing=selftest.SPACING, seed=seed, classes=classes,
+                                 direction=selftest.DIRECTION if direction is None else direction)
+    volume = logic.addVolumeNode(image, f"phantom {seed}")
+    names = names or {value: PHANTOM_LABELS[value][0] for value in range(1, classes + 1)}
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"phantom {seed} labels")
+    logic.updateSegmentationFromLabelmap(segmentation, labels, [
+        Label(value, name, SEGMENT_COLORS.get(name, (1, 1, 1))) for value, name in names.items()], volume)
+    return volume, segmentation, labels
+
+
 _TINY_CHECKPOINTS: dict = {}
 
 
-def tiny_checkpoint(harness: SlicerHarness):
+def tiny_checkpoint():
     """The self-test's tiny trained model (organ, lesion), trained once per test session."""
     if "checkpoint" not in _TINY_CHECKPOINTS:
-        _TINY_CHECKPOINTS["checkpoint"] = harness.module.UNet3DSegmenterTest.trainTinyModel()
+        from UNet3DSegmenterLib.slicer import selftest
+
+        _TINY_CHECKPOINTS["checkpoint"] = selftest.trainTinyModel()
     return _TINY_CHECKPOINTS["checkpoint"]
 
 
@@ -169,12 +203,15 @@ def _absentModule(name: str) -> types.ModuleType:
 
 
 class _Application:
-    """``slicer.app`` without Qt: testing mode, a temporary folder, no event loop."""
+    """``slicer.app`` without Qt: testing mode, a temporary folder, the slicer-core version, no event loop."""
 
     applicationName = "Slicer (headless test harness)"
+    __slots__ = ("temporaryPath", "applicationVersion", "majorVersion", "minorVersion")
 
     def __init__(self, home: pathlib.Path) -> None:
         self.temporaryPath = str(home)
+        self.applicationVersion = importlib.metadata.version("slicer-core")
+        self.majorVersion, self.minorVersion = (int(part) for part in self.applicationVersion.split(".")[:2])
 
     @staticmethod
     def testingEnabled() -> bool:
@@ -250,54 +287,143 @@ def _scriptedLoadableModule() -> types.ModuleType:
 
 
 def _parameterNodeWrapper() -> types.ModuleType:
-    """``parameterNodeWrapper`` with the annotations the module uses: typed values kept in the node."""
+    """``slicer.parameterNodeWrapper`` as Slicer's behaves, for the types the module declares.
+
+    As in Slicer's Base/Python/slicer/parameterNodeWrapper (wrapper.py, serializers.py,
+    validators.py): a wrapper writes each missing parameter's default when it is created and when it
+    is read; every write first runs the validators: NotNone and IsInstance for str, bool, int (int
+    only), float (int or float) and pathlib.Path, IsInstance for node fields (None allowed), then the
+    field's Choice and WithinRange; a node field is a parameter plus a node reference of that name.
+    Stricter than Slicer's: setting an attribute that is not a field raises. ``connectGui`` needs Qt.
+    """
     module = types.ModuleType("slicer.parameterNodeWrapper", "Stand-in for the application's parameter wrapper.")
 
-    class WithinRange:
+    class Validator:
+        def validate(self, value) -> None:
+            raise NotImplementedError
+
+    class WithinRange(Validator):
         def __init__(self, minimum, maximum) -> None:
             self.minimum, self.maximum = minimum, maximum
 
-    class Choice:
-        def __init__(self, choices) -> None:
-            self.choices = list(choices)
+        def validate(self, value) -> None:
+            if not self.minimum <= value <= self.maximum:
+                raise ValueError(f"Value must be within range [{self.minimum}, {self.maximum}], is {value}")
 
-    def baseType(hint):
-        return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+    class Choice(Validator):
+        def __init__(self, choices) -> None:
+            self.choices = choices
+
+        def validate(self, value) -> None:
+            if value not in self.choices:
+                raise ValueError(f"Value is {value}, but must be in one of the following: {self.choices}")
+
+    class IsInstance(Validator):
+        def __init__(self, classtype) -> None:
+            self.classtype = classtype
+
+        def validate(self, value) -> None:
+            if value is not None and not isinstance(value, self.classtype):
+                raise TypeError(f"Value must be of type '{self.classtype}', is type '{type(value)}' value '{value}'")
+
+    class NotNone(Validator):
+        def validate(self, value) -> None:
+            if value is None:
+                raise ValueError("Value must not be None")
+
+    class Default:
+        def __init__(self, value) -> None:
+            self.value = value
+
+    class ParameterInfo:
+        def __init__(self, basename, kind, validators, default, unalteredType) -> None:
+            self.basename, self.kind, self.validators = basename, kind, validators
+            self.default, self.unalteredType = default, unalteredType
+
+    plain = {str: str, bool: bool, int: int, float: (int, float), pathlib.Path: pathlib.Path}
+    defaults = {str: "", bool: False, int: 0, float: 0, pathlib.Path: pathlib.Path()}
+    reserved = {"allParameters", "default", "isCached", "dataType", "getValue", "setValue", "connectGui",
+                "connectParametersToGui", "disconnectGui", "StartModify", "EndModify", "AddObserver",
+                "RemoveObserver", "Modified"}
 
     def isNode(kind) -> bool:
         return isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode)
 
-    def read(node, name, kind):
+    def parameterInfo(name, hint) -> ParameterInfo:
+        kind, annotations = hint, []
+        if typing.get_origin(hint) is typing.Annotated:
+            kind, *annotations = typing.get_args(hint)
+        unknown = [annotation for annotation in annotations if not isinstance(annotation, Validator)]
+        if unknown:
+            raise TypeError(f"{name}: annotations the stand-in does not know: {unknown}")
         if isNode(kind):
-            return node.GetNodeReference(name)
-        text = node.GetParameter(name)
-        return text == "True" if kind is bool else kind(text)
-
-    def write(node, name, kind, value) -> None:
-        if isNode(kind):
-            node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+            validators, default = [IsInstance(kind)], None
+        elif kind in plain:
+            validators, default = [NotNone(), IsInstance(plain[kind])], defaults[kind]
         else:
-            node.SetParameter(name, str(value))
+            raise TypeError(f"{name}: the stand-in has no serializer for {kind}")
+        return ParameterInfo(name, kind, validators + annotations, default, hint)
+
+    def write(node, info: ParameterInfo, value) -> None:
+        for validator in info.validators:
+            validator.validate(value)
+        if isNode(info.kind):
+            node.SetParameter(info.basename, "")
+            node.SetNodeReferenceID(info.basename, value.GetID() if value is not None else None)
+        else:
+            node.SetParameter(info.basename, ("True" if value else "False") if info.kind is bool else str(value))
+
+    def read(node, info: ParameterInfo):
+        if not node.HasParameter(info.basename):
+            write(node, info, info.default.value)
+        if isNode(info.kind):
+            return node.GetNodeReference(info.basename)
+        text = node.GetParameter(info.basename)
+        return text == "True" if info.kind is bool else info.kind(text)
 
     def parameterNodeWrapper(cls):
         hints = typing.get_type_hints(cls, include_extras=True)
+        clash = reserved & set(hints)
+        if clash:
+            raise ValueError(f"Cannot use reserved name '{sorted(clash)[0]}' in a parameterNodeWrapper")
         cls.allParameters = {}
         for name, hint in hints.items():
-            kind = baseType(hint)
-            default = getattr(cls, name, None if isNode(kind) else kind())
-            cls.allParameters[name] = (kind, default)
-            getter = lambda self, name=name, kind=kind: read(self.parameterNode, name, kind)  # noqa: E731
-            setter = lambda self, value, name=name, kind=kind: write(self.parameterNode, name, kind, value)  # noqa: E731
-            setattr(cls, name, property(getter, setter))
+            info = parameterInfo(name, hint)
+            if hasattr(cls, name):
+                info.default = Default(getattr(cls, name))
+            else:
+                info.default = Default(info.default)
+            cls.allParameters[name] = info
+            setattr(cls, name, property(lambda self, info=info: read(self.parameterNode, info),
+                                        lambda self, value, info=info: write(self.parameterNode, info, value)))
 
         def __init__(self, parameterNode) -> None:
-            self.parameterNode = parameterNode
-            for name, (kind, default) in self.allParameters.items():
-                if not isNode(kind) and not parameterNode.GetParameter(name):
-                    write(parameterNode, name, kind, default)
+            object.__setattr__(self, "parameterNode", parameterNode)
+            for info in self.allParameters.values():
+                if not parameterNode.HasParameter(info.basename):
+                    write(parameterNode, info, info.default.value)
 
-        cls.__init__ = __init__
+        def __setattr__(self, name, value) -> None:
+            if name not in self.allParameters:
+                raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
+            object.__setattr__(self, name, value)
+
+        def connectGui(self, gui):
+            raise RuntimeError("connectGui binds Qt widgets: it needs the Slicer application")
+
+        cls.__init__, cls.__setattr__ = __init__, __setattr__
+        cls.connectGui = cls.disconnectGui = connectGui
+        cls.default = lambda self, name: self.allParameters[name].default
+        cls.getValue = lambda self, name: getattr(self, name)
+        cls.setValue = lambda self, name, value: setattr(self, name, value)
+        cls.StartModify = lambda self: self.parameterNode.StartModify()
+        cls.EndModify = lambda self, wasModifying: self.parameterNode.EndModify(wasModifying)
+        cls.Modified = lambda self: self.parameterNode.Modified()
+        cls.AddObserver = lambda self, event, callback, priority=0.0: self.parameterNode.AddObserver(
+            event, callback, priority)
+        cls.RemoveObserver = lambda self, tag: self.parameterNode.RemoveObserver(tag)
         return cls
 
-    module.WithinRange, module.Choice, module.parameterNodeWrapper = WithinRange, Choice, parameterNodeWrapper
+    for item in (WithinRange, Choice, parameterNodeWrapper):
+        setattr(module, item.__name__, item)
     return module

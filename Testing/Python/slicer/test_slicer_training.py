@@ -1,121 +1,29 @@
-"""Training from the scene: pair export (checked voxel by voxel), curves, and the real trainer."""
+"""The Train job (UNet3DSegmenterLib.slicer.training): configuration, curves, the real trainer, Stop, fine-tuning."""
 
 from __future__ import annotations
 
-import importlib.util
+import csv
 import json
 import math
+import os
 
-import nibabel
 import numpy as np
 import pytest
+import torch
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
-from UNet3DSegmenterLib import Label, load_checkpoint, read_volume  # noqa: E402
-from UNet3DSegmenterLib.phantom import PHANTOM_LABELS, make_phantom  # noqa: E402
+from child_processes import alive, write_launcher  # noqa: E402
+from slicer_harness import SEGMENT_COLORS, phantom_pair, scene_state  # noqa: E402
 
-needs_trainer = pytest.mark.skipif(importlib.util.find_spec("UNet3DSegmenterLib.training.trainer") is None,
-                                   reason="UNet3DSegmenterLib.training.trainer is not there yet")
+from UNet3DSegmenterLib import TrainingConfig, load_checkpoint  # noqa: E402
+from UNet3DSegmenterLib.slicer import selftest  # noqa: E402
 
-# Segment colours chosen in the scene, unlike the phantom's own, to see them reach the checkpoint.
-COLORS = {"organ": (0.1, 0.2, 0.9), "lesion": (0.95, 0.85, 0.05), "vessel": (0.5, 0.0, 0.5)}
 TINY_TRAINING = dict(epochs=2, patchSize=(16, 24, 24), batchSize=1, device="cpu", depth=2, base_width=4,
                      iterations_per_epoch=1, val_fraction=0.5, augment=False, workers=0, seed=0)
 
 
-
-def _pair(slicer_scene, logic, seed: int, classes: int = 2, names=None, direction=None):
-    """A phantom volume in the scene and a segmentation of its true labels (segments named by ``names``)."""
-    test = slicer_scene.module.UNet3DSegmenterTest
-    image, labels = make_phantom(shape=test.SHAPE, spacing=test.SPACING, seed=seed, classes=classes,
-                                 direction=test.DIRECTION if direction is None else direction)
-    volume = logic.addVolumeNode(image, f"phantom {seed}")
-    names = names or {value: PHANTOM_LABELS[value][0] for value in range(1, classes + 1)}
-    segmentation = slicer_scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"phantom {seed} labels")
-    logic.updateSegmentationFromLabelmap(segmentation, labels, [Label(value, name, COLORS.get(name, (1, 1, 1)))
-                                                                for value, name in names.items()], volume)
-    return volume, segmentation, labels
-
-
-def _scene_state(scene):
-    return [scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())]
-
-
-# --- export -------------------------------------------------------------------------------------
-
-
-def test_training_pairs_are_exported_voxel_by_voxel_with_one_label_order(slicer_scene, logic, tmp_path):
-    first = _pair(slicer_scene, logic, seed=5)  # organ=1, lesion=2
-    # Second pair: its segments in another order, one name the first lacks, organ missing, axis-aligned grid.
-    second = _pair(slicer_scene, logic, seed=6, classes=3, names={3: "vessel", 2: "lesion", 1: "kidney"},
-                   direction=np.eye(3))
-    before = _scene_state(slicer_scene.scene)
-
-    folder = logic.exportTrainingPairs([first[:2], second[:2]], tmp_path / "data")
-
-    assert _scene_state(slicer_scene.scene) == before
-    dataset = json.loads((folder / "dataset.json").read_text())
-    assert dataset["labels"] == {"0": "background", "1": "organ", "2": "lesion", "3": "vessel", "4": "kidney"}
-    assert dataset["label_colors"]["1"] == pytest.approx(COLORS["organ"])
-    assert len(dataset["training"]) == 2
-    expected_values = [{1: 1, 2: 2}, {3: 3, 2: 2, 1: 4}]  # phantom value -> exported value
-    for entry, (volume, _, truth), mapping in zip(dataset["training"], [first, second], expected_values):
-        image_path, label_path = folder / entry["image"], folder / entry["label"]
-        assert entry["volume"] == volume.GetName()
-        image, labels = read_volume(image_path), read_volume(label_path)
-        source = logic.volumeFromNode(volume)
-        np.testing.assert_array_equal(image.array, source.array)
-        expected = np.zeros(truth.shape, np.uint8)
-        for value, exported in mapping.items():
-            expected[truth.array == value] = exported
-        np.testing.assert_array_equal(labels.array, expected)
-        # the labelmap lies on the volume's grid (NIfTI stores it in single precision)
-        assert labels.same_grid(source, tolerance=1e-4) and image.same_grid(source, tolerance=1e-4)
-        # an independent reader agrees, voxel by voxel
-        independent = np.asarray(nibabel.load(label_path).dataobj)
-        np.testing.assert_array_equal(np.transpose(independent, (2, 1, 0)), expected)
-
-
-def test_export_follows_the_segments_order_where_they_overlap(slicer_scene, logic, tmp_path):
-    volume, segmentation, truth = _pair(slicer_scene, logic, seed=5)
-    # a third segment covering everything the organ covers: it comes later, so it wins there
-    organ = slicer.util.arrayFromSegmentBinaryLabelmap(
-        segmentation, segmentation.GetSegmentation().GetSegmentIdBySegmentName("organ"), volume)
-    segmentId = segmentation.GetSegmentation().AddEmptySegment("cover", "cover")
-    slicer.util.updateSegmentBinaryLabelmapFromArray(organ, segmentation, segmentId, volume)
-    folder = logic.exportTrainingPairs([(volume, segmentation)], tmp_path / "data")
-    labels = read_volume(folder / json.loads((folder / "dataset.json").read_text())["training"][0]["label"]).array
-    assert np.count_nonzero(labels == 1) == 0 and np.count_nonzero(labels == 3) == np.count_nonzero(truth.array == 1)
-
-
-@pytest.mark.parametrize("case", ["no pairs", "no segments", "no segmentation", "2D volume", "duplicate names"])
-def test_export_refuses_bad_pairs_and_writes_nothing(slicer_scene, logic, tmp_path, case):
-    volume, segmentation, _ = _pair(slicer_scene, logic, seed=5)
-    scene = slicer_scene.scene
-    if case == "no pairs":
-        pairs = []
-    elif case == "no segments":
-        pairs = [(volume, scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty"))]
-    elif case == "no segmentation":
-        pairs = [(volume, None)]
-    elif case == "2D volume":
-        pairs = [(slicer.util.addVolumeFromArray(np.zeros((1, 8, 8), np.int16), name="slice"), segmentation)]
-    else:
-        segmentation.GetSegmentation().AddEmptySegment("second organ", "organ")
-        pairs = [(volume, segmentation)]
-    before = _scene_state(scene)
-    with pytest.raises(ValueError) as raised:
-        logic.exportTrainingPairs(pairs, tmp_path / "data")
-    assert "\n" not in str(raised.value)
-    assert not (tmp_path / "data").exists()
-    assert _scene_state(scene) == before
-    with pytest.raises(ValueError):
-        logic.trainInBackground(pairs, tmp_path / "run")
-    assert not (tmp_path / "run").exists() and _scene_state(scene) == before
-
-
-# --- curves -------------------------------------------------------------------------------------
+# --- configuration and curves ---------------------------------------------------------------------
 
 
 def test_training_curves_fill_a_table_plotted_by_a_chart(slicer_scene, logic):
@@ -136,18 +44,35 @@ def test_training_curves_fill_a_table_plotted_by_a_chart(slicer_scene, logic):
     assert table.GetNodeReference("UNet3DSegmenter.Chart") is chart
 
 
-def test_training_options_are_options_of_the_train_command(slicer_harness, tmp_path):
-    from UNet3DSegmenterLib.commands.cli import build_parser
+def test_the_panels_run_is_a_training_configuration_the_command_line_runs_again(slicer_scene, logic, tmp_path):
+    from UNet3DSegmenterLib.slicer import training
 
-    config = dict(data=tmp_path / "data", output=tmp_path / "run", architecture="vnet", epochs=3,
-                  patch_size=(16, 32, 32), batch_size=4, lr=0.01, device="cpu", label_names={1: "organ"},
-                  label_colors={1: (1, 0, 0)}, augment=False, iterations_per_epoch=5, depth=3, resume=True)
-    arguments = slicer_harness.module._trainingArguments(config)
-    parsed = build_parser().parse_args(["train", *arguments])
-    assert (parsed.architecture, parsed.epochs, parsed.patch_size, parsed.batch_size, parsed.lr) == (
-        "vnet", 3, [16, 32, 32], 4, 0.01)
-    assert (parsed.device, parsed.augment, parsed.iterations_per_epoch, parsed.depth, parsed.resume) == (
-        "cpu", False, 5, 3, True)
+    pairs = [phantom_pair(logic, seed=seed)[:2] for seed in (7, 8)]
+    job = training.prepare(pairs, tmp_path / "run", "vnet", 3, 32, 4, 0.01, "cpu", iterations_per_epoch=5)
+    path = job.config.save(tmp_path / "run" / "run.json")
+    config = TrainingConfig.load(path)
+    assert (config.architecture, config.epochs, config.patch_size, config.batch_size, config.lr) == (
+        "vnet", 3, (32, 32, 32), 4, 0.01)
+    assert (config.device, config.iterations_per_epoch, config.data) == ("cpu", 5, tmp_path / "run" / "data")
+    assert config.label_names == {1: "organ", 2: "lesion"}
+    assert config.label_colors[1] == pytest.approx(SEGMENT_COLORS["organ"])
+    from UNet3DSegmenterLib.commands.cli import build_parser
+    from UNet3DSegmenterLib.training.config import config_from_arguments
+
+    parsed = build_parser().parse_args(["train", "--config", str(path), "--progress-json"])
+    assert config_from_arguments(parsed) == config
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"architecture": "transformer"}, "architecture"), ({"device": "tpu"}, "device"),
+    ({"epochs": 0}, "epochs"), ({"iterations_pr_epoch": 5}, "iterations_pr_epoch"), ({"lr": 0.1}, "'lr'")])
+def test_bad_training_options_are_one_line_and_write_nothing(slicer_scene, logic, tmp_path, options, message):
+    pairs = [phantom_pair(logic, seed=7)[:2]]
+    before = scene_state(slicer_scene.scene)
+    with pytest.raises(ValueError, match=message) as raised:
+        logic.trainInBackground(pairs, tmp_path / "run", **options)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "run").exists() and scene_state(slicer_scene.scene) == before
 
 
 # --- the real trainer -----------------------------------------------------------------------------
@@ -155,15 +80,13 @@ def test_training_options_are_options_of_the_train_command(slicer_harness, tmp_p
 
 def _check_checkpoint(path):
     checkpoint = load_checkpoint(path)
-    names = [label.name for label in checkpoint.foreground_labels]
-    assert names == ["organ", "lesion"]
+    assert [label.name for label in checkpoint.foreground_labels] == ["organ", "lesion"]
     for label in checkpoint.foreground_labels:
-        assert label.color == pytest.approx(COLORS[label.name])
+        assert label.color == pytest.approx(SEGMENT_COLORS[label.name])
 
 
-@needs_trainer
 def test_train_waits_for_the_trainer_and_returns_a_checkpoint_with_the_segment_names(slicer_scene, logic, tmp_path):
-    pairs = [_pair(slicer_scene, logic, seed=seed)[:2] for seed in (7, 8)]
+    pairs = [phantom_pair(logic, seed=seed)[:2] for seed in (7, 8)]
     events = []
     best = logic.train(pairs, tmp_path / "run", progress=events.append, **TINY_TRAINING)
     assert best == tmp_path / "run" / "best.pt" and best.is_file()
@@ -172,42 +95,82 @@ def test_train_waits_for_the_trainer_and_returns_a_checkpoint_with_the_segment_n
     assert kinds.count("epoch") == 2 and kinds[-1] == "done"
     tables = slicer.util.getNodesByClass("vtkMRMLTableNode")
     assert len(tables) == 1 and tables[0].GetNumberOfRows() == 2
-    # the model segments in the scene at once
-    segmentation = logic.segment(pairs[0][0], best, device="cpu")
+    segmentation = logic.segment(pairs[0][0], best, device="cpu")  # the model segments in the scene at once
     assert logic.segmentNames(segmentation) == ["organ", "lesion"]
 
 
-@needs_trainer
-def test_train_in_background_streams_epochs_into_the_table(slicer_scene, logic, tmp_path):
-    pairs = [_pair(slicer_scene, logic, seed=seed)[:2] for seed in (7, 8)]
+def test_train_in_background_runs_the_saved_configuration_and_streams_epochs(slicer_scene, logic, tmp_path):
+    pairs = [phantom_pair(logic, seed=seed)[:2] for seed in (7, 8)]
     events, finished, errors = [], [], []
     process = logic.trainInBackground(pairs, tmp_path / "run", onProgress=events.append, onFinished=finished.append,
                                       onError=errors.append, **TINY_TRAINING)
+    assert "--config" in process.arguments and str(tmp_path / "run" / "run.json") in process.arguments
     assert process.tableNode.GetNumberOfRows() == 0 and process.chartNode is not None
+    modified = (tmp_path / "run" / "data" / "dataset.json").stat().st_mtime_ns
     assert process.wait(timeout=300), errors
     assert errors == [] and finished == [tmp_path / "run" / "best.pt"]
     kinds = [event["event"] for event in events]
     assert "iteration" in kinds and kinds.count("epoch") == 2 and kinds[-1] == "done"
-    table = process.tableNode
-    assert table.GetNumberOfRows() == 2
-    dice = slicer.util.arrayFromTableColumn(table, "Dice organ")
-    assert not math.isnan(dice[-1]), "the last epoch validates"
-    _check_checkpoint(finished[0])
+    assert process.tableNode.GetNumberOfRows() == 2
+    assert not math.isnan(slicer.util.arrayFromTableColumn(process.tableNode, "Dice organ")[-1])
+    _check_checkpoint(finished[0])  # colours came with the configuration: no checkpoint is saved again
+    assert (tmp_path / "run" / "data" / "dataset.json").stat().st_mtime_ns == modified
 
 
-@needs_trainer
-def test_stopping_background_training_keeps_a_loadable_last_checkpoint(slicer_scene, logic, tmp_path):
-    pairs = [_pair(slicer_scene, logic, seed=seed)[:2] for seed in (7, 8)]
-    finished, errors = [], []
-    options = dict(TINY_TRAINING, epochs=50)
+@pytest.mark.skipif(os.name == "nt", reason="the launcher stand-in is a POSIX script")
+def test_stop_through_slicers_launcher_saves_and_reports_how_far_it_got(slicer_scene, logic, tmp_path):
+    """In Slicer the engine runs behind the PythonSlicer launcher, which passes no signal on: Stop must
+    still let the trainer end its iteration and write last.pt, log.csv and the curves."""
+    logic.pythonExecutable = str(write_launcher(tmp_path))
+    pairs = [phantom_pair(logic, seed=seed)[:2] for seed in (7, 8)]
+    stopped, finished, errors = [], [], []
     process = None
 
-    def stopOnceStarted(event):
-        if event["event"] in ("preparing", "iteration"):
+    def stopAtTheFirstIteration(event):
+        if event["event"] == "iteration":
             process.cancel()
 
-    process = logic.trainInBackground(pairs, tmp_path / "run", onProgress=stopOnceStarted,
-                                      onFinished=finished.append, onError=errors.append, **options)
+    process = logic.trainInBackground(pairs, tmp_path / "run", onProgress=stopAtTheFirstIteration,
+                                      onFinished=finished.append, onError=errors.append,
+                                      onCancelled=lambda: stopped.append(True), **dict(TINY_TRAINING, epochs=50))
     assert not process.wait(timeout=300)
-    assert process.cancelled and finished == [] and errors == []
-    assert load_checkpoint(tmp_path / "run" / "last.pt").foreground_labels
+    assert stopped == [True] and finished == [] and errors == []
+    assert process.returncode == 0, "the trainer was killed instead of stopping"
+    result = process.job.result
+    assert result is not None and result["stopped"] == "cancelled"
+    run = tmp_path / "run"
+    state = torch.load(run / "last.state.pt", weights_only=True)
+    assert state["epoch"] * TINY_TRAINING["iterations_per_epoch"] + state["iteration"] >= 1, "saved before it trained"
+    assert load_checkpoint(run / "last.pt").foreground_labels
+    with open(run / "log.csv", newline="") as stream:
+        assert next(csv.reader(stream))[0] == "epoch"
+    assert (run / "curves.png").is_file() and not (run / "STOP").exists()
+    assert not alive(process.pid)
+
+
+def test_fine_tuning_on_a_corrected_result_fixes_a_case_the_model_got_wrong(slicer_scene, logic, checkpoint_path,
+                                                                             tmp_path):
+    """Segment, correct in Segment Editor, fine-tune: the loop closed in the scene, without a server."""
+    image, truth = selftest.addPhantom(seed=5, name="inverted")
+    slicer.util.updateVolumeFromArray(image, -slicer.util.arrayFromVolume(image))  # a contrast it never saw
+    result = logic.segment(image, checkpoint_path, device="cpu")
+    before = selftest.dice(logic.labelmapFromSegmentation(result, image, ["organ", "lesion"]), truth.array, 1)
+    assert before < 0.5, f"the tiny model already segments the inverted phantom (organ Dice {before:.2f})"
+
+    segments = result.GetSegmentation()
+    for value, name in ((1, "organ"), (2, "lesion")):  # the corrections a user paints in Segment Editor
+        slicer.util.updateSegmentBinaryLabelmapFromArray((truth.array == value).astype(np.uint8), result,
+                                                         segments.GetSegmentIdBySegmentName(name), image)
+    pairs = logic.segmentedPairs()
+    assert pairs == [(image, result)]
+
+    tuned = logic.train(pairs, tmp_path / "tuned", initCheckpoint=checkpoint_path, epochs=3, patchSize=(16, 24, 24),
+                        batchSize=1, learningRate=0.01, device="cpu", iterations_per_epoch=10, augment=False,
+                        workers=0, seed=0)
+    record = load_checkpoint(tuned)
+    assert record.training["init"] == str(checkpoint_path) and record.architecture_args["base_width"] == 4
+    assert [label.name for label in record.foreground_labels] == ["organ", "lesion"]
+    again = logic.segment(image, tuned, device="cpu")
+    after = selftest.dice(logic.labelmapFromSegmentation(again, image, ["organ", "lesion"]), truth.array, 1)
+    assert after > before + 0.4, f"organ Dice {before:.2f} before fine-tuning, {after:.2f} after"
+    assert json.loads((tmp_path / "tuned" / "run.json").read_text())["init"] == str(checkpoint_path)

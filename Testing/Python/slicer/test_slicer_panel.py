@@ -1,0 +1,276 @@
+"""What the panel decides (UNet3DSegmenterLib.slicer.panel.PanelState), driven as the Widget drives it, on real MRML.
+
+Each known defect of the panel has its test here: pairs re-paired after a deletion, a model box out
+of step with Segment after a closed or loaded scene, the disabled GPU choice coming back, an error
+after closing the scene during a segmentation, and a panel that would not build on a broken PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+
+from child_processes import eventually  # noqa: E402
+from slicer_harness import phantom_pair, scene_state  # noqa: E402
+
+from UNet3DSegmenterLib.slicer import panel, selftest  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parents[3]
+posix = pytest.mark.skipif(os.name == "nt", reason="process-group checks are written for POSIX")
+
+
+@pytest.fixture
+def state(logic):
+    """The panel's state as the Widget sets it up: bound to the parameter node, engine checked."""
+    messages = []
+    panelState = panel.PanelState(logic, notify=messages.append)
+    panelState.messages = messages
+    panelState.setParameterNode(logic.getParameterNode())
+    panelState.checkEngine()
+    return panelState
+
+
+def _close_scene(slicer_scene, state, logic):
+    """File > Close Scene as the Widget sees it: StartClose, the scene cleared, a fresh parameter node."""
+    state.sceneStartClose()
+    slicer_scene.clear()
+    state.setParameterNode(logic.getParameterNode())
+
+
+def _wait(state, seconds: float = 300) -> None:
+    assert eventually(lambda: not state.poll(), seconds), "the background run did not end"
+
+
+# --- training pairs --------------------------------------------------------------------------------
+
+
+def test_deleting_a_node_removes_exactly_its_pair(slicer_scene, logic, state):
+    pairs = [phantom_pair(logic, seed=seed)[:2] for seed in (5, 6, 7)]
+    for volume, segmentation in pairs:
+        assert state.addPair(volume, segmentation)
+    slicer_scene.scene.RemoveNode(pairs[0][0])  # the first volume
+    assert state.pairs() == pairs[1:], "a deletion re-paired the others"
+    slicer_scene.scene.RemoveNode(pairs[2][1])  # the last segmentation
+    assert state.pairs() == [pairs[1]]
+    assert [row[0] for row in state.view().pairs] == [pairs[1][0].GetName()]
+    state.cleanPairs()
+    node = state.parameters.parameterNode
+    roles = [node.GetNthNodeReferenceRole(index) for index in range(node.GetNumberOfNodeReferenceRoles())]
+    assert [node.GetNumberOfNodeReferences(role) for role in roles if role.startswith(panel.PAIR_ROLE)] in (
+        [0, 2, 0], [2]), "a half pair is left in the parameter node"
+
+
+def test_remove_pair_removes_the_selected_row_and_needs_one(slicer_scene, logic, state):
+    pairs = [phantom_pair(logic, seed=seed)[:2] for seed in (5, 6, 7)]
+    for volume, segmentation in pairs:
+        state.addPair(volume, segmentation)
+    assert not state.view(selectedPairRow=-1).removePair.enabled
+    assert state.view(selectedPairRow=1).removePair.enabled
+    assert state.removePair(1)
+    assert state.pairs() == [pairs[0], pairs[2]]
+    assert not state.removePair(5)
+
+
+def test_a_pair_is_added_once_and_only_whole(slicer_scene, logic, state):
+    volume, segmentation, _ = phantom_pair(logic, seed=5)
+    assert state.view(volume, segmentation).addPair.enabled
+    assert not state.view(volume, None).addPair.enabled
+    assert state.addPair(volume, segmentation)
+    assert not state.view(volume, segmentation).addPair.enabled
+    assert not state.addPair(volume, segmentation) and state.pairs() == [(volume, segmentation)]
+
+
+def test_pairs_are_saved_with_the_scene_and_come_back_when_it_is_loaded(slicer_scene, logic, state, tmp_path):
+    pairs = [phantom_pair(logic, seed=seed)[:2] for seed in (5, 6)]
+    for volume, segmentation in pairs:
+        state.addPair(volume, segmentation)
+    names = [(volume.GetName(), segmentation.GetName()) for volume, segmentation in pairs]
+    slicer_scene.scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert slicer_scene.scene.Commit()
+    _close_scene(slicer_scene, state, logic)
+    assert state.pairs() == []
+    slicer_scene.scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert slicer_scene.scene.Import()
+    state.setParameterNode(logic.getParameterNode())
+    assert [(volume.GetName(), segmentation.GetName()) for volume, segmentation in state.pairs()] == names
+
+
+def test_add_the_segmented_volumes_adds_the_modules_results_in_one_click(slicer_scene, logic, state,
+                                                                        checkpoint_path):
+    first, _ = selftest.addPhantom(seed=5, name="first")
+    second, _ = selftest.addPhantom(seed=6, name="second")
+    assert not state.view().addSegmented.enabled
+    results = [logic.segment(volume, checkpoint_path, device="cpu") for volume in (first, second)]
+    phantom_pair(logic, seed=7)  # a segmentation drawn by hand is not one of them
+    assert state.view().addSegmented.enabled
+    assert state.addSegmentedVolumes() == 2
+    assert state.pairs() == [(first, results[0]), (second, results[1])]
+    assert not state.view().addSegmented.enabled and state.addSegmentedVolumes() == 0
+
+
+# --- the model box ---------------------------------------------------------------------------------
+
+
+def test_after_closing_the_scene_the_model_box_shows_the_model_segment_uses(slicer_scene, logic, state,
+                                                                           checkpoint_path):
+    state.addModel(checkpoint_path)  # chosen with "Choose a checkpoint file..."
+    _close_scene(slicer_scene, state, logic)
+    view = state.view()
+    assert state.parameters.checkpointPath == str(checkpoint_path), "the reset parameter node lost the model"
+    assert view.models[view.modelIndex].path == str(checkpoint_path)
+    assert view.segment.text == "Segment" and not view.segment.enabled  # no input volume in the new scene
+    volume, _ = selftest.addPhantom(seed=5)
+    state.parameters.inputVolume = volume
+    assert state.view().segment.enabled, "Segment stays disabled after the scene was closed"
+
+
+def test_a_loaded_scene_shows_and_uses_the_model_it_was_saved_with(slicer_scene, logic, state, checkpoint_path,
+                                                                  tmp_path):
+    saved = tmp_path / "saved.pt"
+    saved.write_bytes(Path(checkpoint_path).read_bytes())
+    state.addModel(saved)
+    slicer_scene.scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert slicer_scene.scene.Commit()
+    state.addModel(checkpoint_path)  # another model chosen afterwards
+    _close_scene(slicer_scene, state, logic)
+    slicer_scene.scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert slicer_scene.scene.Import()
+    state.setParameterNode(logic.getParameterNode())  # the Widget does this at the end of the import
+    view = state.view()
+    assert state.parameters.checkpointPath == str(saved)
+    assert view.models[view.modelIndex].path == str(saved), "the box shows another model than Segment uses"
+
+
+def test_the_model_box_lists_bundled_opened_and_missing_models_and_opens_files(slicer_scene, logic, state,
+                                                                               checkpoint_path, tmp_path):
+    bundled = [str(path) for path in logic.availableModels()]
+    state.parameters.checkpointPath = str(tmp_path / "gone.pt")  # a scene saved on another computer
+    items = state.modelItems()
+    assert [item.path for item in items[:len(bundled)]] == bundled
+    assert items[-2].text == "gone (file not found)" and items[-1].text == panel.CHOOSE_FILE
+    view = state.view()
+    assert view.modelIndex == len(items) - 2 and not view.segment.enabled
+    assert state.selectModel(len(items) - 1), "the last entry asks for a file"
+    state.addModel(checkpoint_path)
+    assert state.view().modelLabels == "organ, lesion"
+    if bundled:
+        assert not state.selectModel(0) and state.parameters.checkpointPath == bundled[0]
+
+
+# --- devices ---------------------------------------------------------------------------------------
+
+
+def test_the_gpu_choice_follows_pytorch_after_every_binding(slicer_scene, logic, state):
+    gpu = torch.cuda.is_available()
+    for _ in range(3):  # entering the module again, or a closed scene, binds the panel anew
+        choices = {choice.name: choice.enabled for choice in state.view().devices}
+        assert choices == {"auto": True, "cpu": True, "cuda": gpu}
+        _close_scene(slicer_scene, state, logic)
+    if not gpu:  # a scene saved on a computer with a GPU asks for cuda: here it becomes auto
+        state.parameters.device = state.parameters.trainingDevice = "cuda"
+        state.setParameterNode(logic.getParameterNode())
+        assert (state.parameters.device, state.parameters.trainingDevice) == ("auto", "auto")
+
+
+# --- runs ------------------------------------------------------------------------------------------
+
+
+@posix
+def test_closing_the_scene_during_a_segmentation_cancels_it_quietly(slicer_scene, logic, state, checkpoint_path):
+    volume, _ = selftest.addPhantom(seed=3)
+    state.parameters.inputVolume = volume
+    state.addModel(checkpoint_path)
+    assert state.startSegmentation() and state.view().segment.text == "Cancel"
+    _close_scene(slicer_scene, state, logic)
+    closed = scene_state(slicer_scene.scene)
+    _wait(state)
+    assert state.messages == [], "an error was shown for a run the user's scene change ended"
+    assert scene_state(slicer_scene.scene) == closed, "the result went into the new scene"
+    view = state.view()
+    assert view.segmentStatus == "Cancelled: the scene was closed." and view.segment.text == "Segment"
+
+
+def _fine_tuning_setup(logic, state, checkpoint_path, folder, epochs: int):
+    volume, segmentation, _ = phantom_pair(logic, seed=5)
+    state.addPair(volume, segmentation)
+    state.addModel(checkpoint_path)
+    parameters = state.parameters
+    parameters.trainingOutputFolder, parameters.epochs, parameters.trainingDevice = folder, epochs, "cpu"
+    parameters.batchSize = 1
+    parameters.startFrom = panel.START_FROM[1]
+    return parameters
+
+
+@posix
+def test_fine_tuning_from_the_panel_runs_the_selected_model_and_stop_keeps_its_weights(slicer_scene, logic, state,
+                                                                                      checkpoint_path, tmp_path):
+    parameters = _fine_tuning_setup(logic, state, checkpoint_path, tmp_path / "tuned", epochs=50)
+    view = state.view()
+    assert view.train.enabled and view.train.toolTip.startswith("Fine-tune tiny") and not view.architectureEnabled
+    assert state.startTraining()
+    assert state.view().train.text == "Stop" and parameters.trainingTable is state.training.process.tableNode
+    config = json.loads((tmp_path / "tuned" / "run.json").read_text())
+    assert config["init"] == str(checkpoint_path) and config["architecture"] is None
+    assert eventually(lambda: not state.poll() or state.view().trainingStatus.startswith("Epoch"), 300)
+    state.stopTraining()  # the Stop button
+    assert state.view().train == panel.Button("Stopping...", False, "The run ends its iteration and saves last.pt.")
+    _wait(state)
+    assert state.messages == [] and state.training.process.returncode == 0
+    assert state.view().trainingStatus.startswith(f"Stopped: {tmp_path / 'tuned' / 'last.pt'} holds the weights")
+    assert state.view().train.text == "Train" and parameters.checkpointPath == str(checkpoint_path)
+
+
+@pytest.mark.slow
+@posix
+def test_a_finished_training_run_adds_and_selects_its_model(slicer_scene, logic, state, checkpoint_path, tmp_path):
+    parameters = _fine_tuning_setup(logic, state, checkpoint_path, tmp_path / "tuned", epochs=1)
+    assert state.startTraining()
+    _wait(state)
+    assert state.messages == []
+    best = tmp_path / "tuned" / "best.pt"
+    assert state.view().trainingStatus == f"Done: {best}" and state.view().trainingProgress == 100
+    assert parameters.checkpointPath == str(best) and str(best) in [item.path for item in state.modelItems()]
+
+
+def test_reload_and_exit_wait_for_the_engine_at_most_ten_seconds():
+    assert panel.SHUTDOWN_SECONDS == 10  # stopAll keeps to it (test_slicer_process); cleanup and onReload use it
+
+
+# --- a broken PyTorch -------------------------------------------------------------------------------
+
+
+def test_a_broken_pytorch_shows_the_install_section_with_the_error(tmp_path):
+    broken = tmp_path / "site" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise OSError('libtorch_cpu.so: cannot open shared object file')\n")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(tmp_path / 'site')!r}, {str(REPOSITORY)!r},
+                        {str(REPOSITORY / 'Testing' / 'Python' / 'slicer')!r}]
+        from slicer_harness import SlicerHarness
+        harness = SlicerHarness()
+        module = harness.install()
+        from UNet3DSegmenterLib.slicer import panel
+        logic = module.UNet3DSegmenterLogic()
+        state = panel.PanelState(logic)
+        state.setParameterNode(logic.getParameterNode())
+        state.checkEngine()
+        view = state.view()
+        assert view.installVisible and "does not load (OSError: libtorch_cpu.so" in view.installText, view
+        assert not view.installEnabled and not view.segment.enabled and not view.train.enabled
+        assert [choice.enabled for choice in view.devices] == [True, True, False]
+        harness.uninstall()
+        print("panel built")
+        """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "panel built" in result.stdout

@@ -1,0 +1,146 @@
+"""Training data from the scene: (volume, segmentation) pairs written as a dataset the trainer reads.
+
+Segment names become label names, matched across pairs; a label's colour is that of the first
+segment with its name. When fine-tuning, the model's own labels keep their values (so that its
+output layer is kept) and new names follow. The dataset is the Medical Segmentation Decathlon
+layout that ``datalist.write_datalist`` writes and ``datalist.load_datalist`` reads back, colours
+included, so a run started from Slicer can be repeated with ``unet3d-segmenter train``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+
+import numpy as np
+
+from .install import asValueError, engine
+from .scene import (
+    CHECKPOINT_ATTRIBUTE,
+    INPUT_VOLUME_ROLE,
+    checkVolumeNode,
+    labelmapFromSegmentation,
+    segmentNames,
+    volumeFromNode,
+)
+
+
+def trainingLabels(pairs, initLabels=None) -> list:
+    """The engine Label of each segment name across ``pairs``: values 1, 2, ... in order of first appearance.
+
+    ``initLabels`` (a checkpoint's labels, when fine-tuning) come first with their own values;
+    names they lack follow. Colours come from the first segment with that name.
+    """
+    Label = engine().Label
+    labels: dict[str, object] = {}
+    colors: dict[str, tuple] = {}
+    for _, segmentationNode in pairs:
+        segmentation = segmentationNode.GetSegmentation()
+        for index in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(index)
+            colors.setdefault(segment.GetName(), tuple(float(c) for c in segment.GetColor()))
+    for label in initLabels or []:
+        if label.value != 0:
+            labels[label.name] = Label(label.value, label.name, colors.get(label.name, tuple(label.color)))
+    nextValue = max([label.value for label in labels.values()], default=0) + 1
+    for name, color in colors.items():
+        if name not in labels:
+            labels[name] = Label(nextValue, name, color)
+            nextValue += 1
+    return list(labels.values())
+
+
+def checkPairs(pairs) -> None:
+    """ValueError, one line, for the first pair that cannot be trained on."""
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("no training pairs: add at least one volume with its segmentation")
+    for volumeNode, segmentationNode in pairs:
+        checkVolumeNode(volumeNode)
+        if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            raise ValueError(f"volume {volumeNode.GetName()} has no segmentation: pair it with a segmentation node")
+        names = segmentNames(segmentationNode)
+        if not names:
+            raise ValueError(f"segmentation {segmentationNode.GetName()} has no segments: "
+                             "draw at least one segment (Segment Editor) or choose another segmentation")
+        duplicate = next((name for name in names if names.count(name) > 1), None)
+        if duplicate:
+            raise ValueError(f"segmentation {segmentationNode.GetName()} has two segments named {duplicate!r}: "
+                             "rename one, segment names become label names")
+
+
+def exportTrainingPairs(pairs, folder, labels=None) -> pathlib.Path:
+    """Write (volume, segmentation) pairs as a training dataset in ``folder``; return the folder.
+
+    Layout: ``images/<case>.nii.gz``, ``labels/<case>.nii.gz`` (the segments as one labelmap on the
+    volume's grid) and ``dataset.json`` (case list, value -> name and colour). ``labels`` default to
+    :func:`trainingLabels`. Every pair is checked before anything is written; the folder appears
+    complete or not at all (a previous export there is replaced); the scene is left as it was.
+    """
+    pairs = list(pairs)
+    checkPairs(pairs)
+    labels = trainingLabels(pairs) if labels is None else list(labels)
+    names = [label.name for label in labels]
+    values = np.array([0] + [label.value for label in labels], np.uint16)  # n-th name -> its label's value
+    folder = pathlib.Path(folder)
+    _checkReplaceable(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    entries = []
+    try:
+        with asValueError():
+            writeVolume = engine().write_volume
+            for index, (volumeNode, segmentationNode) in enumerate(pairs):
+                case = f"case_{index:03d}_{_safeName(volumeNode.GetName())}"
+                volume = volumeFromNode(volumeNode)
+                labelmap = values[labelmapFromSegmentation(segmentationNode, volumeNode, names)]
+                labelmap = labelmap.astype(np.uint8 if labelmap.max(initial=0) < 256 else np.uint16)
+                writeVolume(volume, partial / "images" / f"{case}.nii.gz")
+                writeVolume(volume.with_array(labelmap), partial / "labels" / f"{case}.nii.gz")
+                entries.append({"image": f"./images/{case}.nii.gz", "label": f"./labels/{case}.nii.gz",
+                                "volume": volumeNode.GetName(), "segmentation": segmentationNode.GetName()})
+            from ..datalist import write_datalist
+
+            write_datalist(partial, entries, labels, DATASET_NAME,
+                           "Volumes and segmentations exported from 3D Slicer by UNet3DSegmenter")
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+DATASET_NAME = "UNet3DSegmenter training data"
+
+
+def _checkReplaceable(folder: pathlib.Path) -> None:
+    """An export replaces a previous export, never a folder of the user's: ValueError for anything else there."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return
+    try:
+        ours = json.loads((folder / "dataset.json").read_text(encoding="utf-8")).get("name") == DATASET_NAME
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{folder} already holds files that this module did not export: "
+                         "choose another output folder for the training run")
+
+
+def segmentedPairs(scene) -> list[tuple]:
+    """(input volume, segmentation) for each segmentation the module made whose input is still in ``scene``.
+
+    These are the cases to fine-tune on once their segments have been corrected in Segment Editor.
+    """
+    pairs = []
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        segmentationNode = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+        volumeNode = segmentationNode.GetNodeReference(INPUT_VOLUME_ROLE)
+        if segmentationNode.GetAttribute(CHECKPOINT_ATTRIBUTE) is not None and volumeNode is not None:
+            pairs.append((volumeNode, segmentationNode))
+    return pairs
+
+
+def _safeName(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "volume"

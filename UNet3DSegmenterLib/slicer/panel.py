@@ -1,0 +1,501 @@
+"""Everything the module panel decides, without Qt, so that it is tested on a real MRML scene.
+
+:class:`PanelState` holds the training pairs, the model list, the device choices, which buttons
+can be pressed, the start, progress and end of each background run, and what a closed or loaded
+scene changes. The Widget (``UNet3DSegmenter.py``) only wires Qt to it: each user action or scene
+event calls one method, then the Widget shows :meth:`PanelState.view`.
+
+Decisions kept here, and why:
+
+- Each training pair is one node reference role of the parameter node holding the volume and its
+  segmentation, so that deleting either node removes exactly its pair (two parallel reference
+  lists lose their alignment when MRML drops a deleted node from one of them).
+- The model box always shows what Segment uses: the model list is rebuilt from the parameter node
+  whenever it changes (a closed scene empties it: the last model shown is chosen again; a loaded
+  scene brings its own, which is listed even when it is not a bundled one).
+- The device choices are computed once (CUDA is offered only when PyTorch sees a GPU) and applied
+  again after every binding of the panel to the parameter node, which refills the combo boxes.
+- Closing the scene cancels a running segmentation (its input is gone; nothing is added to the new
+  scene and no error is shown); a training run goes on, since it works on files, not on the scene.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+from dataclasses import dataclass, field
+
+from ..choices import DEVICES
+from .export import segmentedPairs
+from .process import stopAll
+from .scene import segmentNames
+
+log = logging.getLogger("UNet3DSegmenter")
+
+START_FROM = ("new network", "selected model")
+"""Where a training run starts: a new network, or the model selected in the Segment section (fine-tuning)."""
+PAIR_ROLE = "UNet3DSegmenter.TrainingPair"
+CHOOSE_FILE = "Choose a checkpoint file..."
+SHUTDOWN_SECONDS = 10.0
+"""Longest wait for background runs at Reload or application exit."""
+
+
+@dataclass
+class Button:
+    text: str
+    enabled: bool
+    toolTip: str = ""
+
+
+@dataclass
+class ModelItem:
+    """One entry of the model box; ``path`` is empty for the entry that opens a file dialog."""
+
+    text: str
+    path: str
+    toolTip: str = ""
+
+
+@dataclass
+class DeviceChoice:
+    name: str
+    enabled: bool
+    toolTip: str = ""
+
+
+@dataclass
+class PanelView:
+    """What the panel shows, as plain values (see :meth:`PanelState.view`)."""
+
+    installVisible: bool
+    installText: str
+    installEnabled: bool
+    models: list
+    modelIndex: int
+    modelLabels: str
+    devices: list
+    segment: Button
+    segmentProgress: tuple
+    segmentStatus: str
+    pairs: list
+    addPair: Button
+    removePair: Button
+    addSegmented: Button
+    architectureEnabled: bool
+    train: Button
+    trainingProgress: int
+    trainingStatus: str
+
+
+@dataclass
+class _Run:
+    """A background run and what the panel says about it."""
+
+    process: object = None
+    status: str = ""
+    progress: tuple = (0, 100)
+    stopping: bool = False
+    started: float = field(default_factory=time.monotonic)
+    inputVolume: object = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.running
+
+
+class PanelState:
+    """The panel's decisions over the module's Logic and its parameter node (see the module docstring).
+
+    ``notify(message)`` shows an error to the user (the Widget passes an error dialog);
+    ``showSegmentation(volume, segmentation)`` and ``showChart(chartNode)`` put a result in the views.
+    """
+
+    def __init__(self, logic, notify=None, showSegmentation=None, showChart=None) -> None:
+        self.logic = logic
+        self.parameters = None
+        self.notify = notify or (lambda message: log.error("%s", message))
+        self.showSegmentation = showSegmentation or (lambda volume, segmentation: None)
+        self.showChart = showChart or (lambda chart: None)
+        self.engineChecked = False
+        self.engineProblem: str | None = None
+        self.cuda = False
+        self.extraModels: list[str] = []
+        self.lastModel = ""
+        self.segmentation = _Run()
+        self.training = _Run()
+        self._descriptions: dict = {}
+
+    # --- the parameter node and the scene ----------------------------------------------------------
+
+    def setParameterNode(self, parameters) -> None:
+        """Follow a new parameter node (module entered, scene closed or loaded): re-sync everything it holds."""
+        self.parameters = parameters
+        if parameters is None:
+            return
+        self.cleanPairs()
+        self.syncModels()
+        self.applyDeviceChoices()
+
+    def sceneStartClose(self) -> None:
+        """The scene is about to close: cancel a segmentation (its input goes), forget the parameter node."""
+        if self.segmentation.running:
+            self.cancelSegmentation("Cancelled: the scene was closed.")
+        if self.parameters is not None and self.parameters.checkpointPath:
+            self.lastModel = self.parameters.checkpointPath  # shown again in the new scene
+        self.parameters = None
+
+    def checkEngine(self) -> None:
+        """Whether the engine loads, and whether PyTorch sees a GPU (imports torch: call once the panel shows)."""
+        self.engineProblem = self.logic.engineProblem()
+        self.cuda = self.engineProblem is None and self.logic.cudaAvailable()
+        self.engineChecked = True
+        self._descriptions.clear()
+        self.applyDeviceChoices()
+
+    @property
+    def engineReady(self) -> bool:
+        return self.engineChecked and self.engineProblem is None
+
+    # --- models ----------------------------------------------------------------------------------
+
+    def modelItems(self) -> list[ModelItem]:
+        """The bundled models, those trained or opened here, the parameter node's, and the file-dialog entry."""
+        paths = [str(path) for path in self.logic.availableModels()]
+        chosen = self.parameters.checkpointPath if self.parameters is not None else ""
+        for path in self.extraModels + [chosen]:
+            if path and path not in paths:
+                paths.append(path)
+        items = []
+        for path in paths:
+            missing = "" if pathlib.Path(path).is_file() else " (file not found)"
+            items.append(ModelItem(pathlib.Path(path).stem + missing, path, path))
+        return items + [ModelItem(CHOOSE_FILE, "", "Open any UNet3DSegmenter checkpoint (.pt)")]
+
+    def modelIndex(self) -> int:
+        """The index in :meth:`modelItems` of the model Segment uses, -1 for none."""
+        if self.parameters is None or not self.parameters.checkpointPath:
+            return -1
+        paths = [item.path for item in self.modelItems()]
+        return paths.index(self.parameters.checkpointPath)
+
+    def syncModels(self) -> None:
+        """Make the parameter node name a model: a reset node gets the last model shown, else the first bundled."""
+        if self.parameters is None:
+            return
+        if self.parameters.checkpointPath:
+            self.lastModel = self.parameters.checkpointPath
+            return
+        bundled = [str(path) for path in self.logic.availableModels()]
+        choice = self.lastModel or (bundled[0] if bundled else "")
+        if choice:
+            self.parameters.checkpointPath = choice
+            self.lastModel = choice
+
+    def selectModel(self, index: int) -> bool:
+        """The user picked entry ``index`` of the model box; True when a file must be asked for."""
+        items = self.modelItems()
+        if not 0 <= index < len(items) or self.parameters is None:
+            return False
+        if not items[index].path:
+            return True
+        self.parameters.checkpointPath = items[index].path
+        self.lastModel = items[index].path
+        return False
+
+    def addModel(self, path) -> None:
+        """A checkpoint chosen in the file dialog, or trained here: listed from now on, and selected."""
+        path = str(path)
+        if path not in self.extraModels:
+            self.extraModels.append(path)
+        if self.parameters is not None:
+            self.parameters.checkpointPath = path
+        self.lastModel = path
+
+    def describeModel(self, path: str) -> str:
+        """The structures a model segments, for the label under the model box (read once per file version)."""
+        if not path:
+            return ""
+        if not self.engineReady:
+            return "Install PyTorch to read the model." if self.logic.missingRequirements() else ""
+        file = pathlib.Path(path)
+        if not file.is_file():
+            return f"The file {path} does not exist."
+        key = (path, file.stat().st_mtime_ns)
+        if key not in self._descriptions:
+            self._descriptions[key] = self.logic.describeModel(path)
+        return self._descriptions[key]
+
+    # --- devices ---------------------------------------------------------------------------------
+
+    def deviceChoices(self) -> list[DeviceChoice]:
+        """The device choices in their combo-box order; CUDA only when PyTorch sees a GPU."""
+        tips = {"auto": "The GPU when PyTorch sees one, else the CPU.", "cpu": "The processor.",
+                "cuda": "The NVIDIA GPU." if self.cuda else "PyTorch sees no CUDA GPU on this computer."}
+        return [DeviceChoice(name, name != "cuda" or self.cuda, tips[name]) for name in DEVICES]
+
+    def applyDeviceChoices(self) -> None:
+        """A device that is not available here (a scene saved on a GPU computer) becomes 'auto'."""
+        if self.parameters is None or not self.engineChecked:
+            return
+        available = {choice.name for choice in self.deviceChoices() if choice.enabled}
+        for name in ("device", "trainingDevice"):
+            if getattr(self.parameters, name) not in available:
+                setattr(self.parameters, name, "auto")
+
+    # --- training pairs --------------------------------------------------------------------------
+
+    def _pairEntries(self) -> list[tuple]:
+        """(role, volume, segmentation) of each complete pair, in the order they were added."""
+        if self.parameters is None:
+            return []
+        node = self.parameters.parameterNode
+        entries = []
+        for role in self._pairRoles():
+            if node.GetNumberOfNodeReferences(role) != 2:
+                continue  # one of its nodes was deleted: the pair is gone
+            volume, segmentation = node.GetNthNodeReference(role, 0), node.GetNthNodeReference(role, 1)
+            if volume is not None and segmentation is not None and segmentation.IsA("vtkMRMLSegmentationNode"):
+                entries.append((role, volume, segmentation))
+        return entries
+
+    def _pairRoles(self) -> list[str]:
+        node = self.parameters.parameterNode
+        roles = [node.GetNthNodeReferenceRole(index) for index in range(node.GetNumberOfNodeReferenceRoles())]
+        roles = [role for role in roles if role.startswith(PAIR_ROLE + ".") and role.rsplit(".", 1)[1].isdigit()]
+        return sorted(roles, key=lambda role: int(role.rsplit(".", 1)[1]))
+
+    def pairs(self) -> list[tuple]:
+        """The (volume, segmentation) pairs to train on, in the order they were added."""
+        return [(volume, segmentation) for _, volume, segmentation in self._pairEntries()]
+
+    def addPair(self, volume, segmentation) -> bool:
+        """Add a pair (as one reference role); False when it is incomplete or already there."""
+        if self.parameters is None or volume is None or segmentation is None or (volume, segmentation) in self.pairs():
+            return False
+        node = self.parameters.parameterNode
+        roles = self._pairRoles()
+        role = f"{PAIR_ROLE}.{int(roles[-1].rsplit('.', 1)[1]) + 1 if roles else 0}"
+        wasModifying = node.StartModify()
+        node.AddNodeReferenceID(role, volume.GetID())
+        node.AddNodeReferenceID(role, segmentation.GetID())
+        node.EndModify(wasModifying)
+        return True
+
+    def removePair(self, row: int) -> bool:
+        """Remove the pair shown in table row ``row``; False when no such row."""
+        entries = self._pairEntries()
+        if not 0 <= row < len(entries):
+            return False
+        self.parameters.parameterNode.RemoveNodeReferenceIDs(entries[row][0])
+        return True
+
+    def segmentedPairsToAdd(self) -> list[tuple]:
+        """Segmentations the module made (then perhaps corrected) whose pair is not in the list yet."""
+        if self.parameters is None:
+            return []
+        present = self.pairs()
+        return [pair for pair in segmentedPairs(self.parameters.parameterNode.GetScene()) if pair not in present]
+
+    def addSegmentedVolumes(self) -> int:
+        """Add every pair of :meth:`segmentedPairsToAdd` (one click to fine-tune on corrected results)."""
+        return sum(self.addPair(volume, segmentation) for volume, segmentation in self.segmentedPairsToAdd())
+
+    def cleanPairs(self) -> None:
+        """Drop what deleted nodes left of their pairs, so that the saved scene holds complete pairs only."""
+        if self.parameters is None:
+            return
+        node = self.parameters.parameterNode
+        for role in self._pairRoles():
+            if node.GetNumberOfNodeReferences(role) not in (0, 2):
+                node.RemoveNodeReferenceIDs(role)
+
+    # --- segment ---------------------------------------------------------------------------------
+
+    def startSegmentation(self) -> bool:
+        """Segment the chosen input with the chosen model in the background; False (user told) when it cannot start."""
+        parameters = self.parameters
+        self.segmentation = _Run(status="Starting the engine...", inputVolume=parameters.inputVolume)
+        try:
+            self.segmentation.process = self.logic.segmentInBackground(
+                parameters.inputVolume, parameters.checkpointPath, parameters.outputSegmentation,
+                device=parameters.device, overlap=parameters.overlap, tta=parameters.testTimeAugmentation,
+                largestComponent=parameters.largestComponent, onProgress=self._segmentProgress,
+                onFinished=self._segmentFinished, onError=self._segmentFailed)
+        except ValueError as error:
+            self.segmentation.status = "Segmentation could not start."
+            self.notify(f"Segmentation could not start: {error}")
+            return False
+        return True
+
+    def cancelSegmentation(self, status: str = "Cancelled.") -> None:
+        """Stop the running segmentation; nothing is added to the scene."""
+        if self.segmentation.running:
+            self.segmentation.process.cancel()
+        self.segmentation.status, self.segmentation.progress = status, (0, 100)
+
+    def _segmentProgress(self, done: int, total: int) -> None:
+        self.segmentation.progress = (done, max(total, 1))
+        self.segmentation.status = f"Segmenting: window {done} of {total}"
+
+    def _segmentFinished(self, segmentationNode) -> None:
+        seconds = time.monotonic() - self.segmentation.started
+        names = segmentNames(segmentationNode)
+        self.segmentation.status = f"Done in {seconds:.0f} s: {', '.join(names)}."
+        self.segmentation.progress = (self.segmentation.progress[1], self.segmentation.progress[1])
+        self.showSegmentation(self.segmentation.inputVolume, segmentationNode)
+
+    def _segmentFailed(self, message: str) -> None:
+        self.segmentation.status = "Segmentation failed."
+        self.notify(f"Segmentation failed: {message}")
+
+    # --- train -----------------------------------------------------------------------------------
+
+    def fineTuning(self) -> bool:
+        return self.parameters is not None and self.parameters.startFrom == START_FROM[1]
+
+    def startTraining(self) -> bool:
+        """Train on the pairs in the background; False (user told) when it cannot start."""
+        parameters = self.parameters
+        initCheckpoint = parameters.checkpointPath if self.fineTuning() else None
+        self.training = _Run(status="Exporting the training pairs...")
+        try:
+            process = self.logic.trainInBackground(
+                self.pairs(), parameters.trainingOutputFolder, architecture=None if initCheckpoint else
+                parameters.architecture, epochs=parameters.epochs, patchSize=parameters.patchSize or None,
+                batchSize=parameters.batchSize, learningRate=parameters.learningRate or None,
+                device=parameters.trainingDevice, initCheckpoint=initCheckpoint, onProgress=self._trainingProgress,
+                onFinished=self._trainingFinished, onError=self._trainingFailed, onCancelled=self._trainingStopped)
+        except ValueError as error:
+            self.training.status = "Training could not start."
+            self.notify(f"Training could not start: {error}")
+            return False
+        self.training.process = process
+        self.training.status = "Preparing the training cases..."
+        parameters.trainingTable = process.tableNode
+        self.showChart(process.chartNode)
+        return True
+
+    def stopTraining(self) -> None:
+        """Ask the run to stop after its current iteration; it saves last.pt, log.csv and the curves first."""
+        if self.training.running and not self.training.stopping:
+            self.training.process.cancel()
+            self.training.stopping = True
+            self.training.status = "Stopping after this iteration; last.pt is saved first..."
+
+    def _trainingProgress(self, event: dict) -> None:
+        if self.training.stopping:
+            return
+        kind = event.get("event")
+        epochs, epoch = int(event.get("epochs") or 1), int(event.get("epoch") or 0)
+        if kind == "preparing":
+            self.training.status = f"Preparing {event.get('kind')} cases: {event.get('done')} of {event.get('total')}"
+        elif kind == "iteration":
+            fraction = (epoch - 1 + int(event.get("iteration") or 0) / max(int(event.get("iterations") or 1), 1)) / epochs
+            loss = event.get("loss")
+            lossText = f"{loss:.3f}" if isinstance(loss, (int, float)) else "not a number"
+            eta = event.get("eta")
+            remaining = f", about {_duration(eta)} left" if eta is not None else ""
+            self.training.status = f"Epoch {epoch} of {epochs}, loss {lossText}{remaining}"
+            self.training.progress = (int(100 * max(0.0, min(fraction, 1.0))), 100)
+        elif kind == "epoch":
+            self.training.progress = (int(100 * min(epoch / epochs, 1.0)), 100)
+
+    def _trainingFinished(self, checkpointPath) -> None:
+        self.training.status = f"Done: {checkpointPath}"
+        self.training.progress = (100, 100)
+        self.addModel(checkpointPath)
+
+    def _trainingFailed(self, message: str) -> None:
+        self.training.status = "Training failed."
+        self.notify(f"Training failed: {message}")
+
+    def _trainingStopped(self) -> None:
+        folder = self.training.process.job.outputFolder
+        last, best = folder / "last.pt", folder / "best.pt"
+        if not last.is_file():
+            self.training.status = "Stopped before the first checkpoint was saved."
+            return
+        if best.is_file() and str(best) not in self.extraModels:
+            self.extraModels.append(str(best))  # listed, not selected: the user decides whether to use it
+        self.training.status = (f"Stopped: {last} holds the weights so far; continue with "
+                                f"unet3d-segmenter train --config {folder / 'run.json'} --resume")
+
+    # --- runs ------------------------------------------------------------------------------------
+
+    def poll(self) -> bool:
+        """Let the background runs report; True while one still runs (the Widget polls on a timer)."""
+        running = False
+        for run in (self.segmentation, self.training):
+            if run.running:
+                running = run.process.poll() or running
+        return running
+
+    def shutdown(self, seconds: float = SHUTDOWN_SECONDS) -> None:
+        """Stop every background run within ``seconds`` (Reload, application exit); a training run saves first."""
+        stopAll([self.segmentation.process, self.training.process], seconds)
+
+    # --- what the panel shows --------------------------------------------------------------------
+
+    def view(self, trainingVolume=None, trainingSegmentation=None, selectedPairRow: int = -1) -> PanelView:
+        """Everything the panel shows, given the two pair selectors' nodes and the selected table row."""
+        parameters = self.parameters
+        models = self.modelItems()
+        index = self.modelIndex()
+        chosen = models[index].path if index >= 0 else ""
+        pairs = self.pairs()
+        missing = self.logic.missingRequirements()
+        installVisible = bool(missing) or self.engineProblem is not None
+        return PanelView(
+            installVisible=installVisible,
+            installText=self.logic.installDescription(self.engineProblem) if installVisible else "",
+            installEnabled=bool(missing),
+            models=models, modelIndex=index, modelLabels=self.describeModel(chosen),
+            devices=self.deviceChoices(),
+            segment=self._segmentButton(chosen),
+            segmentProgress=self.segmentation.progress, segmentStatus=self.segmentation.status,
+            pairs=[(volume.GetName(), f"{segmentation.GetName()} ({', '.join(segmentNames(segmentation))})")
+                   for volume, segmentation in pairs],
+            addPair=Button("Add pair", parameters is not None and trainingVolume is not None
+                           and trainingSegmentation is not None and (trainingVolume, trainingSegmentation) not in pairs,
+                           "Add the volume and segmentation above to the training pairs."),
+            removePair=Button("Remove pair", 0 <= selectedPairRow < len(pairs), "Remove the selected training pair."),
+            addSegmented=Button("Add the segmented volumes", bool(self.segmentedPairsToAdd()),
+                                "Add each volume segmented here with its segmentation (corrected in Segment Editor, "
+                                "if need be) to the training pairs."),
+            architectureEnabled=not self.fineTuning(),
+            train=self._trainButton(pairs, chosen),
+            trainingProgress=self.training.progress[0], trainingStatus=self.training.status)
+
+    def _segmentButton(self, model: str) -> Button:
+        if self.segmentation.running:
+            return Button("Cancel", True, "Stop the segmentation; nothing is added to the scene.")
+        parameters = self.parameters
+        if not self.engineReady:
+            return Button("Segment", False, "Install PyTorch first (Install section)." if self.engineChecked
+                          else "Checking that PyTorch loads...")
+        if parameters is None or not parameters.inputVolume or not model:
+            return Button("Segment", False, "Choose an input volume and a model.")
+        if not pathlib.Path(model).is_file():
+            return Button("Segment", False, f"The model file {model} does not exist: choose another model.")
+        return Button("Segment", True, "Segment the input volume with the chosen model.")
+
+    def _trainButton(self, pairs, model: str) -> Button:
+        if self.training.running:
+            if self.training.stopping:
+                return Button("Stopping...", False, "The run ends its iteration and saves last.pt.")
+            return Button("Stop", True, "Stop after the current iteration; last.pt keeps the weights so far.")
+        if not self.engineReady:
+            return Button("Train", False, "Install PyTorch first (Install section)." if self.engineChecked
+                          else "Checking that PyTorch loads...")
+        if not pairs:
+            return Button("Train", False, "Add at least one pair of a volume and its segmentation.")
+        if self.fineTuning() and not (model and pathlib.Path(model).is_file()):
+            return Button("Train", False, "Choose the model to fine-tune in the Segment section.")
+        what = f"Fine-tune {pathlib.Path(model).stem}" if self.fineTuning() else "Train a new network"
+        return Button("Train", True, f"{what} on the pairs above.")
+
+
+def _duration(seconds) -> str:
+    seconds = int(round(float(seconds)))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"

@@ -1,0 +1,199 @@
+"""Between the MRML scene and the engine: volume nodes <-> Volume, segmentations <-> labelmaps.
+
+This is the one place where Slicer's IJK-to-RAS matrix meets the engine's geometry (converted by
+``Volume.from_ijk_to_ras`` / ``Volume.ijk_to_ras``), and where results are stored in the scene: one
+segment per label with its name and colour, on the input's grid, beside the input in the subject
+hierarchy. Mistakes the user can fix raise ``ValueError`` with one line and leave the scene as it was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from .install import engine
+
+CHECKPOINT_ATTRIBUTE = "UNet3DSegmenter.Checkpoint"
+"""Attribute of a segmentation made by the module: the checkpoint that made it."""
+INPUT_VOLUME_ROLE = "UNet3DSegmenter.InputVolume"
+"""Node reference of a segmentation made by the module: the volume it segments."""
+
+
+def checkVolumeNode(volumeNode) -> None:
+    """ValueError unless ``volumeNode`` is a scalar or vector volume node holding a 3D image."""
+    if volumeNode is None:
+        raise ValueError("no input volume: choose a volume")
+    if not volumeNode.IsA("vtkMRMLScalarVolumeNode") and not volumeNode.IsA("vtkMRMLVectorVolumeNode"):
+        raise ValueError(f"{volumeNode.GetName()} is a {volumeNode.GetClassName()}, not a scalar or vector volume")
+    imageData = volumeNode.GetImageData()
+    if imageData is None or imageData.GetNumberOfPoints() == 0:
+        raise ValueError(f"volume {volumeNode.GetName()} holds no voxels: load an image into it first")
+    dimensions = imageData.GetDimensions()
+    if min(dimensions) < 2:
+        raise ValueError(f"volume {volumeNode.GetName()} is a 2D image ({' x '.join(map(str, dimensions))} "
+                         "voxels): a 3D volume is needed")
+
+
+def volumeFromNode(volumeNode):
+    """The engine Volume of a scalar or vector volume node: voxels copied, geometry exact.
+
+    The node's own IJK-to-RAS matrix is used; a parent transform is not applied (results are
+    placed under the same transform instead).
+    """
+    checkVolumeNode(volumeNode)
+    array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
+    if array.ndim == 4:  # vector volume: (k, j, i, component) -> (channel, k, j, i)
+        array = np.ascontiguousarray(np.moveaxis(array, -1, 0))
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return engine().Volume.from_ijk_to_ras(array, slicer.util.arrayFromVTKMatrix(matrix))
+
+
+def addVolumeNode(volume, name: str = "volume", labelmap: bool = False):
+    """Add an engine Volume to the scene as a scalar (or labelmap, or vector) volume node."""
+    array = volume.array if volume.array.ndim == 3 else np.moveaxis(volume.array, 0, -1)
+    nodeClass = ("vtkMRMLLabelMapVolumeNode" if labelmap else
+                 "vtkMRMLVectorVolumeNode" if volume.array.ndim == 4 else "vtkMRMLScalarVolumeNode")
+    return slicer.util.addVolumeFromArray(np.ascontiguousarray(array), volume.ijk_to_ras(),
+                                          name=slicer.mrmlScene.GenerateUniqueName(name), nodeClassName=nodeClass)
+
+
+def segmentNames(segmentationNode) -> list[str]:
+    """The names of the segments, in the segmentation's order."""
+    segmentation = segmentationNode.GetSegmentation()
+    return [segmentation.GetNthSegment(index).GetName() for index in range(segmentation.GetNumberOfSegments())]
+
+
+def updateSegmentationFromLabelmap(segmentationNode, labelmap, labels, referenceVolumeNode=None) -> None:
+    """Replace all segments of ``segmentationNode`` by one segment per label of ``labelmap``.
+
+    ``labels`` are engine Labels (value, name, colour); a label absent from the labelmap still gets
+    its (empty) segment, so that every structure the model knows is listed.
+    """
+    foreground = [label for label in labels if label.value != 0]
+    index = np.zeros(labelmap.shape, np.uint16 if len(foreground) > 255 else np.uint8)
+    for number, label in enumerate(foreground, start=1):
+        index[labelmap.array == label.value] = number
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(index.shape[::-1])
+    image.AllocateScalars(vtk.VTK_UNSIGNED_SHORT if index.dtype == np.uint16 else vtk.VTK_UNSIGNED_CHAR, 1)
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    voxels[:] = index.ravel()
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(labelmap.ijk_to_ras()))
+
+    wasModifying = segmentationNode.StartModify()
+    try:
+        if referenceVolumeNode is not None:
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+        segmentation = segmentationNode.GetSegmentation()
+        segmentation.RemoveAllSegments()
+        segmentIds = vtk.vtkStringArray()
+        for label in foreground:
+            segmentId = segmentation.AddEmptySegment(label.name, label.name, tuple(float(c) for c in label.color))
+            segment = segmentation.GetSegment(segmentId)
+            segment.SetNameAutoGenerated(False)
+            segment.SetColorAutoGenerated(False)
+            segmentIds.InsertNextValue(segmentId)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                image, segmentationNode, segmentIds, None):
+            raise RuntimeError(f"could not import the labelmap into {segmentationNode.GetName()}")
+    finally:
+        segmentationNode.EndModify(wasModifying)
+
+
+def labelmapFromSegmentation(segmentationNode, referenceVolumeNode, names=None) -> np.ndarray:
+    """The segments as one labelmap array (k, j, i) on the reference volume's grid.
+
+    Segment ``names[n]`` gets value n + 1 (default: every segment, in the segmentation's order);
+    where segments overlap, the later one wins. Names the segmentation lacks stay absent.
+    """
+    segmentation = segmentationNode.GetSegmentation()
+    names = segmentNames(segmentationNode) if names is None else list(names)
+    present = [(value, segmentation.GetSegmentIdBySegmentName(name)) for value, name in enumerate(names, start=1)]
+    present = [(value, segmentId) for value, segmentId in present if segmentId]
+    dimensions = referenceVolumeNode.GetImageData().GetDimensions()
+    result = np.zeros(dimensions[::-1], np.uint16 if len(names) > 255 else np.uint8)
+    if not present:
+        return result
+    segmentIds = vtk.vtkStringArray()
+    for _, segmentId in present:
+        segmentIds.InsertNextValue(segmentId)
+    scene = segmentationNode.GetScene()
+    labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentationNode, segmentIds, labelmapNode, referenceVolumeNode):
+            raise ValueError(f"could not export the segments of {segmentationNode.GetName()} "
+                             f"onto the grid of {referenceVolumeNode.GetName()}")
+        exported = slicer.util.arrayFromVolume(labelmapNode)
+        lookup = np.zeros(len(present) + 1, result.dtype)
+        lookup[1:] = [value for value, _ in present]
+        result[...] = lookup[exported]
+    finally:
+        removeNodeAndHelpers(scene, labelmapNode)
+    return result
+
+
+def storeSegmentation(labelmap, labels, inputVolume, outputSegmentation=None, checkpointName: str = ""):
+    """Put a result into the scene: ``outputSegmentation`` (a new node when None) gets one segment per label.
+
+    The segmentation lies on the input's geometry, under the input's transform and beside it in the
+    subject hierarchy, and remembers the checkpoint and the input (see :func:`segmentedPairs` in
+    ``export``). ValueError, and nothing added, when the input has left the scene meanwhile.
+    """
+    scene = inputVolume.GetScene()
+    if scene is None:
+        raise ValueError(f"volume {inputVolume.GetName()} was removed from the scene while it was segmented: "
+                         "nothing was added")
+    if outputSegmentation is not None and outputSegmentation.GetScene() is not scene:
+        outputSegmentation = None  # the chosen output was deleted meanwhile: make a new one rather than lose the result
+    created = outputSegmentation is None
+    if created:
+        outputSegmentation = scene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{inputVolume.GetName()} segmentation"))
+    try:
+        updateSegmentationFromLabelmap(outputSegmentation, labelmap, labels, inputVolume)
+    except Exception:
+        if created:
+            scene.RemoveNode(outputSegmentation)
+        raise
+    if outputSegmentation.GetDisplayNode() is None:
+        outputSegmentation.CreateDefaultDisplayNodes()
+    outputSegmentation.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
+    outputSegmentation.SetAttribute(CHECKPOINT_ATTRIBUTE, checkpointName)
+    outputSegmentation.SetNodeReferenceID(INPUT_VOLUME_ROLE, inputVolume.GetID())
+    placeInStudy(outputSegmentation, inputVolume)
+    return outputSegmentation
+
+
+def placeInStudy(node, referenceNode) -> None:
+    """Put ``node`` beside ``referenceNode`` in the subject hierarchy (under its study or patient)."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    if hierarchy is None:
+        return
+    referenceItem = hierarchy.GetItemByDataNode(referenceNode)
+    parent = hierarchy.GetItemParent(referenceItem) if referenceItem else hierarchy.GetSceneItemID()
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, parent)
+    else:  # the application adds an item for every new node; a bare scene (a script's) may not have
+        hierarchy.CreateItem(parent, node)
+
+
+def removeNodeAndHelpers(scene, node) -> None:
+    """Remove a temporary node with the display, storage and colour nodes that came with it."""
+    helpers = []
+    for index in range(node.GetNumberOfDisplayNodes()):
+        display = node.GetNthDisplayNode(index)
+        if display is not None:
+            helpers.append(display)
+            color = display.GetColorNode()
+            if color is not None and color.GetScene() is scene and not color.GetSingletonTag():
+                helpers.append(color)
+    helpers += [node.GetNthStorageNode(index) for index in range(node.GetNumberOfStorageNodes())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene() is scene:
+            scene.RemoveNode(helper)

@@ -1,0 +1,147 @@
+"""The Segment job: one prepare step and one finish step, shared by the waiting and the background path.
+
+:func:`prepare` checks everything that can be checked before any work (the volume, the checkpoint,
+the options) and raises ``ValueError`` with one line; :func:`finish` puts the labelmap into the
+scene. In between, :func:`predict` runs the engine in this process (Python console, tests), and
+:func:`startInBackground` runs ``unet3d-segmenter predict`` in a child process (the panel), so that
+Slicer stays responsive and the run can be cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from ..choices import DEVICES
+from .install import asValueError, engine, oneLine
+from .process import EngineProcess
+from .scene import storeSegmentation, volumeFromNode
+
+log = logging.getLogger("UNet3DSegmenter")
+
+
+@dataclass
+class SegmentationJob:
+    """What one segmentation needs, checked: the input node and its Volume, the loaded checkpoint, the options."""
+
+    inputVolume: object
+    volume: object
+    checkpoint: object
+    checkpointPath: pathlib.Path | None  # None: an in-memory Checkpoint
+    outputSegmentation: object = None
+    device: str = "auto"
+    overlap: float = 0.5
+    tta: bool = False
+    largestComponent: bool = False
+
+    @property
+    def checkpointName(self) -> str:
+        return str(self.checkpointPath) if self.checkpointPath is not None else "in-memory checkpoint"
+
+
+def loadCheckpoint(checkpoint):
+    """A checkpoint from a path (or the Checkpoint itself); ValueError when it cannot be used."""
+    package = engine()
+    if isinstance(checkpoint, package.Checkpoint):
+        return checkpoint
+    if checkpoint is None or str(checkpoint) == "":
+        raise ValueError("no model chosen: choose a checkpoint (.pt) file")
+    with asValueError():
+        return package.load_checkpoint(checkpoint)
+
+
+def prepare(inputVolume, checkpoint, outputSegmentation=None, device: str = "auto", overlap: float = 0.5,
+            tta: bool = False, largestComponent: bool = False) -> SegmentationJob:
+    """Check the inputs of a segmentation; ValueError, and nothing changed, when one cannot work."""
+    volume = volumeFromNode(inputVolume)
+    loaded = loadCheckpoint(checkpoint)
+    if volume.channels != loaded.in_channels:
+        raise ValueError(f"volume {inputVolume.GetName()} has {volume.channels} channel(s) but the model expects "
+                         f"{loaded.in_channels}: choose a model made for this kind of image")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be at least 0 and below 1, got {overlap}")
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+    path = pathlib.Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+    return SegmentationJob(inputVolume, volume, loaded, path, outputSegmentation, device, float(overlap), bool(tta),
+                           bool(largestComponent))
+
+
+def predict(job: SegmentationJob, progress=None):
+    """Run the engine on the job in this process; the labelmap (an engine Volume on the input's grid)."""
+    with asValueError():
+        predictor = engine().Predictor(job.checkpoint, device=job.device, overlap=job.overlap, tta=job.tta,
+                                       largest_component=job.largestComponent)
+        return predictor.predict(job.volume, progress=progress).labelmap
+
+
+def finish(job: SegmentationJob, labelmap):
+    """Store ``labelmap`` as the job's segmentation node (see ``scene.storeSegmentation``) and return it."""
+    if labelmap.shape != job.volume.shape or not labelmap.same_grid(job.volume, tolerance=1e-3):
+        raise ValueError(f"the engine wrote a segmentation on another grid ({labelmap.describe_grid()}) "
+                         f"than the input ({job.volume.describe_grid()})")
+    return storeSegmentation(job.volume.with_array(labelmap.array), job.checkpoint.labels, job.inputVolume,
+                             job.outputSegmentation, job.checkpointName)
+
+
+def startInBackground(job: SegmentationJob, python: str, environment: dict, onProgress=None, onFinished=None,
+                      onError=None) -> EngineProcess:
+    """Run the job as ``unet3d-segmenter predict`` in a child process; return the started process.
+
+    The process reports ``onProgress(done, total)`` (windows), then ``onFinished(segmentationNode)``
+    or ``onError(message)``; after ``cancel()`` it reports nothing more and adds nothing to the scene.
+    Its temporary folder (``process.temporaryFolder``) is gone once it has ended.
+    """
+    package = engine()
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="UNet3DSegmenter-"))
+    inputPath, outputPath = folder / "input.nrrd", folder / "segmentation.nrrd"
+    try:
+        checkpointPath = job.checkpointPath or package.save_checkpoint(job.checkpoint, folder / "model.pt")
+        with asValueError():
+            package.write_volume(job.volume, inputPath, compress=False)
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    arguments = [python, "-m", "UNet3DSegmenterLib", "predict", "--checkpoint", checkpointPath, "--input", inputPath,
+                 "--output", outputPath, "--device", job.device, "--overlap", job.overlap, "--progress-json"]
+    arguments += ["--tta"] if job.tta else []
+    arguments += ["--largest-component"] if job.largestComponent else []
+
+    def progress(event: dict) -> None:
+        if event.get("event") == "progress" and onProgress is not None and not process.cancelled:
+            onProgress(int(event["done"]), int(event["total"]))
+
+    def finished() -> None:
+        try:
+            with asValueError():
+                labelmap = package.read_volume(outputPath)
+            node = finish(job, labelmap)
+        except Exception as error:  # reported like the child's own errors: one line
+            if not isinstance(error, ValueError):
+                log.exception("storing the segmentation failed")
+            process.errorMessage = oneLine(error)
+            if onError is not None:
+                onError(process.errorMessage)
+            return
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        if onFinished is not None:
+            onFinished(node)
+
+    def failed(message: str) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        if onError is not None:
+            onError(message)
+
+    process = EngineProcess(arguments, onProgress=progress, onFinished=finished, onError=failed,
+                            onCancelled=lambda: shutil.rmtree(folder, ignore_errors=True), environment=environment)
+    process.temporaryFolder = folder
+    try:
+        return process.start()
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise

@@ -1,0 +1,207 @@
+"""The Train job: one prepare step and one finish step, shared by the waiting and the background path.
+
+:func:`prepare` checks the pairs and the options, builds the engine's ``TrainingConfig`` (label
+names and colours from the segments, ``init`` when fine-tuning a model) and exports the pairs;
+:func:`finish` names the checkpoint the run produced. In between, :func:`run` trains in this process
+(Python console, tests) and :func:`startInBackground` runs ``unet3d-segmenter train --config
+run.json --progress-json`` in a child process (the panel), stopped by a ``STOP`` file so that it
+always saves. Both fill a table of loss and Dice per epoch, plotted by a chart in the scene.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from dataclasses import dataclass
+
+import slicer
+import vtk
+
+from .export import checkPairs, exportTrainingPairs, trainingLabels
+from .install import asValueError, engine
+from .process import EngineProcess
+from .segmentation import loadCheckpoint
+
+CHART_ROLE = "UNet3DSegmenter.Chart"
+STOP_FILE = "STOP"
+"""The file that stops ``unet3d-segmenter train`` gracefully (``commands.train.STOP_FILE``)."""
+
+# TrainingConfig fields that prepare() sets from its own arguments, the pairs and the output folder.
+_SET_HERE = {"data", "output", "architecture", "epochs", "patch_size", "batch_size", "lr", "device", "init",
+             "label_names", "label_colors"}
+
+STOP_GRACE_SECONDS = 30.0
+"""How long a stopping run may take to finish its iteration and save before it is killed."""
+
+
+@dataclass
+class TrainingJob:
+    """A checked training run: the engine's configuration, the labels, and the curves in the scene."""
+
+    config: object  # UNet3DSegmenterLib.TrainingConfig
+    pairs: list
+    labels: list
+    tableNode: object
+    chartNode: object
+    result: dict | None = None  # the trainer's 'done' event, once it came
+
+    @property
+    def outputFolder(self) -> pathlib.Path:
+        return pathlib.Path(self.config.output)
+
+
+def prepare(pairs, outputFolder, architecture: str | None = None, epochs: int = 100, patchSize=None,
+            batchSize: int = 2, learningRate=None, device: str = "auto", initCheckpoint=None, tableNode=None,
+            **options) -> TrainingJob:
+    """Check a training run and export its pairs to ``outputFolder/data``; ValueError, nothing written, when it cannot run.
+
+    ``initCheckpoint`` (a path or a Checkpoint) makes it fine-tune that model: its labels keep their
+    values, new segment names get a new output layer, its architecture and preprocessing are kept.
+    With fewer than two pairs nothing can be held out, so ``val_fraction`` defaults to 0.
+    """
+    pairs = list(pairs)
+    checkPairs(pairs)
+    outputFolder = pathlib.Path(outputFolder)
+    init = loadCheckpoint(initCheckpoint) if initCheckpoint is not None and str(initCheckpoint) else None
+    labels = trainingLabels(pairs, init.labels if init is not None else None)
+    if init is not None and not isinstance(initCheckpoint, (str, pathlib.PurePath)):
+        initCheckpoint = None  # an in-memory model: written beside the run once the checks have passed
+    if len(pairs) < 2:
+        options.setdefault("val_fraction", 0.0)
+    patch = None
+    if patchSize:
+        patch = tuple(int(size) for size in patchSize) if isinstance(patchSize, (tuple, list)) else (int(patchSize),) * 3
+    TrainingConfig = engine().TrainingConfig
+    unknown = sorted(set(options) - {field.name for field in dataclasses.fields(TrainingConfig)})
+    if unknown:
+        raise ValueError(f"unknown training option {unknown[0]!r}: the options are the fields of TrainingConfig "
+                         "('unet3d-segmenter train --help')")
+    given = sorted(set(options) & _SET_HERE)
+    if given:
+        raise ValueError(f"training option {given[0]!r} comes from the pairs, the output folder or an argument of its "
+                         "own (architecture, epochs, patchSize, batchSize, learningRate, device, initCheckpoint)")
+    with asValueError():
+        config = TrainingConfig(
+            data=outputFolder / "data", output=outputFolder, architecture=architecture, epochs=int(epochs),
+            patch_size=patch, batch_size=int(batchSize), lr=learningRate or None, device=device,
+            init=pathlib.Path(initCheckpoint) if initCheckpoint is not None else None,
+            label_names={label.value: label.name for label in labels},
+            label_colors={label.value: tuple(label.color) for label in labels}, **options)
+    exportTrainingPairs(pairs, config.data, labels)
+    if init is not None and config.init is None:
+        config.init = engine().save_checkpoint(init, outputFolder / "init.pt")
+    (outputFolder / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop this run
+    chartNode = None
+    if tableNode is None:
+        tableNode, chartNode = createTrainingCurves([label.name for label in labels])
+    return TrainingJob(config, pairs, labels, tableNode, chartNode or tableNode.GetNodeReference(CHART_ROLE))
+
+
+def record(job: TrainingJob, event: dict) -> None:
+    """Take in one trainer event: an epoch becomes a row of the curves table, 'done' is the result."""
+    if event.get("event") == "epoch" and job.tableNode.GetScene() is not None:  # a closed scene took the table
+        addTrainingEpoch(job.tableNode, event)
+    elif event.get("event") == "done":
+        job.result = dict(event)
+
+
+def run(job: TrainingJob, progress=None, cancel=None) -> None:
+    """Train in this process; ``progress(event)`` gets every trainer event, ``cancel()`` True stops after an iteration."""
+    from ..training.trainer import train
+
+    def report(event: dict) -> None:
+        record(job, event)
+        if progress is not None:
+            progress(event)
+
+    with asValueError():
+        train(job.config, progress=report, cancel=cancel)
+
+
+def finish(job: TrainingJob) -> pathlib.Path:
+    """The checkpoint the run produced: best.pt, or last.pt when it stopped before best.pt was written."""
+    best = pathlib.Path(job.result["best_checkpoint"]) if job.result else job.outputFolder / "best.pt"
+    if best.is_file():
+        return best
+    last = job.outputFolder / "last.pt"
+    if last.is_file():
+        return last
+    raise ValueError(f"the training run in {job.outputFolder} wrote no checkpoint")
+
+
+def startInBackground(job: TrainingJob, python: str, environment: dict, onProgress=None, onFinished=None,
+                      onError=None, onCancelled=None) -> EngineProcess:
+    """Run the job as ``unet3d-segmenter train --config <output>/run.json --progress-json``; return the process.
+
+    It reports ``onProgress(event)`` for each trainer event, then ``onFinished(checkpointPath)``,
+    ``onError(message)`` or, after ``cancel()``, ``onCancelled()``. ``cancel()`` writes the run's
+    ``STOP`` file: the trainer ends its iteration, saves last.pt, log.csv and the curves, and exits;
+    it is killed only when it has not ended :data:`STOP_GRACE_SECONDS` later. The process carries
+    ``job``, ``tableNode`` and ``chartNode``.
+    """
+    configPath = job.config.save(job.outputFolder / "run.json")
+
+    def report(event: dict) -> None:
+        record(job, event)
+        if onProgress is not None:
+            onProgress(event)
+
+    def finished() -> None:
+        try:
+            checkpoint = finish(job)
+        except ValueError as error:
+            process.errorMessage = str(error)
+            if onError is not None:
+                onError(process.errorMessage)
+            return
+        if onFinished is not None:
+            onFinished(checkpoint)
+
+    arguments = [python, "-m", "UNet3DSegmenterLib", "train", "--config", configPath, "--progress-json"]
+    process = EngineProcess(arguments, onProgress=report, onFinished=finished, onError=onError,
+                            onCancelled=onCancelled, environment=environment,
+                            stopFile=job.outputFolder / STOP_FILE, cancelGraceSeconds=STOP_GRACE_SECONDS)
+    process.job, process.tableNode, process.chartNode = job, job.tableNode, job.chartNode
+    return process.start()
+
+
+def createTrainingCurves(labelNames, name: str = "UNet3DSegmenter training", scene=None):
+    """A table (epoch, train loss, mean Dice, Dice per label) and a chart plotting it."""
+    scene = scene or slicer.mrmlScene
+    tableNode = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    columns = ["epoch", "train loss", "mean Dice"] + [f"Dice {label}" for label in labelNames]
+    for column in columns:
+        array = vtk.vtkDoubleArray()
+        array.SetName(column)
+        tableNode.AddColumn(array)
+    chartNode = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", tableNode.GetName() + " chart")
+    chartNode.SetTitle("Training: loss and validation Dice")
+    chartNode.SetXAxisTitle("epoch")
+    chartNode.SetYAxisTitle("loss / Dice")
+    for column in columns[1:]:
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{tableNode.GetName()} {column}")
+        series.SetAndObserveTableNodeID(tableNode.GetID())
+        series.SetXColumnName("epoch")
+        series.SetYColumnName(column)
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+        if column == "train loss":
+            series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleDash)
+        chartNode.AddAndObservePlotSeriesNodeID(series.GetID())
+    tableNode.SetNodeReferenceID(CHART_ROLE, chartNode.GetID())
+    return tableNode, chartNode
+
+
+def addTrainingEpoch(tableNode, event: dict) -> None:
+    """Append one trainer 'epoch' event to the table; Dice is NaN on epochs without validation."""
+    table = tableNode.GetTable()
+    dice = event.get("dice") or {}
+    values = {"epoch": event.get("epoch"), "train loss": event.get("train_loss"), "mean Dice": event.get("mean_dice")}
+    values.update({f"Dice {name}": value for name, value in dice.items()})
+    row = tableNode.AddEmptyRow()
+    for column in range(table.GetNumberOfColumns()):
+        array = table.GetColumn(column)
+        value = values.get(array.GetName())
+        array.SetValue(row, float("nan") if value is None else float(value))
+    table.Modified()
+    tableNode.Modified()
