@@ -21,9 +21,13 @@ _RELEASE_TIMEOUT_SECONDS = 30.0
 class Distributed:
     """Rank, world size and device of this process; ``main`` is the rank that validates and writes."""
 
+    # The tensor of the last collective of this process, whichever instance ran it: a cross-validation
+    # joins one process group from several instances (one per fold), and leaving it must wait for the
+    # last collective of any of them (see stop).
+    _last_tensor: weakref.ReferenceType[torch.Tensor] | None = None
+
     def __init__(self, rank: int, world_size: int, device: torch.device, started: bool):
         self.rank, self.world_size, self.device, self.started = rank, world_size, device, started
-        self._last_tensor: weakref.ReferenceType[torch.Tensor] | None = None
 
     @classmethod
     def start(cls, device_name: str) -> Distributed:
@@ -65,7 +69,7 @@ class Distributed:
         tensor = torch.tensor([value], dtype=dtype, device=device)
         torch.distributed.all_reduce(tensor, op=op)
         result = tensor.item()
-        self._last_tensor = weakref.ref(tensor)
+        Distributed._last_tensor = weakref.ref(tensor)
         return result
 
     def stop(self) -> None:
@@ -79,6 +83,6 @@ class Distributed:
         if not self.started or not torch.distributed.is_initialized():
             return
         deadline = time.monotonic() + _RELEASE_TIMEOUT_SECONDS
-        while self._last_tensor is not None and self._last_tensor() is not None and time.monotonic() < deadline:
+        while (last := Distributed._last_tensor) is not None and last() is not None and time.monotonic() < deadline:
             time.sleep(0.001)
         torch.distributed.destroy_process_group()
