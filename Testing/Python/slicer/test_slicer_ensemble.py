@@ -30,7 +30,9 @@ def cross_validation(tmp_path_factory, checkpoint_path):
 
 @pytest.mark.parametrize("source", ["ensemble.pt", "."], ids=["ensemble file", "folder of folds"])
 def test_segment_with_an_ensemble_gives_the_ensembles_labelmap(slicer_scene, logic, cross_validation, source):
-    node = slicer_scene.module.UNet3DSegmenterTest().addPhantom(seed=2)[0]
+    from UNet3DSegmenterLib.slicer.selftest import addPhantom
+
+    node = addPhantom(seed=2)[0]
     model = cross_validation / source
     assert logic.describeModel(model) == "organ, lesion"
     segmentation = logic.segment(node, model, device="cpu")
