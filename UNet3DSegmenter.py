@@ -330,11 +330,16 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUI()
 
     def onModelSelected(self, index: int) -> None:
-        if self.state.selectModel(index):
+        dialog = self.state.selectModel(index)
+        path = ""
+        if dialog == "file":
             path = qt.QFileDialog.getOpenFileName(
                 slicer.util.mainWindow(), "Choose a UNet3DSegmenter checkpoint", "", "PyTorch checkpoint (*.pt)")
-            if path:
-                self.state.addModel(path)
+        elif dialog == "folder":
+            path = qt.QFileDialog.getExistingDirectory(
+                slicer.util.mainWindow(), "Choose a folder of fold checkpoints (a cross-validation's output)")
+        if path:
+            self.state.addModel(path)
         self.updateGUI()
 
     def onSegmentButton(self) -> None:

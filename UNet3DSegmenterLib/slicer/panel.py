@@ -37,6 +37,7 @@ START_FROM = ("new network", "selected model")
 """Where a training run starts: a new network, or the model selected in the Segment section (fine-tuning)."""
 PAIR_ROLE = "UNet3DSegmenter.TrainingPair"
 CHOOSE_FILE = "Choose a checkpoint file..."
+CHOOSE_FOLDER = "Choose a folder of fold checkpoints..."
 SHUTDOWN_SECONDS = 10.0
 """Longest wait for background runs at Reload or application exit."""
 
@@ -50,11 +51,13 @@ class Button:
 
 @dataclass
 class ModelItem:
-    """One entry of the model box; ``path`` is empty for the entry that opens a file dialog."""
+    """One entry of the model box; ``path`` is empty for the entries that open a dialog, whose ``dialog``
+    says which: 'file' (a checkpoint) or 'folder' (a cross-validation's folds, used as one ensemble)."""
 
     text: str
     path: str
     toolTip: str = ""
+    dialog: str = ""
 
 
 @dataclass
@@ -168,9 +171,15 @@ class PanelState:
                 paths.append(path)
         items = []
         for path in paths:
-            missing = "" if pathlib.Path(path).is_file() else " (file not found)"
-            items.append(ModelItem(pathlib.Path(path).stem + missing, path, path))
-        return items + [ModelItem(CHOOSE_FILE, "", "Open any UNet3DSegmenter checkpoint (.pt)")]
+            location = pathlib.Path(path)
+            name = location.name if location.is_dir() else location.stem
+            missing = "" if location.exists() else " (file not found)"
+            items.append(ModelItem(name + missing, path, path))
+        return items + [
+            ModelItem(CHOOSE_FILE, "", "Open any UNet3DSegmenter checkpoint (.pt), one network or an ensemble", "file"),
+            ModelItem(CHOOSE_FOLDER, "", "Open the folder of a cross-validation (fold_*/best.pt) or a folder of "
+                      ".pt files: its networks segment together, as one ensemble", "folder"),
+        ]
 
     def modelIndex(self) -> int:
         """The index in :meth:`modelItems` of the model Segment uses, -1 for none."""
@@ -192,19 +201,19 @@ class PanelState:
             self.parameters.checkpointPath = choice
             self.lastModel = choice
 
-    def selectModel(self, index: int) -> bool:
-        """The user picked entry ``index`` of the model box; True when a file must be asked for."""
+    def selectModel(self, index: int) -> str:
+        """The user picked entry ``index`` of the model box; the dialog to open ('file' or 'folder'), or ''."""
         items = self.modelItems()
         if not 0 <= index < len(items) or self.parameters is None:
-            return False
+            return ""
         if not items[index].path:
-            return True
+            return items[index].dialog
         self.parameters.checkpointPath = items[index].path
         self.lastModel = items[index].path
-        return False
+        return ""
 
     def addModel(self, path) -> None:
-        """A checkpoint chosen in the file dialog, or trained here: listed from now on, and selected."""
+        """A checkpoint (or folder of them) chosen in a dialog, or trained here: listed from now on, and selected."""
         path = str(path)
         if path not in self.extraModels:
             self.extraModels.append(path)
@@ -219,7 +228,7 @@ class PanelState:
         if not self.engineReady:
             return "Install PyTorch to read the model." if self.logic.missingRequirements() else ""
         file = pathlib.Path(path)
-        if not file.is_file():
+        if not file.exists():
             return f"The file {path} does not exist."
         key = (path, file.stat().st_mtime_ns)
         if key not in self._descriptions:
@@ -476,8 +485,8 @@ class PanelState:
                           else "Checking that PyTorch loads...")
         if parameters is None or not parameters.inputVolume or not model:
             return Button("Segment", False, "Choose an input volume and a model.")
-        if not pathlib.Path(model).is_file():
-            return Button("Segment", False, f"The model file {model} does not exist: choose another model.")
+        if not pathlib.Path(model).exists():
+            return Button("Segment", False, f"The model {model} does not exist: choose another model.")
         return Button("Segment", True, "Segment the input volume with the chosen model.")
 
     def _trainButton(self, pairs, model: str) -> Button:

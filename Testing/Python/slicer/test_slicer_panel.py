@@ -156,14 +156,31 @@ def test_the_model_box_lists_bundled_opened_and_missing_models_and_opens_files(s
     state.parameters.checkpointPath = str(tmp_path / "gone.pt")  # a scene saved on another computer
     items = state.modelItems()
     assert [item.path for item in items[:len(bundled)]] == bundled
-    assert items[-2].text == "gone (file not found)" and items[-1].text == panel.CHOOSE_FILE
+    assert items[-3].text == "gone (file not found)"
+    assert [item.text for item in items[-2:]] == [panel.CHOOSE_FILE, panel.CHOOSE_FOLDER]
     view = state.view()
-    assert view.modelIndex == len(items) - 2 and not view.segment.enabled
-    assert state.selectModel(len(items) - 1), "the last entry asks for a file"
+    assert view.modelIndex == len(items) - 3 and not view.segment.enabled
+    assert state.selectModel(len(items) - 2) == "file" and state.selectModel(len(items) - 1) == "folder"
     state.addModel(checkpoint_path)
     assert state.view().modelLabels == "organ, lesion"
     if bundled:
         assert not state.selectModel(0) and state.parameters.checkpointPath == bundled[0]
+
+
+def test_a_folder_of_fold_checkpoints_is_one_model_in_the_box(slicer_scene, logic, state, checkpoint_path, tmp_path):
+    from UNet3DSegmenterLib import load_checkpoint, save_checkpoint
+
+    folds = tmp_path / "cross-validation"
+    for fold in range(2):
+        save_checkpoint(load_checkpoint(checkpoint_path), folds / f"fold_{fold}" / "best.pt")
+    from UNet3DSegmenterLib.slicer.selftest import addPhantom
+
+    state.parameters.inputVolume = addPhantom(seed=2)[0]
+    state.addModel(folds)
+    view = state.view()
+    chosen = view.models[view.modelIndex]
+    assert (chosen.text, chosen.path) == ("cross-validation", str(folds))
+    assert view.modelLabels == "organ, lesion" and view.segment.enabled
 
 
 # --- devices ---------------------------------------------------------------------------------------
