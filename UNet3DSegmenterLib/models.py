@@ -69,6 +69,16 @@ class _SegmentationNetwork(nn.Module):
             raise ValueError(f"depth must be at least 2, got {depth}")
         return [base_width * 2**level for level in range(depth)]
 
+    def decoder_levels(self) -> list[tuple[nn.Module, int]]:
+        """The decoder's stages from coarse to fine, with the channels each outputs; the last one's
+        output feeds the head. Deep supervision taps the coarser ones (training only)."""
+        args = self.architecture_args
+        widths = self._widths(args["depth"], args["base_width"])
+        return list(zip(self._decoder_stages(), reversed(widths[:-1])))
+
+    def _decoder_stages(self) -> list[nn.Module]:
+        return list(getattr(self, "decoder").blocks)  # noqa: B009  (the U-Nets' shared _Decoder)
+
 
 class _Decoder(nn.Module):
     """Transposed-conv up, concatenate the skip, then two conv units per level."""
@@ -265,6 +275,9 @@ class VNet(_SegmentationNetwork):
             for level in reversed(range(depth - 1))
         )
         self.head = nn.Conv3d(widths[0], out_channels, kernel_size=1)
+
+    def _decoder_stages(self) -> list[nn.Module]:
+        return list(self.up_stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_stage(x)

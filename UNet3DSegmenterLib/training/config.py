@@ -145,6 +145,8 @@ class TrainingConfig:
     grad_clip: float = option(12.0, "largest gradient norm (0: off)", group="optimisation")
     precision: str = option("auto", "auto: mixed precision on CUDA and on CPUs with native bf16, else fp32",
                             group="optimisation", choices=PRECISIONS)
+    deep_supervision: bool = option(False, "also score the decoder's half- and quarter-resolution outputs "
+                                    "(nnU-Net's deep supervision; training only)", group="optimisation")
     augment: bool = option(True, "switch data augmentation off", group="optimisation", flag="--no-augment")
     foreground_fraction: float = option(1 / 3, "share of patches centred on a labelled voxel",
                                         group="optimisation")

@@ -46,13 +46,15 @@ def learning_rate(base_lr: float, schedule: str, warmup_steps: int, step: int, t
 class TrainingStep:
     """Forward under autocast, loss in float32, backward, gradient clipping, optimiser step.
 
-    ``module`` is the bare network (for checkpoints and validation); ``model`` is what runs the
-    forward pass (the same network, wrapped in DistributedDataParallel under torchrun).
+    ``module`` is the bare network (for checkpoints and validation); ``trained`` is what the optimiser
+    updates (the network, with the auxiliary heads of deep supervision when asked); ``model`` is what
+    runs the forward pass (``trained``, wrapped in DistributedDataParallel under torchrun).
     """
 
     def __init__(self, module: nn.Module, model: nn.Module, loss: nn.Module, optimizer, device: torch.device,
-                 dtype: torch.dtype, grad_clip: float, channels_last: bool):
+                 dtype: torch.dtype, grad_clip: float, channels_last: bool, trained: nn.Module | None = None):
         self.module, self.model, self.loss, self.optimizer = module, model, loss, optimizer
+        self.trained = trained if trained is not None else module
         self.device, self.dtype, self.grad_clip, self.channels_last = device, dtype, grad_clip, channels_last
         use_scaler = device.type == "cuda" and dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -60,17 +62,25 @@ class TrainingStep:
     @classmethod
     def create(cls, module: nn.Module, loss: nn.Module, optimizer: str, lr: float, weight_decay: float,
                grad_clip: float, device: torch.device, dtype: torch.dtype, distributed: bool = False,
-               channels_last: bool = False) -> TrainingStep:
-        """Move ``module`` to ``device`` (channels-last when asked) and build its optimiser."""
+               channels_last: bool = False, deep_supervision: bool = False) -> TrainingStep:
+        """Move ``module`` to ``device`` (channels-last when asked) and build its optimiser; with
+        ``deep_supervision``, the loss also judges the decoder's two coarser levels
+        (:mod:`~UNet3DSegmenterLib.training.deep_supervision`)."""
+        from .deep_supervision import DeepSupervision, DeepSupervisionLoss
+
         module = module.to(device)
+        trained = DeepSupervision(module) if deep_supervision else module
+        loss = DeepSupervisionLoss(loss) if deep_supervision else loss
+        trained = trained.to(device)
         if channels_last:
-            module = module.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        model = module
+            trained = trained.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        model = trained
         if distributed:
             model = nn.parallel.DistributedDataParallel(
-                module, device_ids=[device.index] if device.type == "cuda" else None)
-        return cls(module, model, loss.to(device), build_optimizer(module.parameters(), optimizer, lr, weight_decay,
-                                                                   device), device, dtype, grad_clip, channels_last)
+                trained, device_ids=[device.index] if device.type == "cuda" else None)
+        return cls(module, model, loss.to(device), build_optimizer(trained.parameters(), optimizer, lr, weight_decay,
+                                                                   device), device, dtype, grad_clip, channels_last,
+                   trained)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         self.model.train()
@@ -94,7 +104,16 @@ class TrainingStep:
 
     def _clip(self) -> None:
         if self.grad_clip:
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            nn.utils.clip_grad_norm_(self.trained.parameters(), self.grad_clip)
+
+    def auxiliary_state(self) -> dict:
+        """The weights the optimiser trains beside the network's (deep supervision's heads), for resuming."""
+        return {key: value.detach().cpu() for key, value in self.trained.state_dict().items()
+                if not key.startswith("network.")} if self.trained is not self.module else {}
+
+    def load_auxiliary_state(self, state: dict) -> None:
+        if self.trained is not self.module and state:
+            self.trained.load_state_dict(state, strict=False)
 
     def scaler_state(self) -> dict:
         return self.scaler.state_dict() if self.scaler is not None else {}

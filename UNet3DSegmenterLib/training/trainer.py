@@ -123,7 +123,7 @@ class _Run:
         self.step_fn = TrainingStep.create(
             self.plan.build_model(config.seed), self.plan.loss(prepared), config.optimizer, self.plan.base_lr,
             self.plan.weight_decay, config.grad_clip, self.device, training_dtype(config.precision, self.device),
-            self.distributed.enabled)
+            self.distributed.enabled, deep_supervision=config.deep_supervision)
         self.total_steps = config.epochs * config.iterations_per_epoch
         self.warmup_steps = min(config.warmup_epochs * config.iterations_per_epoch, self.total_steps // 10)
         self.epoch, self.iteration, self.partial = 0, 0, {"loss_sum": 0.0, "seconds": 0.0}
@@ -308,6 +308,7 @@ class _Run:
         state = {
             "format": STATE_FORMAT, "epoch": self.epoch, "iteration": self.iteration, "partial": dict(self.partial),
             "model": {key: value.detach().cpu() for key, value in self.step_fn.module.state_dict().items()},
+            "auxiliary": self.step_fn.auxiliary_state(),
             "optimizer": self.step_fn.optimizer.state_dict(), "scaler": self.step_fn.scaler_state(),
             "history": self.log.rows, "best": dict(self.best), "base_lr": self.plan.base_lr,
         }
@@ -331,6 +332,7 @@ class _Run:
 
     def _restore(self, state: dict) -> None:
         self.step_fn.module.load_state_dict(state["model"])
+        self.step_fn.load_auxiliary_state(state.get("auxiliary", {}))
         self.step_fn.optimizer.load_state_dict(state["optimizer"])
         self.step_fn.load_scaler_state(state["scaler"])
         self.epoch, self.iteration, self.partial = state["epoch"], state["iteration"], dict(state["partial"])
