@@ -24,12 +24,27 @@ def probabilities_on_grid(probabilities: Volume, grid: Volume) -> Volume:
 
 
 def labelmap_from_probabilities(probabilities: np.ndarray | torch.Tensor, values: Sequence[int]) -> np.ndarray:
-    """Argmax over classes, mapped to the label values of each output channel."""
+    """Argmax over classes (the first on ties), mapped to the label values of each output channel.
+
+    Works as well on logits or on unnormalised sums of logits: only the order within a voxel counts.
+    """
     if isinstance(probabilities, np.ndarray):
         probabilities = torch.from_numpy(probabilities)
-    indices = probabilities.argmax(dim=0).cpu().numpy()
+    indices = _argmax_over_channels(probabilities).cpu().numpy()
     lookup = np.asarray(values, dtype=label_dtype(values))
     return lookup[indices]
+
+
+def _argmax_over_channels(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(0)`` as uint8/int16 indices, one vectorised pass per class: PyTorch's argmax
+    over the outer axis of a (classes, z, y, x) tensor runs about five times slower."""
+    best = scores[0].clone()
+    indices = torch.zeros(best.shape, dtype=torch.uint8 if len(scores) <= 256 else torch.int16, device=best.device)
+    for index in range(1, len(scores)):
+        better = scores[index] > best
+        indices.masked_fill_(better, index)
+        torch.maximum(best, scores[index], out=best)
+    return indices
 
 
 def keep_largest_component(labelmap: np.ndarray, values: Sequence[int] | None = None) -> np.ndarray:

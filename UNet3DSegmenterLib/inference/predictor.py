@@ -9,8 +9,11 @@ This is the one pipeline that the command line, the Python API and the Slicer mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +25,10 @@ from ..errors import UserError
 from ..preprocess import preprocess_image
 from ..runtime import resolve_device, resolve_precision
 from ..volume import Volume
-from .fast import input_layout, prepare_for_inference
-from .postprocess import keep_largest_component, labelmap_from_probabilities, probabilities_on_grid
-from .sliding_window import CancelCheck, ProgressCallback, sliding_window_inference
+from .calibration import CalibratedForward
+from .fast import reuse_freed_memory
+from .postprocess import keep_largest_component, label_dtype, labelmap_from_probabilities, probabilities_on_grid
+from .sliding_window import CancelCheck, ProgressCallback, sliding_window_slabs
 
 log = logging.getLogger("UNet3DSegmenterLib")
 
@@ -70,12 +74,15 @@ class Predictor:
         """Segment ``volume``; the labelmap (and probabilities) lie on exactly its grid."""
         self._check_input(volume)
         preprocessed = preprocess_image(volume, self.checkpoint.preprocessing)
-        logits = self._infer(torch.from_numpy(preprocessed.array), progress, cancel)
-        class_probabilities = torch.softmax(logits, dim=0).cpu().numpy()
-        del logits
-        on_input = probabilities_on_grid(preprocessed.with_array(class_probabilities), volume)
         values = [label.value for label in self.checkpoint.labels]
-        labelmap = labelmap_from_probabilities(on_input.array, values)
+        image = torch.from_numpy(preprocessed.array)
+        on_input = None
+        if probabilities or not preprocessed.same_grid(volume):
+            class_probabilities = self._infer(image, _Probabilities(len(values), preprocessed.shape), progress, cancel)
+            on_input = probabilities_on_grid(preprocessed.with_array(class_probabilities), volume)
+            labelmap = labelmap_from_probabilities(on_input.array, values)
+        else:  # the labelmap straight from the sums of logits, slab by slab: no class-sized volume in memory
+            labelmap = self._infer(image, _Labelmap(values, preprocessed.shape), progress, cancel)
         if self.largest_component:
             labelmap = keep_largest_component(labelmap, values)
         return Prediction(volume.with_array(labelmap), on_input if probabilities else None)
@@ -88,15 +95,15 @@ class Predictor:
         if min(volume.shape) < 2:
             raise UserError(f"the input is {volume.shape} voxels (z, y, x): a 3D volume is needed")
 
-    def _infer(self, image: torch.Tensor, progress, cancel) -> torch.Tensor:
+    def _infer(self, image: torch.Tensor, output: _Output, progress, cancel) -> np.ndarray:
         """Sliding window on the chosen device; on CUDA out-of-memory fall back step by step, and say so."""
         if self.device.type != "cuda":
-            return self._sliding_window(image, self.device, self.device, progress, cancel)
+            return self._sliding_window(image, self.device, self.device, output, progress, cancel)
         plans = [(self.device, self.device), (self.device, torch.device("cpu")),
                  (torch.device("cpu"), torch.device("cpu"))]
         for attempt, (compute, accumulate) in enumerate(plans):
             try:
-                return self._sliding_window(image, compute, accumulate, progress, cancel)
+                return self._sliding_window(image, compute, accumulate, output, progress, cancel)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 if attempt == len(plans) - 1:
@@ -107,36 +114,121 @@ class Predictor:
         raise AssertionError("unreachable")
 
     def _sliding_window(self, image: torch.Tensor, compute: torch.device, accumulate: torch.device,
-                        progress, cancel) -> torch.Tensor:
+                        output: _Output, progress, cancel) -> np.ndarray:
         dtype = resolve_precision(self.precision, compute)
-        model = self._prepared_model(compute, dtype)
-        autocast = torch.autocast("cuda", dtype=dtype, enabled=compute.type == "cuda" and dtype != torch.float32)
-        with torch.inference_mode(), autocast:
-            return sliding_window_inference(
-                image.to(compute), model, self.checkpoint.patch_size, len(self.checkpoint.labels),
-                overlap=self.overlap, batch_size=self.batch_size, mirror=self.tta,
-                prepare_batch=lambda batch: input_layout(batch, compute, dtype),
-                accumulate_device=accumulate, progress=progress, cancel=cancel,
-            )
+        forward = self._prepared_model(compute, dtype)
+        memory = reuse_freed_memory() if compute.type == "cpu" else contextlib.nullcontext()
+        with torch.inference_mode(), memory:
+            for z, slab in sliding_window_slabs(
+                    image.to(compute), forward, self.checkpoint.patch_size, len(self.checkpoint.labels),
+                    overlap=self.overlap, batch_size=self.batch_size, mirror=self.tta, accumulate_device=accumulate,
+                    normalize=output.normalized, progress=progress, cancel=cancel):
+                output.write(z, slab)
+        return output.array
 
     def _prepared_model(self, device: torch.device, dtype: torch.dtype):
+        """The network on ``device`` in ``dtype``, run the fastest way measured here (see calibration)."""
         key = (str(device), dtype)
         if key not in self._prepared:
-            self._prepared[key] = prepare_for_inference(self._model, device, dtype)
+            self._prepared[key] = CalibratedForward(self._model, device, dtype)
         return self._prepared[key]
+
+
+class _Output:
+    """Where the finished slabs of the sliding window go."""
+
+    normalized: bool  # whether it needs the weighted averages, or the weighted sums are enough
+    array: np.ndarray
+
+    def write(self, z: int, slab: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class _Labelmap(_Output):
+    """Label values by argmax, written slab by slab into one labelmap."""
+
+    normalized = False
+
+    def __init__(self, values: list[int], shape: tuple[int, ...]):
+        self.values = values
+        self.array = np.empty(shape, label_dtype(values))
+
+    def write(self, z: int, slab: torch.Tensor) -> None:
+        self.array[z: z + slab.shape[1]] = labelmap_from_probabilities(slab, self.values)
+
+
+class _Probabilities(_Output):
+    """Class probabilities (softmax of the averaged logits), written slab by slab."""
+
+    normalized = True
+
+    def __init__(self, classes: int, shape: tuple[int, ...]):
+        self.array = np.empty((classes, *shape), np.float32)
+
+    def write(self, z: int, slab: torch.Tensor) -> None:
+        self.array[:, z: z + slab.shape[1]] = torch.softmax(slab, dim=0).cpu().numpy()
 
 
 def predict_file(predictor: Predictor, input_path: Path, output_path: Path,
                  probabilities_path: Path | None = None, progress: ProgressCallback | None = None,
                  cancel: CancelCheck | None = None) -> Prediction:
     """Read, segment and write one case; outputs are written only once the whole case succeeded."""
-    from ..io import read_volume, write_volume
+    from ..io import read_volume
 
-    volume = read_volume(input_path)
-    result = predictor.predict(volume, probabilities=probabilities_path is not None,
+    result = predictor.predict(read_volume(input_path), probabilities=probabilities_path is not None,
                                progress=progress, cancel=cancel)
+    _write_outputs(result, output_path, probabilities_path)
+    return result
+
+
+def predict_files(predictor: Predictor, cases: Sequence[tuple[Path, Path, Path | None]],
+                  progress: Callable[[int], ProgressCallback | None] | None = None
+                  ) -> Iterator[tuple[int, UserError | None]]:
+    """Segment many cases ``(input, output, probabilities or None)`` with one prepared predictor.
+
+    While one case computes, a background thread reads the next and another writes the last, so
+    the network never waits on the disk. ``progress(index)`` gives a case its progress callback.
+    Yields ``(index, error)`` for every case, in order, once its outputs are written; ``error`` is
+    the :class:`UserError` that stopped that case (a bad file spoils only itself; other errors
+    propagate). Each output appears whole or not at all, as with :func:`predict_file`.
+    """
+    from ..io import read_volume
+
+    with ThreadPoolExecutor(1, "read-ahead") as reader, ThreadPoolExecutor(1, "write-behind") as writer, \
+            reuse_freed_memory():
+        following = reader.submit(read_volume, cases[0][0]) if cases else None
+        previous: tuple[int, Future | UserError] | None = None
+        for index, (_, output, probabilities) in enumerate(cases):
+            reading, following = following, (reader.submit(read_volume, cases[index + 1][0])
+                                             if index + 1 < len(cases) else None)
+            try:
+                assert reading is not None
+                result = predictor.predict(reading.result(), probabilities=probabilities is not None,
+                                           progress=progress(index) if progress else None)
+                outcome: Future | UserError = writer.submit(_write_outputs, result, output, probabilities)
+            except UserError as error:
+                outcome = error
+            if previous is not None:
+                yield _written(*previous)
+            previous = (index, outcome)
+        if previous is not None:
+            yield _written(*previous)
+
+
+def _written(index: int, outcome: Future | UserError) -> tuple[int, UserError | None]:
+    if isinstance(outcome, UserError):
+        return index, outcome
+    try:
+        outcome.result()
+    except UserError as error:
+        return index, error
+    return index, None
+
+
+def _write_outputs(result: Prediction, output_path: Path, probabilities_path: Path | None) -> None:
+    from ..io import write_volume
+
     write_volume(result.labelmap, output_path)
     if probabilities_path is not None and result.probabilities is not None:
         write_volume(result.probabilities.with_array(result.probabilities.array.astype(np.float32)),
                      probabilities_path)
-    return result
