@@ -8,9 +8,8 @@ the user's cache folder (:func:`cache_folder`), keyed by everything that can cha
 PyTorch version, processor and its flags, threads, network, batch shape and precision. Later runs,
 and every later Segment click, read it and measure nothing. Nothing here compiles code.
 
-The rewrite wins near-ties (another path must be 10% faster): it normalises in place and so keeps
-less memory. ``UNET3D_SEGMENTER_INFERENCE_PATH`` (rewritten, autocast or plain) skips the
-measurement and takes that path wherever it is offered, for reproducing a run or benchmarking one.
+``UNET3D_SEGMENTER_INFERENCE_PATH`` (rewritten, autocast or plain) skips the measurement and takes
+that path wherever it is offered, for reproducing a run or benchmarking one.
 
 Example::
 
@@ -44,7 +43,6 @@ PATH_ENVIRONMENT = "UNET3D_SEGMENTER_INFERENCE_PATH"
 CACHE_FILE = "inference-paths.json"
 _ROUNDS = 3  # timed runs of each path after one warm-up run
 _CLEAR_MARGIN = 1.3  # after one round, a path this much slower than the best is dropped
-_PREFERENCE = 1.1  # another path must beat the rewrite by this factor to be chosen
 
 
 def cache_folder() -> Path:
@@ -92,7 +90,7 @@ class CalibratedForward:
         if remembered in self.paths:
             return remembered
         seconds = measure_paths(self.paths, batch)
-        choice = min(seconds, key=lambda name: seconds[name] * (_PREFERENCE if name != "rewritten" else 1.0))
+        choice = min(seconds, key=lambda name: seconds[name])
         log.info("fastest inference path for %s windows: %s (%s)", "x".join(map(str, batch.shape[2:])), choice,
                  ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in seconds.items()))
         _remember(key, {"path": choice, "milliseconds": {name: round(value * 1000, 1)

@@ -23,6 +23,23 @@ def probabilities_on_grid(probabilities: Volume, grid: Volume) -> Volume:
     return resample_to_grid(probabilities, grid, "linear")
 
 
+def labelmap_on_grid(probabilities: Volume, grid: Volume, values: Sequence[int], slices: int = 16) -> np.ndarray:
+    """The labelmap of :func:`probabilities_on_grid` followed by :func:`labelmap_from_probabilities`,
+    resampled a block of ``slices`` slices of ``grid`` at a time, so that no class-sized volume is
+    ever made on the (often much finer) input grid."""
+    if probabilities.same_grid(grid):
+        return labelmap_from_probabilities(probabilities.array, values)
+    labelmap = np.empty(grid.shape, label_dtype(values))
+    for start in range(0, grid.shape[0], slices):
+        stop = min(start + slices, grid.shape[0])
+        corner = np.asarray(grid.origin) + grid.direction @ (np.asarray(grid.spacing) * (0, 0, start))
+        block = Volume(np.zeros((stop - start, *grid.shape[1:]), np.uint8), grid.spacing, tuple(corner),
+                       grid.direction)
+        labelmap[start:stop] = labelmap_from_probabilities(resample_to_grid(probabilities, block, "linear").array,
+                                                           values)
+    return labelmap
+
+
 def labelmap_from_probabilities(probabilities: np.ndarray | torch.Tensor, values: Sequence[int]) -> np.ndarray:
     """Argmax over classes (the first on ties), mapped to the label values of each output channel.
 

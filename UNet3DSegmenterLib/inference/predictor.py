@@ -27,7 +27,13 @@ from ..runtime import resolve_device, resolve_precision
 from ..volume import Volume
 from .calibration import CalibratedForward
 from .fast import reuse_freed_memory
-from .postprocess import keep_largest_component, label_dtype, labelmap_from_probabilities, probabilities_on_grid
+from .postprocess import (
+    keep_largest_component,
+    label_dtype,
+    labelmap_from_probabilities,
+    labelmap_on_grid,
+    probabilities_on_grid,
+)
 from .sliding_window import CancelCheck, ProgressCallback, sliding_window_slabs
 
 log = logging.getLogger("UNet3DSegmenterLib")
@@ -79,8 +85,12 @@ class Predictor:
         on_input = None
         if probabilities or not preprocessed.same_grid(volume):
             class_probabilities = self._infer(image, _Probabilities(len(values), preprocessed.shape), progress, cancel)
-            on_input = probabilities_on_grid(preprocessed.with_array(class_probabilities), volume)
-            labelmap = labelmap_from_probabilities(on_input.array, values)
+            on_model_grid = preprocessed.with_array(class_probabilities)
+            if probabilities:
+                on_input = probabilities_on_grid(on_model_grid, volume)
+                labelmap = labelmap_from_probabilities(on_input.array, values)
+            else:
+                labelmap = labelmap_on_grid(on_model_grid, volume, values)
         else:  # the labelmap straight from the sums of logits, slab by slab: no class-sized volume in memory
             labelmap = self._infer(image, _Labelmap(values, preprocessed.shape), progress, cancel)
         if self.largest_component:
@@ -119,8 +129,9 @@ class Predictor:
         forward = self._prepared_model(compute, dtype)
         memory = reuse_freed_memory() if compute.type == "cpu" else contextlib.nullcontext()
         with torch.inference_mode(), memory:
+            # the image lives where the sums do: with sums on the CPU, only each batch visits the GPU
             for z, slab in sliding_window_slabs(
-                    image.to(compute), forward, self.checkpoint.patch_size, len(self.checkpoint.labels),
+                    image.to(accumulate), forward, self.checkpoint.patch_size, len(self.checkpoint.labels),
                     overlap=self.overlap, batch_size=self.batch_size, mirror=self.tta, accumulate_device=accumulate,
                     normalize=output.normalized, progress=progress, cancel=cancel):
                 output.write(z, slab)

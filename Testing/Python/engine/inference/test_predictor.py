@@ -111,6 +111,16 @@ def test_labelmap_alone_equals_the_argmax_of_the_probabilities():
     assert with_probabilities.probabilities is not None
 
 
+def test_labelmap_resampled_block_by_block_equals_resampling_the_probabilities():
+    """On a model grid unlike the input's, the labelmap alone is resampled in blocks of slices."""
+    volume = oblique_input()
+    predictor = Predictor(checkpoint(spacing=(1.5, 1.5, 1.5)), device="cpu", precision="fp32")
+    alone = predictor.predict(volume).labelmap
+    with_probabilities = predictor.predict(volume, probabilities=True).labelmap
+    assert alone.same_grid(volume)
+    np.testing.assert_array_equal(alone.array, with_probabilities.array)
+
+
 def test_predict_files_reads_ahead_writes_behind_and_keeps_going_past_a_bad_case(tmp_path):
     from UNet3DSegmenterLib.inference.predictor import predict_file, predict_files
     from UNet3DSegmenterLib.io import read_volume, write_volume
