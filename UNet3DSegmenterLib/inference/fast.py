@@ -48,24 +48,25 @@ def _instance_norm_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
 
 
 class _InstanceNormActivation(nn.Module):
-    """InstanceNorm3d, and the activation after it, on channels-last tensors, in place.
+    """InstanceNorm3d, and the activation after it, on channels-last tensors.
 
-    In place is safe: the input is always the output of a convolution that nothing else reads. The
-    affine weight and bias are plain attributes, not buffers, so that casting the network to
-    bfloat16 leaves them (and the statistics they scale) in float32. CPU only.
+    ``in_place`` where the input is the output of the convolution just before, which nothing else
+    reads; elsewhere the input is copied first. The affine weight and bias are plain attributes, not
+    buffers, so that casting the network to bfloat16 leaves them (and the statistics they scale) in
+    float32. CPU only.
     """
 
-    def __init__(self, norm: nn.InstanceNorm3d, activation: nn.Module | None):
+    def __init__(self, norm: nn.InstanceNorm3d, activation: nn.Module | None, in_place: bool):
         super().__init__()
         self.eps = norm.eps
         channels = norm.num_features
         self.weight = norm.weight.detach().float().clone() if norm.affine else torch.ones(channels)
         self.bias = norm.bias.detach().float().clone() if norm.affine else torch.zeros(channels)
-        self.activation = activation
+        self.activation, self.in_place = activation, in_place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_contiguous(memory_format=CHANNELS_LAST):
-            x = x.contiguous(memory_format=CHANNELS_LAST)
+        if not self.in_place or not x.is_contiguous(memory_format=CHANNELS_LAST):
+            x = x.clone(memory_format=CHANNELS_LAST)
         x = _instance_norm_(x, self.weight, self.bias, self.eps)
         if isinstance(self.activation, nn.ReLU):
             return x.relu_()
@@ -132,7 +133,8 @@ def _fold_batch_norm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> nn.Conv3d:
 
 
 def _rewrite_sequence(sequence: nn.Sequential, fuse: bool) -> None:
-    """Fold conv + batch norm, merge instance norm + activation, fuse conv + ReLU, inside one Sequential.
+    """Fold conv + batch norm, make conv + instance norm (+ activation) normalise in place, fuse
+    conv + ReLU, inside one Sequential.
 
     The remaining convolutions become oneDNN primitives in :func:`_rewrite` (when ``fuse``)."""
     items = list(sequence.children())
@@ -141,9 +143,13 @@ def _rewrite_sequence(sequence: nn.Sequential, fuse: bool) -> None:
             sequence[index], sequence[index + 1] = _fold_batch_norm(first, second), nn.Identity()
     items = list(sequence.children())
     for index, item in enumerate(items):
+        if not (isinstance(item, nn.InstanceNorm3d) and index and isinstance(items[index - 1], nn.Conv3d)):
+            continue
         following = items[index + 1] if index + 1 < len(items) else None
-        if isinstance(item, nn.InstanceNorm3d) and isinstance(following, (nn.ReLU, nn.PReLU)):
-            sequence[index], sequence[index + 1] = _InstanceNormActivation(item, following), nn.Identity()
+        if isinstance(following, (nn.ReLU, nn.PReLU)):
+            sequence[index], sequence[index + 1] = _InstanceNormActivation(item, following, True), nn.Identity()
+        else:
+            sequence[index] = _InstanceNormActivation(item, None, True)
     if fuse:
         items = list(sequence.children())
         for index in range(len(items) - 2):
@@ -159,7 +165,7 @@ def _rewrite(module: nn.Module, fuse: bool, keep: nn.Module | None = None) -> No
         if isinstance(child, nn.Sequential):
             _rewrite_sequence(child, fuse)
         if isinstance(child, nn.InstanceNorm3d):
-            setattr(module, name, _InstanceNormActivation(child, None))
+            setattr(module, name, _InstanceNormActivation(child, None, in_place=False))
         elif fuse and type(child) is nn.Conv3d and child is not keep:
             setattr(module, name, _OneDNNConv(child))
         else:

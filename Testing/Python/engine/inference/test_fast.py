@@ -90,10 +90,28 @@ def test_in_place_instance_norm_matches_pytorch(dtype, affine):
     x = (torch.randn(3, 8, 6, 7, 5) * 4 + 10).to(dtype=dtype, memory_format=torch.channels_last_3d)
     expected = torch.relu(norm(x.float()))
     with torch.inference_mode():
-        result = fast._InstanceNormActivation(norm, nn.ReLU())(x.clone())
+        result = fast._InstanceNormActivation(norm, nn.ReLU(), in_place=True)(x.clone())
     assert result.dtype == dtype and result.is_contiguous(memory_format=torch.channels_last_3d)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(result.float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_an_instance_norm_whose_input_is_read_elsewhere_leaves_it_intact():
+    """Only the output of the convolution just before is normalised in place; any other input is kept."""
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.InstanceNorm3d(1, affine=True)
+
+        def forward(self, x):
+            return torch.cat([self.norm(x), x], dim=1)
+
+    model = Branches().eval()
+    x = torch.randn(2, 1, 8, 8, 8) * 3 + 1
+    with torch.inference_mode():
+        expected = model(x)
+        result = prepare_for_inference(model, CPU, torch.float32)(input_layout(x, CPU, torch.float32))
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_without_fused_kernels_the_rewrite_still_runs(monkeypatch):
