@@ -310,30 +310,30 @@ def _same(first: list[np.ndarray], second: list[np.ndarray]) -> int:
 # --- paths: each inference path's forward time, and the calibrated choice ------------------------
 
 def bench_paths(repeats: int) -> list[dict]:
-    """Forward seconds of a batch of 2 windows through each path at several window sizes."""
+    """Forward seconds of a batch of windows through each path at several window sizes."""
     cpu = torch.device("cpu")
     dtype = torch.bfloat16 if cpu_supports_bf16() else torch.float32
     networks = {"bundled_hippocampus": load_checkpoint(BUNDLED).build_model().eval()}
     for norm in ("instance", "batch"):
         torch.manual_seed(0)
         networks[f"unet3d_16_256_{norm}"] = UNet3D(1, 3, depth=5, base_width=16, norm=norm).eval()
-    sizes = {"bundled_hippocampus": [(40, 56, 40), (64, 64, 64), (96, 96, 96)],
-             "unet3d_16_256_instance": [(64, 64, 64), (96, 96, 96), (128, 128, 128)],
-             "unet3d_16_256_batch": [(96, 96, 96)]}
+    shapes = {"bundled_hippocampus": [(1, 40, 56, 40), (2, 40, 56, 40), (2, 64, 64, 64), (2, 96, 96, 96)],
+              "unet3d_16_256_instance": [(2, 64, 64, 64), (2, 96, 96, 96), (2, 128, 128, 128)],
+              "unet3d_16_256_batch": [(2, 96, 96, 96)]}
     results = []
     for name, model in networks.items():
         forward = CalibratedForward(model, cpu, dtype)
         paths = dict(forward.paths)
         if dtype != torch.float32:
             paths["fp32"] = model
-        for size in sizes[name]:
-            batch = torch.randn(2, 1, *size)
+        for windows, *size in shapes[name]:
+            batch = torch.randn(windows, 1, *size)
             with torch.inference_mode():
                 forward(batch)  # the calibrated choice (measured, or read from the cache)
             runs = [measure_paths(paths, batch) for _ in range(repeats)]
             seconds = {path: _median([run[path] for run in runs]) for path in paths}
             chosen = forward.choices[tuple(batch.shape)]
-            results.append({"network": name, "window": list(size), "batch": 2, "dtype": str(dtype)[6:],
+            results.append({"network": name, "window": size, "batch": windows, "dtype": str(dtype)[6:],
                             "seconds": seconds, "chosen": chosen,
                             "chosen_over_autocast": round(seconds[chosen] / seconds["autocast"], 3)
                             if "autocast" in seconds else None,
