@@ -106,15 +106,18 @@ class CalibratedForward:
 
 def measure_paths(paths: dict[str, Forward], batch: torch.Tensor) -> dict[str, float]:
     """Best wall-clock seconds of each path on ``batch``: one warm-up each, then interleaved rounds;
-    a path clearly slower than the best after the first round is not run again."""
+    a path clearly slower than the best after the first round is not run again, and once one path
+    is left the measuring stops."""
     best = {name: float("inf") for name in paths}
     with torch.inference_mode():
         for forward in paths.values():
             forward(batch)
         for round_ in range(_ROUNDS):
-            for name, forward in paths.items():
-                if round_ > 0 and best[name] > _CLEAR_MARGIN * min(best.values()):
-                    continue
+            contenders = [name for name in paths if round_ == 0 or best[name] <= _CLEAR_MARGIN * min(best.values())]
+            if round_ > 0 and len(contenders) == 1:
+                break
+            for name in contenders:
+                forward = paths[name]
                 started = time.perf_counter()
                 forward(batch)
                 if batch.device.type == "cuda":
