@@ -6,7 +6,8 @@ it is measured rather than assumed: at the first batch of a new shape each path 
 batch a few times, interleaved, and the fastest wins. The choice is stored in a small JSON file in
 the user's cache folder (:func:`cache_folder`), keyed by everything that can change the answer:
 PyTorch version, processor and its flags, threads, network, batch shape and precision. Later runs,
-and every later Segment click, read it and measure nothing. Nothing here compiles code.
+and every later Segment click, read it and measure nothing. A measurement taken while other work
+kept the processor busy is used for that run only, not remembered. Nothing here compiles code.
 
 ``UNET3D_SEGMENTER_INFERENCE_PATH`` (rewritten, autocast or plain) skips the measurement and takes
 that path wherever it is offered, for reproducing a run or benchmarking one.
@@ -93,8 +94,11 @@ class CalibratedForward:
         choice = min(seconds, key=lambda name: seconds[name])
         log.info("fastest inference path for %s windows: %s (%s)", "x".join(map(str, batch.shape[2:])), choice,
                  ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in seconds.items()))
-        _remember(key, {"path": choice, "milliseconds": {name: round(value * 1000, 1)
-                                                         for name, value in seconds.items()}, **record})
+        if processor_busy():
+            log.info("other work kept the processor busy while measuring: the choice is not remembered")
+        else:
+            _remember(key, {"path": choice, "milliseconds": {name: round(value * 1000, 1)
+                                                             for name, value in seconds.items()}, **record})
         return choice
 
     def _record(self, shape: tuple[int, ...]) -> dict:
@@ -124,6 +128,17 @@ def measure_paths(paths: dict[str, Forward], batch: torch.Tensor) -> dict[str, f
                     torch.cuda.synchronize()
                 best[name] = min(best[name], time.perf_counter() - started)
     return best
+
+
+def processor_busy() -> bool:
+    """Whether more work was waiting for the cores than there are cores (the load average over the
+    last minute, where the system keeps one): timings taken then mislead, so they are not cached."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows keeps no load average
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return load > cores
 
 
 def _network_signature(model: nn.Module) -> str:

@@ -16,7 +16,9 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    """A cache folder of its own, on a processor taken as idle (the test suite itself keeps it busy)."""
     monkeypatch.setenv("UNET3D_SEGMENTER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibration, "processor_busy", lambda: False)
     return tmp_path / "cache"
 
 
@@ -81,12 +83,22 @@ def test_a_damaged_cache_file_is_measured_over(cache, measurements):
 
 
 def test_an_unwritable_cache_folder_only_costs_a_new_measurement(tmp_path, monkeypatch, measurements):
+    monkeypatch.setattr(calibration, "processor_busy", lambda: False)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("UNET3D_SEGMENTER_CACHE", str(blocker / "cache"))
     with torch.inference_mode():
         logits = CalibratedForward(model(), CPU, torch.bfloat16)(torch.randn(1, 1, 16, 16, 16))
     assert logits.shape == (1, 2, 16, 16, 16) and len(measurements) == 1
+
+
+def test_a_measurement_on_a_busy_processor_is_used_but_not_remembered(cache, measurements, monkeypatch):
+    monkeypatch.setattr(calibration, "processor_busy", lambda: True)
+    forward = CalibratedForward(model(), CPU, torch.bfloat16)
+    with torch.inference_mode():
+        forward(torch.randn(1, 1, 16, 16, 16))
+    assert len(measurements) == 1 and forward.choices[(1, 1, 16, 16, 16)] in forward.paths
+    assert not (cache / CACHE_FILE).exists()
 
 
 def test_without_calibration_the_rewrite_is_used_unmeasured(cache, measurements):
