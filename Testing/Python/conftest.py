@@ -7,8 +7,9 @@ slicer/, which needs slicer-core); ``pytest -m "not slow"`` is the quick loop.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,19 @@ if str(REPOSITORY) not in sys.path:
 
 # Real labelled datasets live beside the repository, never inside it (see shared/data/README.md).
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_cache(tmp_path_factory) -> Iterator[Path]:
+    """The engine's cache folder (measured inference paths) for the whole session, never the user's."""
+    folder = tmp_path_factory.mktemp("engine-cache")
+    previous = os.environ.get("UNET3D_SEGMENTER_CACHE")
+    os.environ["UNET3D_SEGMENTER_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("UNET3D_SEGMENTER_CACHE", None)
+    else:
+        os.environ["UNET3D_SEGMENTER_CACHE"] = previous
 
 
 @pytest.fixture

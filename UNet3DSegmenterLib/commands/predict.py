@@ -77,35 +77,38 @@ def _check_writable(paths: list[Path]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Segment every case the options name; exit status 2 when some cases of a folder failed."""
-    from ..inference.predictor import Predictor, predict_file
+    from ..inference.predictor import Predictor, predict_files
 
     cases = _plan(args)
     check_input_spacing(args.input_spacing, [source for source, _, _ in cases])
     _check_writable([output for _, output, _ in cases] + [p for _, _, p in cases if p is not None])
     predictor = Predictor(args.checkpoint, device=args.device, overlap=args.overlap, batch_size=args.batch_size,
                           tta=args.tta, largest_component=args.largest_component, precision=args.precision)
-    failures = []
-    for index, (source, output, probabilities) in enumerate(cases, start=1):
-        name = case_name(source)
-        bar = ProgressBar(f"[{index}/{len(cases)}] {name}", "windows")  # stays silent until updated
+    names = [case_name(source) for source, _, _ in cases]
+    bars = {index: ProgressBar(f"[{index + 1}/{len(cases)}] {name}", "windows")  # silent until updated
+            for index, name in enumerate(names)}
 
-        def progress(done: int, total: int, name=name, bar=bar) -> None:
+    def progress(index: int):
+        def report(done: int, total: int) -> None:
             if args.progress_json:
-                emit_json(event="progress", case=name, done=done, total=total)
+                emit_json(event="progress", case=names[index], done=done, total=total)
             else:
-                bar.update(done, total)
+                bars[index].update(done, total)
+                if done == total:  # the case's windows are done; its file is written in the background
+                    bars[index].close()
+        return report
 
-        try:
-            predict_file(predictor, source, output, probabilities, progress=progress, spacing=args.input_spacing)
-        except UserError as error:
+    failures = []
+    for index, error in predict_files(predictor, cases, progress, spacing=args.input_spacing):
+        name, output = names[index], cases[index][1]
+        if bars[index].done != bars[index].total:
+            bars[index].close()
+        if error is not None:
             if len(cases) == 1:
-                raise
+                raise error
             failures.append(name)
             print(f"error: {name}: {error}", file=sys.stderr)
-            continue
-        finally:
-            bar.close()
-        if args.progress_json:
+        elif args.progress_json:
             emit_json(event="written", case=name, output=str(output))
         else:
             print(f"wrote {output}", file=sys.stderr)

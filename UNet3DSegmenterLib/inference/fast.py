@@ -1,71 +1,124 @@
 """Make a trained network fast for inference without changing what it computes.
 
 On the CPU, oneDNN's 3D convolutions run fastest on channels-last tensors and, on processors with
-AVX512-BF16 or AMX, in bfloat16. PyTorch's own instance norm reshapes channels-last tensors into
-copies, which costs more than the convolutions save, so it is replaced by an equivalent that
-reduces in place. Batch norm is folded into the convolution before it. The weights stay the same
-numbers: every change here is an exact rewrite of the same function (up to rounding).
+AVX512-BF16 or AMX, in bfloat16. The rewrite keeps every weight and every operation of the network
+and only changes how they are carried out:
+
+- batch norm is folded into the convolution before it (eval-mode batch norm is an affine map);
+- instance norm (and the activation after it) normalises each sample in place with batch norm's
+  statistics kernel, which is vectorised for channels-last (PyTorch's own instance norm views the
+  batch as one sample of N x C channels, which copies a channels-last tensor twice);
+- a convolution followed by ReLU runs as one oneDNN primitive, where this PyTorch has it;
+- the final 1x1 convolution computes class logits in float32.
+
+:func:`inference_paths` offers the ways to run a network on a device (the rewrite, or the
+untouched network under autocast); :mod:`.calibration` measures which is fastest here.
+:func:`reuse_freed_memory` keeps freed activations in the process instead of handing them back to
+the operating system, which would otherwise zero fresh pages for every large tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import functools
+import platform
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+CHANNELS_LAST = torch.channels_last_3d
 
-class _InferenceInstanceNorm(nn.Module):
-    """InstanceNorm3d for inference on channels-last tensors, normalising its input in place.
 
-    Per-channel sums are matrix products with a vector of ones (oneDNN accumulates them in float32),
-    which is several times faster than a strided reduction. The second pass works on values already
-    centred by a first estimate of the mean, so the variance does not lose precision when the mean
-    is large. In place is safe here: the input is always a convolution output that nothing else reads.
+def _instance_norm_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Instance norm of a channels-last batch, written over the batch itself.
+
+    Training-mode batch norm of a single sample is instance norm of that sample; its CPU kernel takes
+    float32 statistics of bfloat16 inputs and works element by element, so input and output may be
+    the same memory.
+    """
+    for sample in range(x.shape[0]):
+        one = x[sample: sample + 1]
+        torch.ops.aten.native_batch_norm.out(one, weight, bias, None, None, True, 0.0, eps, out=one,
+                                             save_mean=torch.empty(0), save_invstd=torch.empty(0))
+    return x
+
+
+class _InstanceNormActivation(nn.Module):
+    """InstanceNorm3d, and the activation after it, on channels-last tensors.
+
+    ``in_place`` where the input is the output of the convolution just before, which nothing else
+    reads; elsewhere the input is copied first. The affine weight and bias are plain attributes, not
+    buffers, so that casting the network to bfloat16 leaves them (and the statistics they scale) in
+    float32. CPU only.
     """
 
-    _CHUNK = 16384
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def __init__(self, norm: nn.InstanceNorm3d):
+    def __init__(self, norm: nn.InstanceNorm3d, activation: nn.Module | None, in_place: bool):
         super().__init__()
         self.eps = norm.eps
         channels = norm.num_features
-        self.register_buffer("weight", norm.weight.detach().clone() if norm.affine else torch.ones(channels))
-        self.register_buffer("bias", norm.bias.detach().clone() if norm.affine else torch.zeros(channels))
+        self.weight = norm.weight.detach().float().clone() if norm.affine else torch.ones(channels)
+        self.bias = norm.bias.detach().float().clone() if norm.affine else torch.zeros(channels)
+        self.activation, self.in_place = activation, in_place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels = x.shape[:2]
-        if not x.is_contiguous(memory_format=torch.channels_last_3d):
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        voxels = x.permute(0, 2, 3, 4, 1).view(batch, -1, channels)  # (N, S, C), no copy
-        count = voxels.shape[1]
-        ones = voxels.new_ones(batch, 1, count)
-        first_mean = torch.bmm(ones, voxels) / count
-        voxels.sub_(first_mean)
-        residual_mean = torch.bmm(ones, voxels).float() / count
-        squares = sum(  # in chunks, so the squares stay in cache instead of a full-size temporary
-            torch.bmm(ones[:, :, : chunk.shape[1]], chunk * chunk).float()
-            for chunk in voxels.split(self._CHUNK, dim=1)
-        ) / count
-        variance = (squares - residual_mean.square()).clamp_min_(0)
-        scale = self.weight.float().view(1, 1, -1) * torch.rsqrt(variance + self.eps)
-        shift = self.bias.float().view(1, 1, -1) - residual_mean * scale
-        voxels.mul_(scale.to(x.dtype)).add_(shift.to(x.dtype))
-        return x
+        if not self.in_place or not x.is_contiguous(memory_format=CHANNELS_LAST):
+            x = x.clone(memory_format=CHANNELS_LAST)
+        x = _instance_norm_(x, self.weight, self.bias, self.eps)
+        if isinstance(self.activation, nn.ReLU):
+            return x.relu_()
+        return x if self.activation is None else self.activation(x)
+
+
+class _OneDNNConv(nn.Module):
+    """A convolution as one oneDNN primitive, with the ReLU after it applied while the output is in
+    cache ('relu'), or alone ('none'). PyTorch itself sends single-channel inputs to a fallback that
+    unfolds every window (27 copies of the input) instead."""
+
+    def __init__(self, conv: nn.Conv3d, activation: str = "none"):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.arguments = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding, stride, dilation, groups, activation = self.arguments
+        return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, padding, stride, dilation,
+                                                       groups, activation, [], "")
 
 
 class _Float32Head(nn.Module):
     """The final 1x1 convolution in float32: class logits are compared by argmax, and rounding them
     to bfloat16 (3 significant digits) would flip near-tied voxels for no speed gain."""
 
-    def __init__(self, head: nn.Conv3d):
+    def __init__(self, head: nn.Conv3d, fused: bool):
         super().__init__()
         self.head = head
+        self.fused = fused  # PyTorch's own float32 channels-last 1x1 conv takes a slow path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x.float())
+        x = x.float()
+        if self.fused:
+            head = self.head
+            return torch.ops.mkldnn._convolution_pointwise(x, head.weight, head.bias, list(head.padding),
+                                                           list(head.stride), list(head.dilation), head.groups,
+                                                           "none", [], "")
+        return self.head(x)
+
+
+@functools.cache
+def fused_kernels_available() -> bool:
+    """Whether this PyTorch runs oneDNN's fused convolution primitives, checked on a small example."""
+    try:
+        conv = nn.Conv3d(2, 2, 3, padding=1).eval()
+        x = torch.randn(1, 2, 4, 4, 4)
+        with torch.inference_mode():
+            fused = _OneDNNConv(conv, "relu")(x.contiguous(memory_format=CHANNELS_LAST))
+            return bool(torch.allclose(fused, torch.relu(conv(x)), atol=1e-5))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _fold_batch_norm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> nn.Conv3d:
@@ -79,35 +132,64 @@ def _fold_batch_norm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> nn.Conv3d:
     return folded
 
 
-def _rewrite(module: nn.Module) -> None:
-    """Fold conv+batch-norm pairs inside Sequentials and swap instance norms, recursively."""
+def _rewrite_sequence(sequence: nn.Sequential, fuse: bool) -> None:
+    """Fold conv + batch norm, make conv + instance norm (+ activation) normalise in place, fuse
+    conv + ReLU, inside one Sequential.
+
+    The remaining convolutions become oneDNN primitives in :func:`_rewrite` (when ``fuse``)."""
+    items = list(sequence.children())
+    for index, (first, second) in enumerate(zip(items, items[1:])):
+        if isinstance(first, nn.Conv3d) and isinstance(second, nn.BatchNorm3d) and second.track_running_stats:
+            sequence[index], sequence[index + 1] = _fold_batch_norm(first, second), nn.Identity()
+    items = list(sequence.children())
+    for index, item in enumerate(items):
+        if not (isinstance(item, nn.InstanceNorm3d) and index and isinstance(items[index - 1], nn.Conv3d)):
+            continue
+        following = items[index + 1] if index + 1 < len(items) else None
+        if isinstance(following, (nn.ReLU, nn.PReLU)):
+            sequence[index], sequence[index + 1] = _InstanceNormActivation(item, following, True), nn.Identity()
+        else:
+            sequence[index] = _InstanceNormActivation(item, None, True)
+    if fuse:
+        items = list(sequence.children())
+        for index in range(len(items) - 2):
+            conv, between, activation = items[index: index + 3]
+            if isinstance(conv, nn.Conv3d) and isinstance(between, nn.Identity) and isinstance(activation, nn.ReLU):
+                sequence[index], sequence[index + 2] = _OneDNNConv(conv, "relu"), nn.Identity()
+
+
+def _rewrite(module: nn.Module, fuse: bool, keep: nn.Module | None = None) -> None:
+    """Apply the rewrites to every Sequential, swap the remaining instance norms and (when ``fuse``)
+    make the remaining convolutions, ``keep`` aside, oneDNN primitives, recursively."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Sequential):
-            items = list(child.children())
-            for index, (first, second) in enumerate(zip(items, items[1:])):
-                if isinstance(first, nn.Conv3d) and isinstance(second, nn.BatchNorm3d) and second.track_running_stats:
-                    child[index] = _fold_batch_norm(first, second)
-                    child[index + 1] = nn.Identity()
+            _rewrite_sequence(child, fuse)
         if isinstance(child, nn.InstanceNorm3d):
-            setattr(module, name, _InferenceInstanceNorm(child))
+            setattr(module, name, _InstanceNormActivation(child, None, in_place=False))
+        elif fuse and type(child) is nn.Conv3d and child is not keep:
+            setattr(module, name, _OneDNNConv(child))
         else:
-            _rewrite(child)
+            _rewrite(child, fuse, keep)
 
 
-def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.dtype,
+                          fuse: bool | None = None) -> nn.Module:
     """An eval-mode copy of ``model`` rewritten for speed on ``device`` in ``dtype``.
 
-    On the CPU: batch norm folded, instance norm swapped, channels-last layout and the weights cast
-    to ``dtype``. On CUDA the model is only moved and put in eval mode; autocast does the rest.
+    On the CPU: batch norm folded, instance norm swapped, conv + ReLU fused (``fuse``: default where
+    this PyTorch has the kernels), channels-last layout and the weights cast to ``dtype``; feed it
+    batches through :func:`input_layout`. On CUDA the model is only moved and put in eval mode;
+    autocast does the rest.
     """
     fast = copy.deepcopy(model).eval()
     for parameter in fast.parameters():
         parameter.requires_grad_(False)
     if device.type == "cpu":
-        _rewrite(fast)
-        fast = fast.to(dtype=dtype, memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        fuse = fused_kernels_available() if fuse is None else fuse
+        _rewrite(fast, fuse, keep=getattr(fast, "head", None))
+        fast = fast.to(dtype=dtype, memory_format=CHANNELS_LAST)  # type: ignore[call-overload]
         if isinstance(getattr(fast, "head", None), nn.Conv3d):
-            fast.head = _Float32Head(fast.head.float())
+            fast.head = _Float32Head(fast.head.float(), fuse)
     return fast.to(device)
 
 
@@ -115,5 +197,94 @@ def input_layout(batch: torch.Tensor, device: torch.device, dtype: torch.dtype) 
     """Put a batch of windows in the layout and dtype :func:`prepare_for_inference` expects."""
     batch = batch.to(device, non_blocking=True)
     if device.type == "cpu":
-        return batch.to(dtype=dtype, memory_format=torch.channels_last_3d)
+        return batch.to(dtype=dtype, memory_format=CHANNELS_LAST)
     return batch
+
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def inference_paths(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Forward]:
+    """The ways to run ``model`` on batches of windows in ``dtype``, each a function batch -> logits.
+
+    'rewritten' is :func:`prepare_for_inference`'s network. On the CPU the untouched network is
+    offered too ('autocast' in a lower precision, 'plain' in float32): for small windows, or on
+    processors where oneDNN has no fast channels-last kernels, it can be the faster one. All compute
+    the same function up to rounding; :mod:`.calibration` picks by measuring.
+    """
+    rewritten = prepare_for_inference(model, device, dtype)
+    if device.type == "cuda":
+        return {"autocast": _under_autocast(rewritten, device, dtype)}
+    paths = {"rewritten": _with_layout(rewritten, device, dtype)}
+    untouched = copy.deepcopy(model).eval().to(device)
+    for parameter in untouched.parameters():
+        parameter.requires_grad_(False)
+    if dtype == torch.float32:
+        paths["plain"] = untouched
+    else:
+        paths["autocast"] = _under_autocast(untouched, device, dtype)
+    return paths
+
+
+def _with_layout(network: nn.Module, device: torch.device, dtype: torch.dtype) -> Forward:
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        return network(input_layout(batch, device, dtype))
+
+    return forward
+
+
+def _under_autocast(network: nn.Module, device: torch.device, dtype: torch.dtype) -> Forward:
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return network(batch.to(device, non_blocking=True))
+
+    return forward
+
+
+# glibc's mallopt parameters, and their defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_reuse_lock = threading.Lock()
+_reuse_depth = 0
+
+
+@functools.cache
+def _glibc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[None]:
+    """Inside the block, freed tensors stay in the process's heap for the next ones to reuse.
+
+    glibc hands every allocation above 32 MB straight back to the operating system when it is
+    freed, so each large activation of each window costs fresh pages, which the kernel zeroes
+    one 4 KB fault at a time: a third of a forward pass on two cores. Inside this block glibc
+    keeps them; on leaving the outermost block the defaults come back and the unused memory is
+    returned. Elsewhere than Linux with glibc this does nothing.
+    """
+    global _reuse_depth
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _reuse_lock:
+        _reuse_depth += 1
+        if _reuse_depth == 1:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    try:
+        yield
+    finally:
+        with _reuse_lock:
+            _reuse_depth -= 1
+            if _reuse_depth == 0:
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)
+

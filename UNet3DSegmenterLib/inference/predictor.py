@@ -14,8 +14,11 @@ prediction plus one sum, whatever the number of networks; an ensemble of one net
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +30,19 @@ from ..errors import UserError
 from ..preprocess import preprocess_image
 from ..runtime import resolve_device, resolve_precision
 from ..volume import Volume
-from .fast import input_layout, prepare_for_inference
-from .postprocess import keep_largest_component, labelmap_from_probabilities, probabilities_on_grid
-from .sliding_window import CancelCheck, ProgressCallback, sliding_window_inference, window_positions
+from .calibration import CalibratedForward
+from .fast import reuse_freed_memory
+from .postprocess import (
+    keep_largest_component,
+    label_dtype,
+    labelmap_from_probabilities,
+    labelmap_on_grid,
+    probabilities_on_grid,
+)
+from .sliding_window import CancelCheck, ProgressCallback, sliding_window_slabs, window_positions
 
 log = logging.getLogger("UNet3DSegmenterLib")
+
 
 @dataclass
 class Prediction:
@@ -77,10 +88,20 @@ class Predictor:
         """Segment ``volume``; the labelmap (and probabilities) lie on exactly its grid."""
         self._check_input(volume)
         preprocessed = preprocess_image(volume, self.checkpoint.preprocessing)
-        class_probabilities = self._probabilities(torch.from_numpy(preprocessed.array), progress, cancel)
-        on_input = probabilities_on_grid(preprocessed.with_array(class_probabilities), volume)
         values = [label.value for label in self.checkpoint.labels]
-        labelmap = labelmap_from_probabilities(on_input.array, values)
+        image = torch.from_numpy(preprocessed.array)
+        on_input = None
+        if probabilities or len(self.members) > 1 or not preprocessed.same_grid(volume):
+            on_model_grid = preprocessed.with_array(self._probabilities(image, progress, cancel))
+            if probabilities:
+                on_input = probabilities_on_grid(on_model_grid, volume)
+                labelmap = labelmap_from_probabilities(on_input.array, values)
+            elif preprocessed.same_grid(volume):
+                labelmap = labelmap_from_probabilities(on_model_grid.array, values)
+            else:
+                labelmap = labelmap_on_grid(on_model_grid, volume, values)
+        else:  # the labelmap straight from the sums of logits, slab by slab: no class-sized volume in memory
+            labelmap = self._infer(image, 0, _Labelmap(values, preprocessed.shape), progress, cancel)
         if self.largest_component:
             labelmap = keep_largest_component(labelmap, values)
         return Prediction(volume.with_array(labelmap), on_input if probabilities else None)
@@ -96,29 +117,25 @@ class Predictor:
     def _probabilities(self, image: torch.Tensor, progress, cancel) -> np.ndarray:
         """Softmax probabilities (classes, z, y, x) on the preprocessed grid, averaged over the networks."""
         windows = [len(window_positions(image.shape[-3:], member.patch_size, self.overlap)) for member in self.members]
-        total: torch.Tensor | None = None
-        for index in range(len(self.members)):
-            done_before = sum(windows[:index])
-            report = None if progress is None else \
-                (lambda done, _, before=done_before: progress(before + done, sum(windows)))
-            logits = self._infer(image, index, report, cancel)
-            probabilities = torch.softmax(logits, dim=0).cpu()
-            del logits
-            total = probabilities if total is None else total.add_(probabilities)
+        classes, total = len(self.checkpoint.labels), None
+        for member in range(len(self.members)):
+            report = None if progress is None else _offset_progress(progress, sum(windows[:member]), sum(windows))
+            probabilities = self._infer(image, member, _Probabilities(classes, image.shape[-3:]), report, cancel)
+            total = probabilities if total is None else np.add(total, probabilities, out=total)
         assert total is not None
         if len(self.members) > 1:
             total /= len(self.members)
-        return total.numpy()
+        return total
 
-    def _infer(self, image: torch.Tensor, member: int, progress, cancel) -> torch.Tensor:
+    def _infer(self, image: torch.Tensor, member: int, output: _Output, progress, cancel) -> np.ndarray:
         """Sliding window on the chosen device; on CUDA out-of-memory fall back step by step, and say so."""
         if self.device.type != "cuda":
-            return self._sliding_window(image, member, self.device, self.device, progress, cancel)
+            return self._sliding_window(image, member, self.device, self.device, output, progress, cancel)
         plans = [(self.device, self.device), (self.device, torch.device("cpu")),
                  (torch.device("cpu"), torch.device("cpu"))]
         for attempt, (compute, accumulate) in enumerate(plans):
             try:
-                return self._sliding_window(image, member, compute, accumulate, progress, cancel)
+                return self._sliding_window(image, member, compute, accumulate, output, progress, cancel)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 if attempt == len(plans) - 1:
@@ -129,23 +146,65 @@ class Predictor:
         raise AssertionError("unreachable")
 
     def _sliding_window(self, image: torch.Tensor, member: int, compute: torch.device, accumulate: torch.device,
-                        progress, cancel) -> torch.Tensor:
+                        output: _Output, progress, cancel) -> np.ndarray:
         dtype = resolve_precision(self.precision, compute)
-        model = self._prepared_model(compute, dtype, member)
-        autocast = torch.autocast("cuda", dtype=dtype, enabled=compute.type == "cuda" and dtype != torch.float32)
-        with torch.inference_mode(), autocast:
-            return sliding_window_inference(
-                image.to(compute), model, self.members[member].patch_size, len(self.checkpoint.labels),
-                overlap=self.overlap, batch_size=self.batch_size, mirror=self.tta,
-                prepare_batch=lambda batch: input_layout(batch, compute, dtype),
-                accumulate_device=accumulate, progress=progress, cancel=cancel,
-            )
+        forward = self._prepared_model(compute, dtype, member)
+        memory = reuse_freed_memory() if compute.type == "cpu" else contextlib.nullcontext()
+        with torch.inference_mode(), memory:
+            # the image lives where the sums do: with sums on the CPU, only each batch visits the GPU
+            for z, slab in sliding_window_slabs(
+                    image.to(accumulate), forward, self.members[member].patch_size, len(self.checkpoint.labels),
+                    overlap=self.overlap, batch_size=self.batch_size, mirror=self.tta, accumulate_device=accumulate,
+                    normalize=output.normalized, progress=progress, cancel=cancel):
+                output.write(z, slab)
+        return output.array
 
     def _prepared_model(self, device: torch.device, dtype: torch.dtype, member: int = 0):
+        """Network ``member`` on ``device`` in ``dtype``, run the fastest way measured here (see calibration)."""
         key = (str(device), dtype, member)
         if key not in self._prepared:
-            self._prepared[key] = prepare_for_inference(self._models[member], device, dtype)
+            self._prepared[key] = CalibratedForward(self._models[member], device, dtype)
         return self._prepared[key]
+
+
+def _offset_progress(progress: ProgressCallback, before: int, total: int) -> ProgressCallback:
+    """One network's window count as part of the whole ensemble's, ``before`` windows already done."""
+    return lambda done, _: progress(before + done, total)
+
+
+class _Output:
+    """Where the finished slabs of the sliding window go."""
+
+    normalized: bool  # whether it needs the weighted averages, or the weighted sums are enough
+    array: np.ndarray
+
+    def write(self, z: int, slab: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class _Labelmap(_Output):
+    """Label values by argmax, written slab by slab into one labelmap."""
+
+    normalized = False
+
+    def __init__(self, values: list[int], shape: tuple[int, ...]):
+        self.values = values
+        self.array = np.empty(shape, label_dtype(values))
+
+    def write(self, z: int, slab: torch.Tensor) -> None:
+        self.array[z: z + slab.shape[1]] = labelmap_from_probabilities(slab, self.values)
+
+
+class _Probabilities(_Output):
+    """Class probabilities (softmax of the averaged logits), written slab by slab."""
+
+    normalized = True
+
+    def __init__(self, classes: int, shape: tuple[int, ...]):
+        self.array = np.empty((classes, *shape), np.float32)
+
+    def write(self, z: int, slab: torch.Tensor) -> None:
+        self.array[:, z: z + slab.shape[1]] = torch.softmax(slab, dim=0).cpu().numpy()
 
 
 def predict_file(predictor: Predictor, input_path: Path, output_path: Path,
@@ -155,13 +214,65 @@ def predict_file(predictor: Predictor, input_path: Path, output_path: Path,
 
     ``spacing`` (x, y, z) in mm is that of a ``.npy`` input, which records none (default 1 mm).
     """
-    from ..io import read_volume, write_volume
+    from ..io import read_volume
 
-    volume = read_volume(input_path, spacing=spacing)
-    result = predictor.predict(volume, probabilities=probabilities_path is not None,
+    result = predictor.predict(read_volume(input_path, spacing=spacing), probabilities=probabilities_path is not None,
                                progress=progress, cancel=cancel)
+    _write_outputs(result, output_path, probabilities_path)
+    return result
+
+
+def predict_files(predictor: Predictor, cases: Sequence[tuple[Path, Path, Path | None]],
+                  progress: Callable[[int], ProgressCallback | None] | None = None,
+                  spacing: Sequence[float] | None = None) -> Iterator[tuple[int, UserError | None]]:
+    """Segment many cases ``(input, output, probabilities or None)`` with one prepared predictor.
+
+    While one case computes, a background thread reads the next and another writes the last, so
+    the network never waits on the disk. ``progress(index)`` gives a case its progress callback.
+    Yields ``(index, error)`` for every case, in order, once its outputs are written; ``error`` is
+    the :class:`UserError` that stopped that case (a bad file spoils only itself; other errors
+    propagate). Each output appears whole or not at all, as with :func:`predict_file`. ``spacing`` is
+    that of ``.npy`` inputs.
+    """
+    from ..io import read_volume as read
+
+    read_volume = functools.partial(read, spacing=spacing)
+
+    with ThreadPoolExecutor(1, "read-ahead") as reader, ThreadPoolExecutor(1, "write-behind") as writer, \
+            reuse_freed_memory():
+        following = reader.submit(read_volume, cases[0][0]) if cases else None
+        previous: tuple[int, Future | UserError] | None = None
+        for index, (_, output, probabilities) in enumerate(cases):
+            reading, following = following, (reader.submit(read_volume, cases[index + 1][0])
+                                             if index + 1 < len(cases) else None)
+            try:
+                assert reading is not None
+                result = predictor.predict(reading.result(), probabilities=probabilities is not None,
+                                           progress=progress(index) if progress else None)
+                outcome: Future | UserError = writer.submit(_write_outputs, result, output, probabilities)
+            except UserError as error:
+                outcome = error
+            if previous is not None:
+                yield _written(*previous)
+            previous = (index, outcome)
+        if previous is not None:
+            yield _written(*previous)
+
+
+def _written(index: int, outcome: Future | UserError) -> tuple[int, UserError | None]:
+    if isinstance(outcome, UserError):
+        return index, outcome
+    try:
+        outcome.result()
+    except UserError as error:
+        return index, error
+    return index, None
+
+
+def _write_outputs(result: Prediction, output_path: Path, probabilities_path: Path | None) -> None:
+    from ..io import write_volume
+
     write_volume(result.labelmap, output_path)
     if probabilities_path is not None and result.probabilities is not None:
         write_volume(result.probabilities.with_array(result.probabilities.array.astype(np.float32)),
                      probabilities_path)
-    return result

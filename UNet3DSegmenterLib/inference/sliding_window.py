@@ -2,8 +2,10 @@
 
 Windows sit on a regular grid with the requested overlap (evenly spread so that the last window
 ends at the border). Each window's output is weighted by a Gaussian that trusts the centre of a
-patch more than its edges, and added in place into one accumulator, so memory holds the volume's
-output once, never a copy per window. Volumes smaller than the patch are padded and cropped back.
+patch more than its edges, and added in place into an accumulator that spans one band of windows
+along z: a band's slab is handed on as soon as no later window touches it, so memory holds a band's
+output, never the whole volume's per class, nor a copy per window. Volumes smaller than the patch
+are padded and cropped back.
 
 ``patchify`` and ``unpatchify`` expose the same grid and blending for people who want the patches.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -126,6 +128,88 @@ def _mirrored_forward(model: Callable[[torch.Tensor], torch.Tensor], batch: torc
     return output / 8
 
 
+def sliding_window_slabs(
+    image: torch.Tensor,
+    model: Callable[[torch.Tensor], torch.Tensor],
+    patch_size: Sequence[int],
+    out_channels: int,
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    mirror: bool = False,
+    prepare_batch: Callable[[torch.Tensor], torch.Tensor] = lambda batch: batch,
+    accumulate_device: torch.device | str = "cpu",
+    normalize: bool = True,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Like :func:`sliding_window_inference`, but yields the result in slabs along z, each as soon
+    as no later window can touch it, so that memory holds a band of windows, not the whole output.
+
+    Yields ``(z, slab)``: ``slab`` is (out_channels, depth, y, x) float32 on ``accumulate_device``
+    and covers slices ``z`` to ``z + depth`` of ``image``. With ``normalize`` it holds the weighted
+    averages; without, the weighted sums, which have the same argmax over channels and cost no
+    weight total. A slab is only valid until the next one is asked for: copy what you keep.
+
+    Windows run in the same order as in :func:`window_positions`, and each voxel's sum adds them in
+    that order, so the values are those of one whole-volume accumulator.
+    """
+    shape = image.shape[-3:]
+    padded = _pad_to(image, patch_size)
+    positions = window_positions(padded.shape[-3:], patch_size, overlap)
+    bands = _bands(positions, batch_size)
+    depth = max(band[-1][0] + patch_size[0] - band[0][0] for band in bands)
+    weights = gaussian_weights(patch_size).to(accumulate_device)
+    sums = torch.zeros((out_channels, depth, *padded.shape[-2:]), dtype=torch.float32, device=accumulate_device)
+    totals = torch.zeros(sums.shape[1:], dtype=torch.float32, device=accumulate_device) if normalize else None
+    done = 0
+    for index, band in enumerate(bands):
+        base = band[0][0]
+        for first in range(0, len(band), batch_size):
+            if cancel is not None and cancel():
+                raise Cancelled("segmentation cancelled")
+            chunk = band[first: first + batch_size]
+            batch = torch.stack([padded[(slice(None), *_window(position, patch_size))] for position in chunk])
+            output = _mirrored_forward(model, prepare_batch(batch), mirror).to(accumulate_device)
+            for logits, (z, y, x) in zip(output, chunk):
+                region = _window((z - base, y, x), patch_size)
+                sums[(slice(None), *region)].addcmul_(logits, weights)
+                if totals is not None:
+                    totals[region] += weights
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(positions))
+        end = bands[index + 1][0][0] if index + 1 < len(bands) else padded.shape[-3]
+        finished = (slice(0, min(end, shape[0]) - base), slice(0, shape[1]), slice(0, shape[2]))
+        if finished[0].stop > 0:
+            slab = sums[(slice(None), *finished)]
+            yield base, slab / totals[finished] if totals is not None else slab
+        for buffer in (sums, totals):
+            if buffer is not None:
+                _shift_down(buffer, end - base)
+
+
+def _bands(positions: list[tuple[int, ...]], batch_size: int) -> list[list[tuple[int, ...]]]:
+    """Group windows into bands of whole z-rows (windows that share a z start), each band holding at
+    least ``batch_size`` windows: batches never straddle a band, and a band is finished as one slab."""
+    rows: dict[int, list[tuple[int, ...]]] = {}
+    for position in positions:
+        rows.setdefault(position[0], []).append(position)
+    ordered = list(rows.values())
+    rows_per_band = max(1, math.ceil(batch_size / len(ordered[0])))
+    return [sum(ordered[start: start + rows_per_band], []) for start in range(0, len(ordered), rows_per_band)]
+
+
+def _shift_down(buffer: torch.Tensor, by: int) -> None:
+    """Move the slices from ``by`` on (axis -3) to the start of ``buffer`` and zero the rest, in
+    chunks that never overlap, so no temporary copy of the buffer is needed."""
+    depth = buffer.shape[-3]
+    kept = max(0, depth - by)
+    for start in range(0, kept, by):
+        stop = min(start + by, kept)
+        buffer[..., start:stop, :, :].copy_(buffer[..., start + by: stop + by, :, :])
+    buffer[..., kept:, :, :].zero_()
+
+
 def sliding_window_inference(
     image: torch.Tensor,
     model: Callable[[torch.Tensor], torch.Tensor],
@@ -149,29 +233,15 @@ def sliding_window_inference(
         batch_size: windows per forward pass.
         mirror: average over the eight axis flips (8x slower, slightly better).
         prepare_batch: puts a stacked batch on the compute device in the right layout and dtype.
-        accumulate_device: where the (out_channels, z, y, x) float32 sum lives.
+        accumulate_device: where the (out_channels, z, y, x) float32 result lives.
         progress: called with (windows done, windows in total) after each batch.
         cancel: checked before each batch; when it returns True, :class:`Cancelled` is raised.
 
     Returns the averaged logits, (out_channels, z, y, x) float32 on ``accumulate_device``.
+    :func:`sliding_window_slabs` gives the same values slab by slab, in less memory.
     """
-    shape = image.shape[-3:]
-    padded = _pad_to(image, patch_size)
-    positions = window_positions(padded.shape[-3:], patch_size, overlap)
-    weights = gaussian_weights(patch_size).to(accumulate_device)
-    accumulator = torch.zeros((out_channels, *padded.shape[-3:]), dtype=torch.float32, device=accumulate_device)
-    total = torch.zeros(padded.shape[-3:], dtype=torch.float32, device=accumulate_device)
-    for first in range(0, len(positions), batch_size):
-        if cancel is not None and cancel():
-            raise Cancelled("segmentation cancelled")
-        chunk = positions[first: first + batch_size]
-        batch = torch.stack([padded[(slice(None), *_window(position, patch_size))] for position in chunk])
-        output = _mirrored_forward(model, prepare_batch(batch), mirror).to(accumulate_device)
-        for logits, position in zip(output, chunk):
-            region = _window(position, patch_size)
-            accumulator[(slice(None), *region)].addcmul_(logits, weights)
-            total[region] += weights
-        if progress is not None:
-            progress(min(first + batch_size, len(positions)), len(positions))
-    accumulator /= total
-    return accumulator[(slice(None), *(slice(0, s) for s in shape))]
+    result = torch.empty((out_channels, *image.shape[-3:]), dtype=torch.float32, device=accumulate_device)
+    for z, slab in sliding_window_slabs(image, model, patch_size, out_channels, overlap, batch_size, mirror,
+                                        prepare_batch, accumulate_device, True, progress, cancel):
+        result[:, z: z + slab.shape[1]] = slab
+    return result

@@ -2,6 +2,10 @@
 
 :class:`TrainingStep` is the whole of what happens to a batch once it is on the device, so that the
 trainer and the training benchmark run exactly the same code.
+
+On the CPU a step runs channels-last, where oneDNN's 3D convolutions and their gradients are
+fastest; instance norms then take :class:`ChannelsLastInstanceNorm3d`'s kernels, because PyTorch's
+own instance norm copies channels-last tensors (forward and backward) into another layout.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..choices import OPTIMIZERS
+
+CHANNELS_LAST = torch.channels_last_3d
 
 
 def build_optimizer(parameters, name: str, lr: float, weight_decay: float, device: torch.device):
@@ -43,6 +49,65 @@ def learning_rate(base_lr: float, schedule: str, warmup_steps: int, step: int, t
     return base_lr
 
 
+class _InstanceNormPerSample(torch.autograd.Function):
+    """Instance norm of a channels-last batch as training-mode batch norm of each sample, whose CPU
+    kernels (forward and backward) are vectorised for channels-last and keep float32 statistics."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        output = torch.empty_like(x, memory_format=CHANNELS_LAST)
+        statistics = torch.float64 if x.dtype == torch.float64 else torch.float32
+        means = torch.empty(len(x), x.shape[1], dtype=statistics, device=x.device)
+        inverse_stds = torch.empty_like(means)
+        for sample in range(len(x)):
+            torch.ops.aten.native_batch_norm.out(
+                x[sample: sample + 1], weight, bias, None, None, True, 0.0, eps, out=output[sample: sample + 1],
+                save_mean=means[sample], save_invstd=inverse_stds[sample])
+        ctx.save_for_backward(x, weight, means, inverse_stds)
+        ctx.eps = eps
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, weight, means, inverse_stds = ctx.saved_tensors
+        grad_output = grad_output.contiguous(memory_format=CHANNELS_LAST)
+        grad_input = torch.empty_like(x, memory_format=CHANNELS_LAST)
+        grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(weight)
+        weight_part, bias_part = torch.empty_like(weight), torch.empty_like(weight)
+        for sample in range(len(x)):
+            torch.ops.aten.native_batch_norm_backward.out(
+                grad_output[sample: sample + 1], x[sample: sample + 1], weight, None, None, means[sample],
+                inverse_stds[sample], True, ctx.eps, [True, True, True],
+                out0=grad_input[sample: sample + 1], out1=weight_part, out2=bias_part)
+            grad_weight += weight_part
+            grad_bias += bias_part
+        return grad_input, grad_weight, grad_bias, None
+
+
+class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
+    """InstanceNorm3d that normalises channels-last batches in their own layout, in training too.
+
+    Same parameters and state dict as :class:`torch.nn.InstanceNorm3d` (checkpoints do not change);
+    :meth:`TrainingStep.create` turns a network's instance norms into this class for channels-last
+    training. Other inputs, and norms with running statistics or without affine parameters, take
+    PyTorch's path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not x.is_contiguous(memory_format=CHANNELS_LAST) or x.dim() != 5 or not self.affine
+                or self.track_running_stats):
+            return super().forward(x)
+        return _InstanceNormPerSample.apply(x, self.weight, self.bias, self.eps)
+
+
+def use_channels_last_instance_norm(module: nn.Module) -> nn.Module:
+    """Give ``module``'s instance norms :class:`ChannelsLastInstanceNorm3d`'s forward (in place)."""
+    for child in module.modules():
+        if type(child) is nn.InstanceNorm3d:
+            child.__class__ = ChannelsLastInstanceNorm3d
+    return module
+
+
 class TrainingStep:
     """Forward under autocast, loss in float32, backward, gradient clipping, optimiser step.
 
@@ -62,18 +127,21 @@ class TrainingStep:
     @classmethod
     def create(cls, module: nn.Module, loss: nn.Module, optimizer: str, lr: float, weight_decay: float,
                grad_clip: float, device: torch.device, dtype: torch.dtype, distributed: bool = False,
-               channels_last: bool = False, deep_supervision: bool = False) -> TrainingStep:
-        """Move ``module`` to ``device`` (channels-last when asked) and build its optimiser; with
-        ``deep_supervision``, the loss also judges the decoder's two coarser levels
+               channels_last: bool | None = None, deep_supervision: bool = False) -> TrainingStep:
+        """Move ``module`` to ``device`` and build its optimiser. ``channels_last`` (default: on the
+        CPU, where it is faster in float32 and bfloat16 alike) puts weights and batches in that layout;
+        with ``deep_supervision``, the loss also judges the decoder's coarser levels
         (:mod:`~UNet3DSegmenterLib.training.deep_supervision`)."""
         from .deep_supervision import DeepSupervision, DeepSupervisionLoss
 
         module = module.to(device)
-        trained = DeepSupervision(module) if deep_supervision else module
-        loss = DeepSupervisionLoss(loss) if deep_supervision else loss
-        trained = trained.to(device)
+        channels_last = device.type == "cpu" if channels_last is None else channels_last
         if channels_last:
-            trained = trained.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+            module = use_channels_last_instance_norm(module.to(memory_format=CHANNELS_LAST))  # type: ignore[call-overload]
+        trained = DeepSupervision(module).to(device) if deep_supervision else module
+        if channels_last and deep_supervision:
+            trained = trained.to(memory_format=CHANNELS_LAST)  # type: ignore[call-overload]
+        loss = DeepSupervisionLoss(loss) if deep_supervision else loss
         model = trained
         if distributed:
             model = nn.parallel.DistributedDataParallel(
@@ -85,7 +153,7 @@ class TrainingStep:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         self.model.train()
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last_3d)
+            images = images.contiguous(memory_format=CHANNELS_LAST)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             logits = self.model(images)
         loss = self.loss(logits, labels)

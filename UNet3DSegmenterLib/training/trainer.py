@@ -39,6 +39,7 @@ from ..atomic import atomic_path, write_json
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..datalist import load_datalist
 from ..errors import UserError
+from ..inference.fast import reuse_freed_memory
 from ..progress import TrainingEvent
 from ..runtime import training_dtype
 from .augment import Augmenter
@@ -87,7 +88,8 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
                         "with cross_validate(config) (the train command does)")
     distributed = Distributed.start(config.device)
     try:
-        return _Run(config, distributed, progress or (lambda event: None), cancel).run()
+        with reuse_freed_memory():  # every step frees and allocates the same large activations
+            return _Run(config, distributed, progress or (lambda event: None), cancel).run()
     finally:
         distributed.stop()
 

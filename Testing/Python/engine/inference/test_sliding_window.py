@@ -14,6 +14,7 @@ from UNet3DSegmenterLib.inference.sliding_window import (
     gaussian_weights,
     patchify,
     sliding_window_inference,
+    sliding_window_slabs,
     unpatchify,
     window_positions,
     window_starts,
@@ -113,3 +114,33 @@ def test_gaussian_weights_peak_in_the_centre_and_never_vanish():
     weights = gaussian_weights((16, 20, 24))
     assert weights.max() == 1.0 and weights.min() > 0
     assert weights[8, 10, 12] > weights[0, 0, 0]
+
+
+@pytest.mark.parametrize("shape, batch_size, overlap", [
+    ((45, 38, 61), 2, 0.5), ((45, 38, 61), 3, 0.25), ((70, 16, 16), 4, 0.5), ((33, 20, 16), 5, 0.8), ((5, 9, 30), 2, 0.5),
+])
+def test_slabs_hold_the_whole_volume_accumulator_values(shape, batch_size, overlap):
+    """Streaming changes where sums live, not what they are: every voxel adds the same windows in order."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 3, padding=1)).eval()
+    image = torch.randn(1, *shape)
+    with torch.no_grad():
+        patches, positions = patchify(image, (16, 16, 16), overlap)
+        expected = unpatchify(model(patches), positions, shape)
+        result = sliding_window_inference(image, model, (16, 16, 16), 3, overlap=overlap, batch_size=batch_size)
+    torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_slabs_follow_each_other_and_hold_one_band_of_windows():
+    model = pointwise_model()
+    image = torch.randn(1, 100, 40, 40)
+    with torch.no_grad():
+        expected = model(image[None])[0]
+        slabs = [(z, slab.clone()) for z, slab in sliding_window_slabs(image, model, (16, 16, 16), 3)]
+        sums = [slab.clone() for _, slab in sliding_window_slabs(image, model, (16, 16, 16), 3, normalize=False)]
+    starts = [z for z, _ in slabs]
+    assert starts[0] == 0 and starts == sorted(starts) and len(slabs) == len(window_starts(100, 16, 0.5))
+    assert all(slab.shape[1] <= 16 for _, slab in slabs)  # a band of one row of windows, never the volume
+    torch.testing.assert_close(torch.cat([slab for _, slab in slabs], dim=1), expected, rtol=1e-5, atol=1e-5)
+    for (_, average), total in zip(slabs, sums):
+        assert torch.equal(average.argmax(0), total.argmax(0))  # unnormalised sums: the same labels

@@ -1,0 +1,177 @@
+"""Which way of running a network is fastest on this machine: measured once, then remembered.
+
+Whether the channels-last rewrite beats the untouched network under autocast depends on the
+network, the window size and the processor (small windows can favour the untouched network), so
+it is measured rather than assumed: at the first batch of a new shape each path runs on that very
+batch a few times, interleaved, and the fastest wins. The choice is stored in a small JSON file in
+the user's cache folder (:func:`cache_folder`), keyed by everything that can change the answer:
+PyTorch version, processor and its flags, threads, network, batch shape and precision. Later runs,
+and every later Segment click, read it and measure nothing. A measurement taken while other work
+kept the processor busy is used for that run only, not remembered. Nothing here compiles code.
+
+``UNET3D_SEGMENTER_INFERENCE_PATH`` (rewritten, autocast or plain) skips the measurement and takes
+that path wherever it is offered, for reproducing a run or benchmarking one.
+
+Example::
+
+    >>> forward = CalibratedForward(model, torch.device("cpu"), torch.bfloat16)
+    >>> logits = forward(batch)        # measures on the first batch of each shape, or reads the cache
+    >>> forward.choices                # {(2, 1, 96, 96, 96): 'rewritten'}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import write_text_atomically
+from ..runtime import cpu_supports_bf16
+from .fast import Forward, inference_paths
+
+log = logging.getLogger("UNet3DSegmenterLib")
+
+CACHE_ENVIRONMENT = "UNET3D_SEGMENTER_CACHE"
+PATH_ENVIRONMENT = "UNET3D_SEGMENTER_INFERENCE_PATH"
+CACHE_FILE = "inference-paths.json"
+_ROUNDS = 3  # timed runs of each path after one warm-up run
+_CLEAR_MARGIN = 1.3  # after one round, a path this much slower than the best is dropped
+
+
+def cache_folder() -> Path:
+    """Where the engine keeps what it measured: ``$UNET3D_SEGMENTER_CACHE`` when set, else the
+    platform's per-user cache folder (``~/.cache/unet3d-segmenter`` on Linux,
+    ``~/Library/Caches/unet3d-segmenter`` on macOS, ``%LOCALAPPDATA%\\unet3d-segmenter`` on Windows)."""
+    if os.environ.get(CACHE_ENVIRONMENT):
+        return Path(os.environ[CACHE_ENVIRONMENT])
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "unet3d-segmenter"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "unet3d-segmenter"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unet3d-segmenter"
+
+
+class CalibratedForward:
+    """Runs batches through the fastest of :func:`~.fast.inference_paths` for each batch shape.
+
+    Args:
+        model: the trained network (left untouched).
+        device: where it computes.
+        dtype: the compute precision.
+        calibrate: False takes the rewritten network without measuring (and without the cache).
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, calibrate: bool = True):
+        self.paths = inference_paths(model, device, dtype)
+        self.device, self.dtype = device, dtype
+        self.signature = _network_signature(model)
+        self.calibrate = calibrate and len(self.paths) > 1
+        self.choices: dict[tuple[int, ...], str] = {}
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        shape = tuple(batch.shape)
+        if shape not in self.choices:
+            self.choices[shape] = self._choose(batch) if self.calibrate else next(iter(self.paths))
+        return self.paths[self.choices[shape]](batch)
+
+    def _choose(self, batch: torch.Tensor) -> str:
+        if os.environ.get(PATH_ENVIRONMENT) in self.paths:
+            return os.environ[PATH_ENVIRONMENT]
+        record = self._record(tuple(batch.shape))
+        key = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
+        remembered = _read_cache().get(key, {}).get("path")
+        if remembered in self.paths:
+            return remembered
+        seconds = measure_paths(self.paths, batch)
+        choice = min(seconds, key=lambda name: seconds[name])
+        log.info("fastest inference path for %s windows: %s (%s)", "x".join(map(str, batch.shape[2:])), choice,
+                 ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in seconds.items()))
+        if processor_busy():
+            log.info("other work kept the processor busy while measuring: the choice is not remembered")
+        else:
+            _remember(key, {"path": choice, "milliseconds": {name: round(value * 1000, 1)
+                                                             for name, value in seconds.items()}, **record})
+        return choice
+
+    def _record(self, shape: tuple[int, ...]) -> dict:
+        """Everything that can change which path is fastest (stored beside the choice, to read)."""
+        return {"torch": torch.__version__, "processor": _processor(), "threads": torch.get_num_threads(),
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "network": self.signature, "batch": list(shape)}
+
+
+def measure_paths(paths: dict[str, Forward], batch: torch.Tensor) -> dict[str, float]:
+    """Best wall-clock seconds of each path on ``batch``: one warm-up each, then interleaved rounds;
+    a path clearly slower than the best after the first round is not run again, and once one path
+    is left the measuring stops."""
+    best = {name: float("inf") for name in paths}
+    with torch.inference_mode():
+        for forward in paths.values():
+            forward(batch)
+        for round_ in range(_ROUNDS):
+            contenders = [name for name in paths if round_ == 0 or best[name] <= _CLEAR_MARGIN * min(best.values())]
+            if round_ > 0 and len(contenders) == 1:
+                break
+            for name in contenders:
+                forward = paths[name]
+                started = time.perf_counter()
+                forward(batch)
+                if batch.device.type == "cuda":
+                    torch.cuda.synchronize()
+                best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def processor_busy() -> bool:
+    """Whether more work was waiting for the cores than there are cores (the load average over the
+    last minute, where the system keeps one): timings taken then mislead, so they are not cached."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows keeps no load average
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return load > cores
+
+
+def _network_signature(model: nn.Module) -> str:
+    """The architecture, from the module tree (layer types and sizes), whatever its weights."""
+    return f"{type(model).__name__} {hashlib.sha1(repr(model).encode()).hexdigest()[:16]}"
+
+
+def _processor() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}; {torch.backends.cpu.get_cpu_capability()}; bf16 {cpu_supports_bf16()}"
+
+
+def _read_cache() -> dict:
+    path = cache_folder() / CACHE_FILE
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def _remember(key: str, entry: dict) -> None:
+    """Add one measurement to the cache file; a cache that cannot be written only costs a re-measure."""
+    folder = cache_folder()
+    content = _read_cache()
+    content[key] = entry
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(folder / CACHE_FILE, json.dumps(content, indent=1, sort_keys=True))
+    except OSError as error:
+        log.debug("could not write the inference-path cache in %s: %s", folder, error)
