@@ -138,9 +138,9 @@ def test_without_native_bfloat16_the_predictor_computes_in_float32(monkeypatch):
     volume = Volume(np.random.default_rng(0).normal(size=(20, 24, 18)).astype(np.float32))
     auto = Predictor(small_checkpoint(), device="cpu")
     result = auto.predict(volume, probabilities=True)
-    assert list(auto._prepared) == [("cpu", torch.float32)]
+    assert list(auto._prepared) == [("cpu", torch.float32, 0)]
     plain = Predictor(small_checkpoint(), device="cpu", precision="fp32")
-    plain._prepared_model = lambda device, dtype: plain._model  # the network exactly as trained
+    plain._prepared_model = lambda device, dtype, member=0: plain._models[member]  # the network as trained
     reference = plain.predict(volume, probabilities=True)
     np.testing.assert_allclose(result.probabilities.array, reference.probabilities.array, atol=1e-5)
 
@@ -193,7 +193,7 @@ def test_bfloat16_labelmaps_equal_float32_on_the_bundled_model(shared_dataset):
     names = json.loads((BUNDLED.parent / "hippocampus_split.json").read_text())["validation"][:8]
     checkpoint = load_checkpoint(BUNDLED)
     reference = Predictor(checkpoint, device="cpu", precision="fp32")
-    reference._prepared_model = lambda device, dtype: reference._model
+    reference._prepared_model = lambda device, dtype, member=0: reference._models[member]
     paths = inference_paths(checkpoint.build_model(), CPU, torch.bfloat16)
     same = dict.fromkeys(paths, 0)
     total = 0
@@ -203,7 +203,7 @@ def test_bfloat16_labelmaps_equal_float32_on_the_bundled_model(shared_dataset):
         total += expected.size
         for path, forward in paths.items():
             predictor = Predictor(checkpoint, device="cpu", precision="bf16")
-            predictor._prepared_model = lambda device, dtype, forward=forward: forward
+            predictor._prepared_model = lambda device, dtype, member=0, forward=forward: forward
             same[path] += int((predictor.predict(volume).labelmap.array == expected).sum())
     for path, count in same.items():
         assert count / total >= 0.999, f"{path}: {count / total:.5f}"
