@@ -6,8 +6,9 @@ minutes each, one after the other, then segment the same whole validation cases;
 is computed by the same code (``mean_dice``) for all, against the same label files.
 
   ours:  unet3d-segmenter's trainer with its defaults (depth 4 U-Net, DiceCE, AdamW, poly schedule,
-         augmentation), its epochs sized from a short timing run (not counted) so that the schedule
-         ends within the budget; the best checkpoint by validation Dice is evaluated.
+         augmentation) and deep supervision, as the bundled model is trained; its epochs sized from a
+         short timing run (not counted) so that the schedule ends within the budget; the best
+         checkpoint by validation Dice is evaluated.
   MONAI: the 3D segmentation tutorial recipe: monai.networks.nets.UNet (16-32-64-128-256, strides 2,
          two residual units, batch norm), DiceCELoss, Adam 1e-4, NormalizeIntensity,
          RandCropByPosNegLabel 48x64x48, batch 2, sliding_window_inference for validation.
@@ -100,9 +101,11 @@ def mean_dice(pairs) -> dict:
 
 def run_ours(data: Path, output: Path, budget: float, validation) -> dict:
     labels = dict(CLASSES)
-    common = dict(data=data, output=output / "calibration", depth=4, label_names=labels, val_fraction=0.2, seed=0)
+    common = dict(data=data, output=output / "calibration", depth=4, label_names=labels, val_fraction=0.2, seed=0,
+                  deep_supervision=True)
     timings = []
-    train(TrainingConfig(**common, epochs=1, iterations_per_epoch=20, val_every=1000),
+    # two short epochs: the first pays for warming up, the second is the pace of the run
+    train(TrainingConfig(**common, epochs=2, iterations_per_epoch=20, val_every=1000),
           progress=lambda event: timings.append(event["seconds"]) if event.get("event") == "epoch" else None)
     seconds_per_iteration = timings[-1] / 20
     iterations_per_epoch = 50
