@@ -284,7 +284,7 @@ def bench_hippocampus(repeats: int, count: int) -> dict:
         "monai": lambda: [run_monai(model, array, checkpoint.patch_size) for array in arrays],
         "ours": lambda: [predictor.predict(volume).labelmap.array for volume in volumes]}, repeats)
     fp32 = Predictor(checkpoint, device=str(DEVICE), precision="fp32")
-    fp32._prepared_model = lambda device, dtype: model  # the network exactly as trained, float32
+    fp32._prepared_model = lambda device, dtype, member=0: model  # the network exactly as trained, float32
     ours_fp32 = [fp32.predict(volume).labelmap.array for volume in volumes]
     voxels = sum(array.size for array in arrays)
     result = {"cases": len(paths), "patch": list(checkpoint.patch_size), "repeats": repeats,
