@@ -7,8 +7,11 @@ slicer/, which needs slicer-core); ``pytest -m "not slow"`` is the quick loop.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -51,6 +54,37 @@ def shared_dataset() -> Callable[[str], Path]:
         return folder
 
     return locate
+
+
+@pytest.fixture
+def watch_progress() -> Callable[..., tuple[subprocess.Popen, list[dict], str]]:
+    """Run an engine command with ``--progress-json`` and act on its events as they come.
+
+    ``act(process, event)`` sees each event; it returns True to stop reading (the caller then acts on
+    the process itself, e.g. kills it). A watchdog kills a run that hangs. Returns the finished process,
+    the events read and what it wrote to stderr.
+    """
+
+    def watch(command: list[str], env: dict[str, str], act) -> tuple[subprocess.Popen, list[dict], str]:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        watchdog = threading.Timer(300, process.kill)
+        watchdog.start()
+        events: list[dict] = []
+        try:
+            for line in process.stdout:
+                events.append(json.loads(line))
+                if act(process, events[-1]):
+                    break
+            stderr = process.stderr.read()
+            process.wait()
+        finally:
+            watchdog.cancel()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        return process, events, stderr
+
+    return watch
 
 
 @pytest.fixture(scope="module")

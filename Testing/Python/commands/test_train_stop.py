@@ -3,12 +3,10 @@ after its iteration with last.pt, log.csv and the curves written, and exit statu
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -26,36 +24,31 @@ def phantoms(tmp_path_factory) -> Path:
     return write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), cases=3, shape=(16, 24, 24), seed=0)
 
 
-def _train_and_stop(data: Path, output: Path, stop) -> tuple[subprocess.Popen, list[dict], str]:
+def _train_and_stop(watch, data: Path, output: Path, stop) -> tuple[subprocess.Popen, list[dict], str]:
     """Run the command, call ``stop(process)`` at the first iteration, return the process, its events and stderr."""
     command = [sys.executable, "-m", "UNet3DSegmenterLib", "train", "--data", str(data), "--output", str(output),
                "--depth", "2", "--base-width", "4", "--patch-size", "16", "24", "24", "--epochs", "50",
                "--iterations-per-epoch", "2", "--batch-size", "1", "--workers", "0", "--val-fraction", "0",
                "--device", "cpu", "--progress-json"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
-    watchdog = threading.Timer(300, process.kill)
-    watchdog.start()
-    events = []
-    try:
-        for line in process.stdout:
-            events.append(json.loads(line))
-            if events[-1]["event"] == "iteration" and len([e for e in events if e["event"] == "iteration"]) == 1:
-                stop(process)
-        stderr = process.stderr.read()
-        process.wait()
-    finally:
-        watchdog.cancel()
-    return process, events, stderr
+    stopped = []
+
+    def act(process, event) -> bool:
+        if event["event"] == "iteration" and not stopped:
+            stopped.append(event)
+            stop(process)
+        return False  # read on to the end: the run finishes its iteration and saves
+
+    return watch(command, ENVIRONMENT, act)
 
 
 @pytest.mark.parametrize("how", ["STOP file", "SIGTERM"])
-def test_train_stops_after_its_iteration_saves_and_exits_zero(phantoms, tmp_path, how):
+def test_train_stops_after_its_iteration_saves_and_exits_zero(phantoms, tmp_path, how, watch_progress):
     output = tmp_path / "run"
     if how == "STOP file":
         stop = lambda process: (output / "STOP").touch()  # noqa: E731
     else:
         stop = lambda process: process.send_signal(signal.SIGTERM)  # noqa: E731
-    process, events, stderr = _train_and_stop(phantoms, output, stop)
+    process, events, stderr = _train_and_stop(watch_progress, phantoms, output, stop)
     assert process.returncode == 0, stderr
     assert "stopped as asked" in stderr and "--resume" in stderr
     assert events[-1]["event"] == "done" and events[-1]["stopped"] == "cancelled"

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -102,23 +101,18 @@ def cli_arguments(data: Path, output: Path, epochs: int = 2) -> list[str]:
             "--workers", "0", "--val-fraction", "0.4", "--progress-json"]
 
 
-def test_killed_run_leaves_a_loadable_checkpoint_that_resumes(phantoms, tmp_path):
+def test_killed_run_leaves_a_loadable_checkpoint_that_resumes(phantoms, tmp_path, watch_progress):
     output = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "UNet3DSegmenterLib", *cli_arguments(phantoms, output, 3)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
-    watchdog = threading.Timer(300, process.kill)
-    watchdog.start()
-    events = []
-    try:
-        for line in process.stdout:
-            events.append(json.loads(line))
-            if events[-1]["event"] == "iteration" and events[-1]["epoch"] == 2:
-                process.send_signal(signal.SIGKILL)  # in the middle of the second epoch
-                break
-    finally:
-        watchdog.cancel()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, process.stderr.read()
+
+    def kill_in_the_second_epoch(process, event) -> bool:
+        if event["event"] == "iteration" and event["epoch"] == 2:
+            process.send_signal(signal.SIGKILL)
+            return True
+        return False
+
+    command = [sys.executable, "-m", "UNet3DSegmenterLib", *cli_arguments(phantoms, output, 3)]
+    process, events, stderr = watch_progress(command, SUBPROCESS_ENV, kill_in_the_second_epoch)
+    assert process.returncode == -signal.SIGKILL, stderr
     iteration = next(event for event in events if event["event"] == "iteration")
     assert set(iteration) == {"event", "epoch", "epochs", "iteration", "iterations", "loss", "eta"}
     epoch = next(event for event in events if event["event"] == "epoch")
