@@ -21,6 +21,7 @@ from UNet3DSegmenterLib.training.splits import (
 
 REPOSITORY = Path(__file__).resolve().parents[4]
 BUNDLED_SPLIT = REPOSITORY / "Resources" / "Models" / "hippocampus_split.json"
+EARLIER_SPLIT = Path(__file__).resolve().parent / "data" / "hippocampus_split_val_fraction.json"
 SUBJECT = r"^(Case_\d+)"
 
 
@@ -47,12 +48,19 @@ def test_three_way_split_is_a_partition_of_the_requested_sizes():
 
 
 def test_without_a_test_set_the_split_is_the_one_earlier_versions_drew():
-    # The bundled model's split was drawn by an earlier version with --val-fraction 0.2 --seed 0.
+    # Drawn by an earlier version with --val-fraction 0.2 --seed 0 (the previous bundled model's split).
+    earlier = json.loads(EARLIER_SPLIT.read_text())
+    names = earlier["train"] + earlier["validation"]
+    split = make_split(names, val_fraction=earlier["val_fraction"], seed=earlier["seed"])
+    assert split.validation == earlier["validation"] and split.train == sorted(earlier["train"])
+    assert split.test == []
+
+
+def test_the_bundled_models_fold_is_drawn_again_from_its_settings():
     bundled = json.loads(BUNDLED_SPLIT.read_text())
     names = bundled["train"] + bundled["validation"]
-    split = make_split(names, val_fraction=bundled["val_fraction"], seed=bundled["seed"])
+    split = make_split(names, folds=bundled["folds"], fold=bundled["fold"], seed=bundled["seed"])
     assert split.validation == bundled["validation"] and split.train == sorted(bundled["train"])
-    assert split.test == []
 
 
 def test_group_by_keeps_each_subject_in_one_set():
