@@ -33,18 +33,22 @@ from torch import nn
 CHANNELS_LAST = torch.channels_last_3d
 
 
-def _instance_norm_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Instance norm of a channels-last batch, written over the batch itself.
+def instance_norm_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                             out: torch.Tensor, means: torch.Tensor | None = None,
+                             inverse_stds: torch.Tensor | None = None) -> torch.Tensor:
+    """Instance norm of a channels-last batch into ``out`` (which may be ``x`` itself).
 
-    Training-mode batch norm of a single sample is instance norm of that sample; its CPU kernel takes
-    float32 statistics of bfloat16 inputs and works element by element, so input and output may be
-    the same memory.
+    Training-mode batch norm of a single sample is instance norm of that sample; its CPU kernel is
+    vectorised for channels-last, takes float32 statistics of bfloat16 inputs and works element by
+    element, so input and output may be the same memory. ``means`` and ``inverse_stds`` (samples x
+    channels), when given, receive the statistics its backward needs.
     """
     for sample in range(x.shape[0]):
-        one = x[sample: sample + 1]
-        torch.ops.aten.native_batch_norm.out(one, weight, bias, None, None, True, 0.0, eps, out=one,
-                                             save_mean=torch.empty(0), save_invstd=torch.empty(0))
-    return x
+        torch.ops.aten.native_batch_norm.out(
+            x[sample: sample + 1], weight, bias, None, None, True, 0.0, eps, out=out[sample: sample + 1],
+            save_mean=torch.empty(0) if means is None else means[sample],
+            save_invstd=torch.empty(0) if inverse_stds is None else inverse_stds[sample])
+    return out
 
 
 class _InstanceNormActivation(nn.Module):
@@ -67,7 +71,7 @@ class _InstanceNormActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.in_place or not x.is_contiguous(memory_format=CHANNELS_LAST):
             x = x.clone(memory_format=CHANNELS_LAST)
-        x = _instance_norm_(x, self.weight, self.bias, self.eps)
+        x = instance_norm_per_sample(x, self.weight, self.bias, self.eps, out=x)
         if isinstance(self.activation, nn.ReLU):
             return x.relu_()
         return x if self.activation is None else self.activation(x)
@@ -172,6 +176,14 @@ def _rewrite(module: nn.Module, fuse: bool, keep: nn.Module | None = None) -> No
             _rewrite(child, fuse, keep)
 
 
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` whose parameters ask for no gradients."""
+    frozen = copy.deepcopy(model).eval()
+    for parameter in frozen.parameters():
+        parameter.requires_grad_(False)
+    return frozen
+
+
 def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.dtype,
                           fuse: bool | None = None) -> nn.Module:
     """An eval-mode copy of ``model`` rewritten for speed on ``device`` in ``dtype``.
@@ -181,9 +193,7 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     batches through :func:`input_layout`. On CUDA the model is only moved and put in eval mode;
     autocast does the rest.
     """
-    fast = copy.deepcopy(model).eval()
-    for parameter in fast.parameters():
-        parameter.requires_grad_(False)
+    fast = _frozen_copy(model)
     if device.type == "cpu":
         fuse = fused_kernels_available() if fuse is None else fuse
         _rewrite(fast, fuse, keep=getattr(fast, "head", None))
@@ -216,9 +226,7 @@ def inference_paths(model: nn.Module, device: torch.device, dtype: torch.dtype) 
     if device.type == "cuda":
         return {"autocast": _under_autocast(rewritten, device, dtype)}
     paths = {"rewritten": _with_layout(rewritten, device, dtype)}
-    untouched = copy.deepcopy(model).eval().to(device)
-    for parameter in untouched.parameters():
-        parameter.requires_grad_(False)
+    untouched = _frozen_copy(model).to(device)
     if dtype == torch.float32:
         paths["plain"] = untouched
     else:

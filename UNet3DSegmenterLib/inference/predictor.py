@@ -96,9 +96,7 @@ class Predictor:
             if probabilities:
                 on_input = probabilities_on_grid(on_model_grid, volume)
                 labelmap = labelmap_from_probabilities(on_input.array, values)
-            elif preprocessed.same_grid(volume):
-                labelmap = labelmap_from_probabilities(on_model_grid.array, values)
-            else:
+            else:  # on the model's grid already, or resampled block by block
                 labelmap = labelmap_on_grid(on_model_grid, volume, values)
         else:  # the labelmap straight from the sums of logits, slab by slab: no class-sized volume in memory
             labelmap = self._infer(image, 0, _Labelmap(values, preprocessed.shape), progress, cancel)

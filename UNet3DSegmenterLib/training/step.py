@@ -19,6 +19,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..choices import OPTIMIZERS
+from ..inference.fast import instance_norm_per_sample
 
 CHANNELS_LAST = torch.channels_last_3d
 
@@ -59,10 +60,7 @@ class _InstanceNormPerSample(torch.autograd.Function):
         statistics = torch.float64 if x.dtype == torch.float64 else torch.float32
         means = torch.empty(len(x), x.shape[1], dtype=statistics, device=x.device)
         inverse_stds = torch.empty_like(means)
-        for sample in range(len(x)):
-            torch.ops.aten.native_batch_norm.out(
-                x[sample: sample + 1], weight, bias, None, None, True, 0.0, eps, out=output[sample: sample + 1],
-                save_mean=means[sample], save_invstd=inverse_stds[sample])
+        instance_norm_per_sample(x, weight, bias, eps, output, means, inverse_stds)
         ctx.save_for_backward(x, weight, means, inverse_stds)
         ctx.eps = eps
         return output
