@@ -50,7 +50,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_BIN)/python bench/training.py
 
 # Our trainer, MONAI's tutorial recipe and nnU-Net, 30 minutes each, one after the other
-# (about two hours in all): run it alone on the machine.
+# (about 95 minutes in all): run it alone on the machine.
 bench-accuracy: $(BENCH_VENV)/.installed
 	$(BENCH_BIN)/python bench/accuracy.py --budget-minutes 30
 
