@@ -442,6 +442,11 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         """True when PyTorch sees a CUDA GPU (imports torch)."""
         return install.cudaAvailable()
 
+    @staticmethod
+    def mpsAvailable() -> bool:
+        """True when PyTorch sees an Apple GPU (imports torch)."""
+        return install.mpsAvailable()
+
     # --- models ----------------------------------------------------------------------------------
 
     @staticmethod

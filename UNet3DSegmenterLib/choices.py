@@ -7,8 +7,8 @@ one place and everywhere agrees on the spelling.
 
 from __future__ import annotations
 
-DEVICES = ("auto", "cpu", "cuda")
-"""Where to compute: 'auto' is CUDA when PyTorch sees a GPU, else the CPU."""
+DEVICES = ("auto", "cpu", "cuda", "mps")
+"""Where to compute: 'auto' is CUDA when PyTorch sees a GPU, else the CPU; 'mps' is an Apple GPU (asked for only)."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Compute precision: 'auto' is bf16 on CPUs with native bf16, fp16/bf16 autocast on CUDA, else fp32."""

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..choices import DEVICES
 from ..errors import UserError
 
 CLASSES = 2  # organ and lesion
@@ -26,7 +27,7 @@ _SIZES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", type=Path, default=Path("demo-output"), help="folder for everything it makes")
     parser.add_argument("--fast", action="store_true", help="a tiny run in seconds (for tests), not a useful model")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -3,11 +3,17 @@
 Whether the channels-last rewrite beats the untouched network under autocast depends on the
 network, the window size and the processor (small windows can favour the untouched network), so
 it is measured rather than assumed: at the first batch of a new shape each path runs on that very
-batch a few times, interleaved, and the fastest wins. The choice is stored in a small JSON file in
-the user's cache folder (:func:`cache_folder`), keyed by everything that can change the answer:
-PyTorch version, processor and its flags, threads, network, batch shape and precision. Later runs,
-and every later Segment click, read it and measure nothing. A measurement taken while other work
-kept the processor busy is used for that run only, not remembered. Nothing here compiles code.
+batch a few times, interleaved, and the fastest wins. A path that raises (a kernel this processor
+lacks) is dropped and the next one is used. The choice is stored in a small JSON file in the user's
+cache folder (:func:`cache_folder`), keyed by everything that can change the answer: PyTorch
+version, processor and its flags, threads, network, batch shape and precision. Later runs, and
+every later Segment click, read it and measure nothing. Nothing here compiles code.
+
+The paths agree only up to rounding, so once a choice is made it is kept: in memory for the rest
+of the process (even where the cache cannot be written) and in the cache file for later ones, also
+when other work kept the processor busy while measuring (the entry then says so). The same
+checkpoint given twice, the members of an ensemble and the cases of a folder thus always take the
+same path and give bit-identical results. Deleting the cache file measures again.
 
 ``UNET3D_SEGMENTER_INFERENCE_PATH`` (rewritten, autocast or plain) skips the measurement and takes
 that path wherever it is offered, for reproducing a run or benchmarking one.
@@ -34,7 +40,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_text_atomically
-from ..runtime import cpu_supports_bf16
+from ..runtime import cpu_kind
 from .fast import Forward, inference_paths
 
 log = logging.getLogger("UNet3DSegmenterLib")
@@ -44,6 +50,7 @@ PATH_ENVIRONMENT = "UNET3D_SEGMENTER_INFERENCE_PATH"
 CACHE_FILE = "inference-paths.json"
 _ROUNDS = 3  # timed runs of each path after one warm-up run
 _CLEAR_MARGIN = 1.3  # after one round, a path this much slower than the best is dropped
+_chosen: dict[str, str] = {}  # cache key -> path, for the rest of this process
 
 
 def cache_folder() -> Path:
@@ -87,18 +94,22 @@ class CalibratedForward:
             return os.environ[PATH_ENVIRONMENT]
         record = self._record(tuple(batch.shape))
         key = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
-        remembered = _read_cache().get(key, {}).get("path")
+        remembered = _chosen.get(key) or _read_cache().get(key, {}).get("path")
         if remembered in self.paths:
+            _chosen[key] = remembered
             return remembered
         seconds = measure_paths(self.paths, batch)
-        choice = min(seconds, key=lambda name: seconds[name])
+        working = {name: value for name, value in seconds.items() if value != float("inf")}
+        choice = min(working, key=lambda name: working[name])
         log.info("fastest inference path for %s windows: %s (%s)", "x".join(map(str, batch.shape[2:])), choice,
-                 ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in seconds.items()))
-        if processor_busy():
-            log.info("other work kept the processor busy while measuring: the choice is not remembered")
-        else:
-            _remember(key, {"path": choice, "milliseconds": {name: round(value * 1000, 1)
-                                                             for name, value in seconds.items()}, **record})
+                 ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in working.items()))
+        _chosen[key] = choice
+        busy = processor_busy()
+        if busy:
+            log.info("other work kept the processor busy while measuring: delete %s to measure again",
+                     cache_folder() / CACHE_FILE)
+        _remember(key, {"path": choice, "busy": busy, "failed": sorted(set(seconds) - set(working)),
+                        "milliseconds": {name: round(value * 1000, 1) for name, value in working.items()}, **record})
         return choice
 
     def _record(self, shape: tuple[int, ...]) -> dict:
@@ -111,13 +122,16 @@ class CalibratedForward:
 def measure_paths(paths: dict[str, Forward], batch: torch.Tensor) -> dict[str, float]:
     """Best wall-clock seconds of each path on ``batch``: one warm-up each, then interleaved rounds;
     a path clearly slower than the best after the first round is not run again, and once one path
-    is left the measuring stops."""
+    is left the measuring stops. A path whose warm-up raises (a kernel this processor lacks) gets
+    infinity and is not run again; when every path raises, the last error propagates."""
     best = {name: float("inf") for name in paths}
     with torch.inference_mode():
-        for forward in paths.values():
-            forward(batch)
+        working: list[str] = []
+        for index, (name, forward) in enumerate(paths.items()):
+            if _runs(name, forward, batch, only_hope=not working and index == len(paths) - 1):
+                working.append(name)
         for round_ in range(_ROUNDS):
-            contenders = [name for name in paths if round_ == 0 or best[name] <= _CLEAR_MARGIN * min(best.values())]
+            contenders = [name for name in working if round_ == 0 or best[name] <= _CLEAR_MARGIN * min(best.values())]
             if round_ > 0 and len(contenders) == 1:
                 break
             for name in contenders:
@@ -128,6 +142,23 @@ def measure_paths(paths: dict[str, Forward], batch: torch.Tensor) -> dict[str, f
                     torch.cuda.synchronize()
                 best[name] = min(best[name], time.perf_counter() - started)
     return best
+
+
+def _runs(name: str, forward: Forward, batch: torch.Tensor, only_hope: bool) -> bool:
+    """Warm ``forward`` up on ``batch``; False when it raises for want of a kernel (oneDNN's bf16
+    convolutions on an AVX2-only processor, say). Running out of memory is not that: it propagates,
+    and so does the error of the last path when no other one ran (``only_hope``)."""
+    try:
+        forward(batch)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, NotImplementedError) as error:
+        if only_hope:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.info("inference path %s does not run on this processor (%s); trying the next one", name, reason)
+        return False
 
 
 def processor_busy() -> bool:
@@ -153,7 +184,7 @@ def _processor() -> str:
             name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
     except OSError:
         pass
-    return f"{name}; {torch.backends.cpu.get_cpu_capability()}; bf16 {cpu_supports_bf16()}"
+    return f"{name}; {torch.backends.cpu.get_cpu_capability()}; {cpu_kind()}"
 
 
 def _read_cache() -> dict:

@@ -223,7 +223,7 @@ def inference_paths(model: nn.Module, device: torch.device, dtype: torch.dtype) 
     the same function up to rounding; :mod:`.calibration` picks by measuring.
     """
     rewritten = prepare_for_inference(model, device, dtype)
-    if device.type == "cuda":
+    if device.type != "cpu":  # CUDA or an Apple GPU: the network as it is, under autocast
         return {"autocast": _under_autocast(rewritten, device, dtype)}
     paths = {"rewritten": _with_layout(rewritten, device, dtype)}
     untouched = _frozen_copy(model).to(device)
@@ -243,7 +243,9 @@ def _with_layout(network: nn.Module, device: torch.device, dtype: torch.dtype) -
 
 def _under_autocast(network: nn.Module, device: torch.device, dtype: torch.dtype) -> Forward:
     def forward(batch: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        precision = (contextlib.nullcontext() if dtype == torch.float32
+                     else torch.autocast(device.type, dtype=dtype))
+        with precision:
             return network(batch.to(device, non_blocking=True))
 
     return forward

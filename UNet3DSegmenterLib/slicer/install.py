@@ -74,6 +74,16 @@ def cudaAvailable() -> bool:
         return False
 
 
+def mpsAvailable() -> bool:
+    """True when PyTorch loads and sees an Apple GPU (Metal; imports torch)."""
+    try:
+        import torch
+
+        return bool(torch.backends.mps.is_available())
+    except Exception:  # no torch, a broken one, or one without the Metal backend
+        return False
+
+
 def pyTorchExtensionAvailable() -> bool:
     """True when Slicer's PyTorch extension (module PyTorchUtils) is installed."""
     return hasattr(getattr(slicer, "modules", None), "pytorchutils")

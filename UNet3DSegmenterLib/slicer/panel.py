@@ -123,6 +123,7 @@ class PanelState:
         self.engineChecked = False
         self.engineProblem: str | None = None
         self.cuda = False
+        self.mps = False
         self.extraModels: list[str] = []
         self.lastModel = ""
         self.segmentation = _Run()
@@ -152,6 +153,7 @@ class PanelState:
         """Whether the engine loads, and whether PyTorch sees a GPU (imports torch: call once the panel shows)."""
         self.engineProblem = self.logic.engineProblem()
         self.cuda = self.engineProblem is None and self.logic.cudaAvailable()
+        self.mps = self.engineProblem is None and self.logic.mpsAvailable()
         self.engineChecked = True
         self._descriptions.clear()
         self.applyDeviceChoices()
@@ -238,10 +240,12 @@ class PanelState:
     # --- devices ---------------------------------------------------------------------------------
 
     def deviceChoices(self) -> list[DeviceChoice]:
-        """The device choices in their combo-box order; CUDA only when PyTorch sees a GPU."""
-        tips = {"auto": "The GPU when PyTorch sees one, else the CPU.", "cpu": "The processor.",
-                "cuda": "The NVIDIA GPU." if self.cuda else "PyTorch sees no CUDA GPU on this computer."}
-        return [DeviceChoice(name, name != "cuda" or self.cuda, tips[name]) for name in DEVICES]
+        """The device choices in their combo-box order; a GPU only when PyTorch sees it."""
+        seen = {"auto": True, "cpu": True, "cuda": self.cuda, "mps": self.mps}
+        tips = {"auto": "The NVIDIA GPU when PyTorch sees one, else the CPU.", "cpu": "The processor.",
+                "cuda": "The NVIDIA GPU." if self.cuda else "PyTorch sees no CUDA GPU on this computer.",
+                "mps": "The Apple GPU (Metal)." if self.mps else "PyTorch sees no Apple GPU on this computer."}
+        return [DeviceChoice(name, seen[name], tips[name]) for name in DEVICES]
 
     def applyDeviceChoices(self) -> None:
         """A device that is not available here (a scene saved on a GPU computer) becomes 'auto'."""

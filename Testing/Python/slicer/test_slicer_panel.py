@@ -190,7 +190,7 @@ def test_the_gpu_choice_follows_pytorch_after_every_binding(slicer_scene, logic,
     gpu = torch.cuda.is_available()
     for _ in range(3):  # entering the module again, or a closed scene, binds the panel anew
         choices = {choice.name: choice.enabled for choice in state.view().devices}
-        assert choices == {"auto": True, "cpu": True, "cuda": gpu}
+        assert choices == {"auto": True, "cpu": True, "cuda": gpu, "mps": torch.backends.mps.is_available()}
         _close_scene(slicer_scene, state, logic)
     if not gpu:  # a scene saved on a computer with a GPU asks for cuda: here it becomes auto
         state.parameters.device = state.parameters.trainingDevice = "cuda"

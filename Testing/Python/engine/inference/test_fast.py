@@ -26,6 +26,7 @@ from UNet3DSegmenterLib.inference.predictor import Predictor
 from UNet3DSegmenterLib.io import read_volume
 from UNet3DSegmenterLib.models import build_model
 from UNet3DSegmenterLib.preprocess import Preprocessing
+from UNet3DSegmenterLib.runtime import cpu_computes_bf16
 from UNet3DSegmenterLib.volume import Volume
 
 CPU = torch.device("cpu")
@@ -48,6 +49,11 @@ def network(architecture: str, norm: str) -> nn.Module:
     return model
 
 
+needs_bf16_kernels = pytest.mark.skipif(
+    not cpu_computes_bf16(), reason="this processor has no bfloat16 kernels (AVX2 only): its float32 fallback is "
+    "tested in engine/test_cpu_kinds.py")
+
+
 def batch(size: int = 2) -> torch.Tensor:
     return torch.randn(size, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 5 + 3
 
@@ -63,6 +69,7 @@ def test_rewritten_network_computes_the_same_function_in_float32(architecture, n
     torch.testing.assert_close(rewritten, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_bf16_kernels
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 @pytest.mark.parametrize("norm", NORMS)
 def test_every_inference_path_agrees_within_bfloat16_rounding(architecture, norm):
@@ -186,6 +193,7 @@ def test_reuse_freed_memory_nests_and_survives_errors():
         assert torch.ones(8).sum() == 8
 
 
+@needs_bf16_kernels
 @pytest.mark.slow
 def test_bfloat16_labelmaps_equal_float32_on_the_bundled_model(shared_dataset):
     """On a trained model every fast path (bf16) gives the fp32 labelmap for at least 99.9% of voxels."""
