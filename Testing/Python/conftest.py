@@ -28,15 +28,20 @@ SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 @pytest.fixture(scope="session", autouse=True)
 def engine_cache(tmp_path_factory) -> Iterator[Path]:
-    """The engine's cache folder (measured inference paths) for the whole session, never the user's."""
+    """The engine's cache folder (measured inference paths) for the whole session, never the user's.
+
+    The OpenVINO path is not offered to the suite at large (reading each test's new network into it
+    would cost seconds a test); inference/test_openvino_path.py turns it on where it is tested."""
     folder = tmp_path_factory.mktemp("engine-cache")
-    previous = os.environ.get("UNET3D_SEGMENTER_CACHE")
-    os.environ["UNET3D_SEGMENTER_CACHE"] = str(folder)
+    settings = {"UNET3D_SEGMENTER_CACHE": str(folder), "UNET3D_SEGMENTER_NO_OPENVINO": "1"}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     yield folder
-    if previous is None:
-        os.environ.pop("UNET3D_SEGMENTER_CACHE", None)
-    else:
-        os.environ["UNET3D_SEGMENTER_CACHE"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

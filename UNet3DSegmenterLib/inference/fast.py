@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from .openvino_path import OpenVINOForward, openvino_available
+
 CHANNELS_LAST = torch.channels_last_3d
 
 
@@ -219,7 +221,9 @@ def inference_paths(model: nn.Module, device: torch.device, dtype: torch.dtype) 
 
     'rewritten' is :func:`prepare_for_inference`'s network. On the CPU the untouched network is
     offered too ('autocast' in a lower precision, 'plain' in float32): for small windows, or on
-    processors where oneDNN has no fast channels-last kernels, it can be the faster one. All compute
+    processors where oneDNN has no fast channels-last kernels, it can be the faster one; and, where
+    the optional OpenVINO runtime is installed, the network compiled by it ('openvino', see
+    :mod:`.openvino_path`), often the fastest on processors without native bfloat16. All compute
     the same function up to rounding; :mod:`.calibration` picks by measuring.
     """
     rewritten = prepare_for_inference(model, device, dtype)
@@ -231,6 +235,8 @@ def inference_paths(model: nn.Module, device: torch.device, dtype: torch.dtype) 
         paths["plain"] = untouched
     else:
         paths["autocast"] = _under_autocast(untouched, device, dtype)
+    if openvino_available():
+        paths["openvino"] = OpenVINOForward(untouched, dtype)
     return paths
 
 

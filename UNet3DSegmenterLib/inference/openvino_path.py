@@ -1,0 +1,150 @@
+"""The network through OpenVINO's CPU runtime: an optional inference path, offered where it is installed.
+
+On processors without native bfloat16 (AVX2 only, most laptops and desktops) OpenVINO's CPU plugin runs
+the same 3D networks several times faster than PyTorch's float32 kernels. It is an optional extra
+(``pip install "unet3d-segmenter[openvino]"``, or the panel's install button); where it is missing,
+nothing here is imported and the other paths run as before. :mod:`.calibration` measures it beside
+the others and keeps whichever is fastest, so it is used only where it wins.
+
+The untouched network is read into OpenVINO through its PyTorch front end (a TorchScript trace), in
+float32, once per network and OpenVINO version: the result is kept in the engine's cache folder
+(``openvino/<key>.xml`` and ``.bin``), and OpenVINO keeps its compiled kernels beside it, so a
+later run, or a later Segment click, converts nothing. OpenVINO's usage telemetry is left out (see
+:func:`import_without_telemetry`) and its model converter is not used. The compute precision
+follows the engine's: float32, or bfloat16 where asked for and native.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger("UNet3DSegmenterLib")
+
+FOLDER = "openvino"
+OFF_ENVIRONMENT = "UNET3D_SEGMENTER_NO_OPENVINO"
+
+
+def openvino_available() -> bool:
+    """Whether the OpenVINO runtime is installed (checked without importing it) and not turned off by
+    ``UNET3D_SEGMENTER_NO_OPENVINO=1``."""
+    return not os.environ.get(OFF_ENVIRONMENT) and importlib.util.find_spec("openvino") is not None
+
+
+class OpenVINOForward:
+    """Runs batches of windows through ``model`` compiled by OpenVINO for the CPU; converts on the first call.
+
+    Args:
+        model: the trained network (left untouched; its float32 weights are what OpenVINO reads).
+        dtype: the engine's compute precision (float32, or bfloat16 where native).
+        cache: the folder that keeps converted networks and OpenVINO's compiled kernels; default the
+            engine's cache folder (:func:`.calibration.cache_folder`).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, cache: Path | None = None):
+        self.model, self.dtype, self.cache = model, dtype, cache
+        self._compiled: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with self._lock:  # an infer request is not shared between threads
+            if self._compiled is None:
+                self._compiled = self._compile(batch)
+            request = self._compiled.create_infer_request()
+            request.infer([batch.detach().to("cpu", torch.float32).contiguous().numpy()])
+            return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    def _compile(self, batch: torch.Tensor) -> Any:
+        try:
+            openvino = import_without_telemetry()
+        except ImportError as error:  # installed but broken
+            raise RuntimeError(f"OpenVINO does not load: {error}") from error
+        from .calibration import cache_folder  # (calibration offers this path, so it is imported here)
+
+        core = openvino.Core()
+        model_file = (self.cache or cache_folder()) / FOLDER / f"{self._key(openvino.__version__)}.xml"
+        try:
+            network = core.read_model(str(model_file)) if model_file.exists() else self._convert(openvino, batch)
+            if not model_file.exists():
+                _save(openvino, network, model_file)
+            properties = {"INFERENCE_PRECISION_HINT": "bf16" if self.dtype == torch.bfloat16 else "f32",
+                          "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                          "CACHE_DIR": str(model_file.parent / "compiled")}
+            return core.compile_model(network, "CPU", properties)
+        except RuntimeError:
+            raise
+        except Exception as error:  # OpenVINO's own failures (an operation it cannot read, say) mean: not here
+            raise RuntimeError(f"OpenVINO cannot run this network: {type(error).__name__}: {error}") from error
+
+    def _key(self, version: str) -> str:
+        """Everything the converted network depends on: its structure, its weights and both versions."""
+        digest = hashlib.sha1(f"{version} {torch.__version__} {self.model!r}".encode())
+        for name, tensor in self.model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:24]
+
+    def _convert(self, openvino: Any, batch: torch.Tensor) -> Any:
+        from openvino.frontend import FrontEndManager
+        from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+
+        log.info("reading the network into OpenVINO (once for this network on this computer)")
+        example = batch.detach().to("cpu", torch.float32).contiguous()
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # tracing warns about every shape it records
+            decoder = TorchScriptPythonDecoder(self.model.eval(), example_input=(example,))
+        front_end = FrontEndManager().load_by_framework("pytorch")
+        return front_end.convert(front_end.load(decoder))
+
+
+def import_without_telemetry() -> Any:
+    """``import openvino``, with its usage telemetry left out.
+
+    Importing OpenVINO reports the import to Intel's analytics unless the user has declined on
+    that computer; where the ``openvino_telemetry`` package cannot be imported, OpenVINO takes its
+    own do-nothing stand-in instead. So it is made unimportable for the moment of the import (and
+    put back after it, for anyone else in the process who wants it)."""
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    blocked = ("openvino_telemetry", "openvino_telemetry.backend")
+    previous = {name: sys.modules.get(name) for name in blocked}
+    sys.modules.update(dict.fromkeys(blocked))  # type: ignore[arg-type]  # None: importing it raises ImportError
+    try:
+        import openvino
+
+        return openvino
+    finally:
+        for name, module in previous.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def _save(openvino: Any, network: Any, path: Path) -> None:
+    """Keep a converted network for later runs; a cache that cannot be written only costs a new conversion.
+
+    The pair is written under temporary names and renamed, ``.bin`` before ``.xml``, so that a reader
+    never finds an ``.xml`` without its complete weights."""
+    temporary = path.with_name(f".{path.stem}.{threading.get_ident()}.partial.xml")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        openvino.save_model(network, str(temporary), compress_to_fp16=False)
+        temporary.with_suffix(".bin").replace(path.with_suffix(".bin"))
+        temporary.replace(path)
+    except (OSError, RuntimeError) as error:
+        log.debug("could not keep the OpenVINO network in %s: %s", path.parent, error)
+        for leftover in (temporary, temporary.with_suffix(".bin")):
+            leftover.unlink(missing_ok=True)
