@@ -93,7 +93,8 @@ def run_as(kind: str, *arguments: str, tmp_path: Path) -> subprocess.CompletedPr
         pytest.skip(f"the {kind} processor kind is an x86 one; this is {platform.machine()}")
     if not needed <= FLAGS:
         pytest.skip(f"this processor cannot play {kind}: it lacks {', '.join(sorted(needed - FLAGS))}")
-    child_environment = {**os.environ, **environment, "UNET3D_SEGMENTER_CACHE": str(tmp_path / f"cache-{kind}")}
+    child_environment = {**os.environ, **environment, "UNET3D_SEGMENTER_CACHE": str(tmp_path / f"cache-{kind}"),
+                         "UNET3D_SEGMENTER_NO_OPENVINO": "1"}  # PyTorch's own paths (OpenVINO ignores these limits)
     return subprocess.run([sys.executable, *arguments], env=child_environment, capture_output=True, text=True,
                           timeout=300, cwd=REPOSITORY)  # `-m UNet3DSegmenterLib` is this working tree's
 

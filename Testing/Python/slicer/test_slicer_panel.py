@@ -284,7 +284,7 @@ def test_a_broken_pytorch_shows_the_install_section_with_the_error(tmp_path):
         view = state.view()
         assert view.installVisible and "does not load (OSError: libtorch_cpu.so" in view.installText, view
         assert not view.installEnabled and not view.segment.enabled and not view.train.enabled
-        assert [choice.enabled for choice in view.devices] == [True, True, False]
+        assert [choice.enabled for choice in view.devices] == [True, True, False, False]
         harness.uninstall()
         print("panel built")
         """)
