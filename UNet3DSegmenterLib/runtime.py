@@ -95,6 +95,31 @@ def cpu_kind() -> str:
     return "no bf16 (e.g. AVX2 only)"
 
 
+_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "avx_ne_convert")
+
+
+def processor_record() -> dict:
+    """The processor as benchmarks and the inference-path cache record it: model name, the flags that
+    decide the engine's paths, PyTorch's capability, the limits set for oneDNN and PyTorch, and the kind."""
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:  # Linux; elsewhere the platform's name, and no flags
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():  # the first processor is enough
+                    break
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    return {"model": name, "flags": [flag for flag in _FLAGS_OF_INTEREST if flag in flags],
+            "capability": torch.backends.cpu.get_cpu_capability(), "onednn_limit": _onednn_isa_limit() or None,
+            "aten_limit": os.environ.get("ATEN_CPU_CAPABILITY") or None, "kind": cpu_kind()}
+
+
 _EXPLICIT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -57,7 +57,7 @@ from UNet3DSegmenterLib.io import read_volume  # noqa: E402
 from UNet3DSegmenterLib.models import UNet3D  # noqa: E402
 from UNet3DSegmenterLib.phantom import make_phantom  # noqa: E402
 from UNet3DSegmenterLib.preprocess import Preprocessing, normalize  # noqa: E402
-from UNet3DSegmenterLib.runtime import cpu_supports_bf16  # noqa: E402
+from UNet3DSegmenterLib.runtime import cpu_supports_bf16, processor_record  # noqa: E402
 from UNet3DSegmenterLib.volume import Volume  # noqa: E402
 
 PATCH = (96, 96, 96)
@@ -337,7 +337,8 @@ def bench_paths(repeats: int) -> list[dict]:
                             "seconds": seconds, "chosen": chosen,
                             "chosen_over_autocast": round(seconds[chosen] / seconds["autocast"], 3)
                             if "autocast" in seconds else None,
-                            "chosen_over_fp32": round(seconds[chosen] / seconds.get("fp32", seconds[chosen]), 3)})
+                            "chosen_over_fp32": round(seconds[chosen] / seconds.get("fp32", seconds["plain"]), 3)
+                            if "fp32" in seconds or "plain" in seconds else None})
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     return results
 
@@ -469,6 +470,13 @@ def bench_oom(shape: tuple[int, int, int], iterations: int) -> dict:
     return {"one_batch_gpu_mb": round(one_batch / 2**20, 1), **results}
 
 
+def _openvino_version() -> str | None:
+    """The OpenVINO runtime our side may use (offered to the calibration where installed), or None."""
+    from UNet3DSegmenterLib.inference.openvino_path import import_without_telemetry, openvino_available
+
+    return import_without_telemetry().__version__ if openvino_available() else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
@@ -489,7 +497,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     report: dict = {
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_supports_bf16(),
+                    "processor": processor_record(), "native_bf16": cpu_supports_bf16(),
+                    "openvino": _openvino_version(),
                     "device": str(DEVICE), "gpu": torch.cuda.get_device_name() if DEVICE.type == "cuda" else None},
         "single_conv3d_gflops": single_conv_gflops() if DEVICE.type == "cpu" else None,
     }

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -199,7 +198,7 @@ def _summary(runs: dict, args) -> dict:
     import monai
     import torch
 
-    from UNet3DSegmenterLib.runtime import training_dtype
+    from UNet3DSegmenterLib.runtime import processor_record, training_dtype
 
     def side(name):
         speeds = [run["patches_per_second"] for run in runs[name]]
@@ -212,7 +211,7 @@ def _summary(runs: dict, args) -> dict:
     result["ours"]["precision"] = str(training_dtype("auto", device)).replace("torch.", "")
     return {
         "benchmark": "training throughput, ours vs MONAI",
-        "machine": {"processor": platform.processor() or platform.machine(), "cores": _cores(),
+        "machine": {"processor": processor_record(), "cores": _cores(),
                     "torch": torch.__version__, "monai": monai.__version__,
                     "threads": args.threads or torch.get_num_threads(), "device": args.device,
                     "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},

@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_text_atomically
-from ..runtime import cpu_kind
+from ..runtime import processor_record
 from .fast import Forward, inference_paths
 
 log = logging.getLogger("UNet3DSegmenterLib")
@@ -114,7 +113,7 @@ class CalibratedForward:
 
     def _record(self, shape: tuple[int, ...]) -> dict:
         """Everything that can change which path is fastest (stored beside the choice, to read)."""
-        return {"torch": torch.__version__, "processor": _processor(), "threads": torch.get_num_threads(),
+        return {"torch": torch.__version__, "processor": processor_record(), "threads": torch.get_num_threads(),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "network": self.signature, "batch": list(shape)}
 
@@ -175,16 +174,6 @@ def processor_busy() -> bool:
 def _network_signature(model: nn.Module) -> str:
     """The architecture, from the module tree (layer types and sizes), whatever its weights."""
     return f"{type(model).__name__} {hashlib.sha1(repr(model).encode()).hexdigest()[:16]}"
-
-
-def _processor() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}; {torch.backends.cpu.get_cpu_capability()}; {cpu_kind()}"
 
 
 def _read_cache() -> dict:
