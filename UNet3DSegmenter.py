@@ -438,6 +438,16 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         return install.installRequirements(askConfirmation)
 
     @staticmethod
+    def openVINOOffer() -> str | None:
+        """Why the optional OpenVINO runtime would make Segment faster on this computer; None where it would not."""
+        return install.openVINOOffer()
+
+    @staticmethod
+    def installOpenVINO(askConfirmation: bool = True) -> bool:
+        """Install the optional OpenVINO runtime into Slicer's Python; False when the user declines."""
+        return install.installOpenVINO(askConfirmation)
+
+    @staticmethod
     def cudaAvailable() -> bool:
         """True when PyTorch sees a CUDA GPU (imports torch)."""
         return install.cudaAvailable()

@@ -28,6 +28,29 @@ def test_missing_packages_are_named_with_how_they_will_be_installed(slicer_scene
     assert "PyTorch extension" in logic.installDescription()
 
 
+def test_openvino_is_offered_only_where_it_is_missing_and_the_processor_lacks_native_bf16(slicer_scene, logic,
+                                                                                           monkeypatch):
+    import importlib.util
+
+    from UNet3DSegmenterLib import runtime
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "openvino" else real_find_spec(name, *args))
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
+    offer = logic.openVINOOffer()
+    assert offer and "OpenVINO" in offer and install.OPENVINO_REQUIREMENT in offer and "\n" not in offer
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    assert logic.openVINOOffer() is None  # PyTorch's bf16 path is as fast there
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(install, "engineProblem", lambda: "PyTorch is not installed")
+    assert logic.openVINOOffer() is None  # PyTorch comes first
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setattr(install, "engineProblem", lambda: None)
+    if real_find_spec("openvino") is not None:
+        assert logic.openVINOOffer() is None and logic.installOpenVINO(askConfirmation=False)
+
+
 def test_the_install_plan_uses_the_pytorch_extension_then_slicers_packaging_where_it_exists(slicer_scene,
                                                                                            monkeypatch):
     missing = ["torch>=2.1", "nibabel>=5.0"]
