@@ -28,7 +28,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -114,7 +114,8 @@ class UNet3DSegmenterParameterNode:
     Segment: inputVolume, checkpointPath (the model file), device, overlap (fraction of a window
     shared with its neighbours), testTimeAugmentation (average over axis flips, 8x slower),
     largestComponent (keep the largest connected piece of each structure), outputSegmentation
-    (None: a new segmentation is created).
+    (None: a new segmentation is created), region (the whole volume, or only inside roiNode, a box
+    the user places around the structure).
     Train: startFrom (a new network, or fine-tune the selected model), trainingOutputFolder,
     architecture, epochs, patchSize (voxels per side, 0: chosen from the data), batchSize,
     learningRate (0: the trainer's default), trainingDevice, trainingTable (loss and Dice per epoch).
@@ -128,6 +129,8 @@ class UNet3DSegmenterParameterNode:
     testTimeAugmentation: bool = False
     largestComponent: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
+    region: Annotated[str, Choice(panel.REGIONS)] = panel.REGIONS[0]
+    roiNode: vtkMRMLMarkupsROINode
     startFrom: Annotated[str, Choice(panel.START_FROM)] = panel.START_FROM[0]
     trainingOutputFolder: pathlib.Path
     architecture: Annotated[str, Choice(ARCHITECTURES)] = "unet3d"
@@ -186,6 +189,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.modelSelector.connect("activated(int)", self.onModelSelected)
         self.ui.segmentButton.connect("clicked()", self.onSegmentButton)
+        self.ui.placeRoiButton.connect("clicked()", self.onPlaceRoi)
         self.ui.addPairButton.connect("clicked()", self.onAddPair)
         self.ui.removePairButton.connect("clicked()", self.onRemovePair)
         self.ui.addSegmentedButton.connect("clicked()", self.onAddSegmented)
@@ -287,7 +291,9 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     item.setToolTip(choice.toolTip)
         self._showPairs(view.pairs)
         self.ui.architectureComboBox.enabled = view.architectureEnabled
-        for button, state in ((self.ui.segmentButton, view.segment), (self.ui.trainButton, view.train),
+        self.ui.roiSelector.enabled = view.roiEnabled
+        for button, state in ((self.ui.segmentButton, view.segment), (self.ui.placeRoiButton, view.placeRoi),
+                              (self.ui.trainButton, view.train),
                               (self.ui.addPairButton, view.addPair), (self.ui.removePairButton, view.removePair),
                               (self.ui.addSegmentedButton, view.addSegmented)):
             button.text, button.enabled, button.toolTip = state.text, state.enabled, state.toolTip
@@ -348,6 +354,11 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.state.cancelSegmentation()
             elif self.state.startSegmentation():
                 self._pollTimer.start()
+        self.updateGUI()
+
+    def onPlaceRoi(self) -> None:
+        with slicer.util.tryWithErrorDisplay("The ROI could not be placed.", waitCursor=True):
+            self.state.placeRoi()
         self.updateGUI()
 
     def onTrainButton(self) -> None:
@@ -503,31 +514,46 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
     # --- segment ---------------------------------------------------------------------------------
 
     def segment(self, inputVolume, checkpoint, outputSegmentation=None, device: str = "auto", overlap: float = 0.5,
-                tta: bool = False, largestComponent: bool = False, progress=None):
+                tta: bool = False, largestComponent: bool = False, progress=None, roi=None, warn=None):
         """Segment ``inputVolume`` with ``checkpoint`` (a .pt path or a Checkpoint); waits for the result.
 
         Returns ``outputSegmentation`` (a new segmentation node when None) holding one segment per
         label of the checkpoint, with its name and colour, on the input's geometry, placed beside the
         input in the subject hierarchy. Running again into the same node replaces its segments.
-        ``progress(done, total)`` is called after each batch of windows. Nothing in the scene changes
-        when this raises.
+        ``roi`` (a vtkMRMLMarkupsROINode aligned with the R, A, S axes) segments only inside its box;
+        the segments are empty outside it. ``progress(done, total)`` is called after each batch of
+        windows; ``warn(message)`` (default: the log) when what is segmented lies far outside the
+        model's training data. Nothing in the scene changes when this raises.
         """
-        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent)
-        return segmentation.finish(job, segmentation.predict(job, progress))
+        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent,
+                                   roi)
+        return segmentation.finish(job, segmentation.predict(job, progress, warn))
 
     def segmentInBackground(self, inputVolume, checkpoint, outputSegmentation=None, device: str = "auto",
                             overlap: float = 0.5, tta: bool = False, largestComponent: bool = False,
-                            onProgress=None, onFinished=None, onError=None):
+                            onProgress=None, onFinished=None, onError=None, roi=None, onWarning=None):
         """Start :meth:`segment` in a child process (the engine's command line) and return at once.
 
-        The returned ``EngineProcess`` reports through ``onProgress(done, total)``,
+        The returned ``EngineProcess`` reports through ``onWarning(message)``, ``onProgress(done, total)``,
         ``onFinished(segmentationNode)`` and ``onError(message)``; call its ``poll()`` regularly (the
         panel does, on a timer) or ``wait()``. ``cancel()`` ends the child and its own children and adds
         nothing to the scene. Inputs are checked here, so a bad input raises ValueError at once.
         """
-        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent)
+        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent,
+                                   roi)
         return segmentation.startInBackground(job, self.pythonExecutable, self.childEnvironment(), onProgress,
-                                              onFinished, onError)
+                                              onFinished, onError, onWarning)
+
+    @staticmethod
+    def addRoi(volumeNode, sizeXYZ=None):
+        """A new ROI node centred on ``volumeNode``, ``sizeXYZ`` mm along the volume's own x, y, z axes
+        (default: half the volume), for the user to drag over the structure to segment."""
+        return scene.addRoiAroundVolumeCentre(volumeNode, sizeXYZ)
+
+    def trainingExtent(self, checkpoint):
+        """The median extent (x, y, z mm) of the images ``checkpoint`` was trained on; None when not recorded."""
+        fingerprint = self.loadCheckpoint(checkpoint).fingerprint
+        return fingerprint.extent_median if fingerprint is not None else None
 
     def childEnvironment(self) -> dict:
         """Environment for engine child processes: this module's folder first on the Python path."""

@@ -197,3 +197,45 @@ def removeNodeAndHelpers(scene, node) -> None:
     for helper in helpers:
         if helper is not None and helper.GetScene() is scene:
             scene.RemoveNode(helper)
+
+
+def regionFromRoiNode(roiNode):
+    """The engine's RegionOfInterest of a markups ROI node (its box in world RAS, parent transforms
+    applied); ValueError for an ROI that is not placed or is rotated (the engine's box is aligned
+    with the R, A, S axes, as the voxels of most volumes are)."""
+    if roiNode is None or not roiNode.IsA("vtkMRMLMarkupsROINode"):
+        raise ValueError("no region of interest: choose an ROI, or place one with 'Place ROI'")
+    if roiNode.GetNumberOfControlPoints() == 0 and min(roiNode.GetSize()) <= 0:
+        raise ValueError(f"the ROI {roiNode.GetName()} is not placed yet: place it over the volume")
+    axes = slicer.util.arrayFromVTKMatrix(roiNode.GetObjectToWorldMatrix())[:3, :3]
+    axes = axes / np.linalg.norm(axes, axis=0, keepdims=True)
+    if not np.allclose(np.abs(axes).max(axis=0), 1.0, atol=1e-6):
+        raise ValueError(f"the ROI {roiNode.GetName()} is rotated: only a box aligned with the R, A, S axes can "
+                         "be segmented; reset its rotation (Markups module, or remove its rotating transform)")
+    bounds = [0.0] * 6
+    roiNode.GetRASBounds(bounds)
+    lowest, highest = bounds[0::2], bounds[1::2]
+    if any(high <= low for low, high in zip(lowest, highest)):
+        raise ValueError(f"the ROI {roiNode.GetName()} is empty (a side of length 0): give it a size")
+    return engine().RegionOfInterest(tuple(lowest), tuple(highest))
+
+
+def addRoiAroundVolumeCentre(volumeNode, sizeXYZ=None, name: str = "Segment region"):
+    """A new markups ROI, aligned with R, A, S, centred on ``volumeNode``'s box: ``sizeXYZ`` mm along
+    the volume's own x, y, z axes (e.g. the size of a model's training images; default half the
+    volume), at most the volume's size."""
+    checkVolumeNode(volumeNode)
+    bounds = [0.0] * 6
+    volumeNode.GetRASBounds(bounds)
+    volumeSize = np.array([bounds[2 * axis + 1] - bounds[2 * axis] for axis in range(3)])
+    if sizeXYZ is None:
+        sizeRAS = volumeSize / 2
+    else:
+        directions = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASDirectionMatrix(directions)
+        toRAS = np.abs(slicer.util.arrayFromVTKMatrix(directions)[:3, :3])
+        sizeRAS = np.minimum(toRAS @ np.asarray(sizeXYZ, np.float64), volumeSize)
+    roiNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", slicer.mrmlScene.GenerateUniqueName(name))
+    roiNode.SetCenter([(bounds[2 * axis] + bounds[2 * axis + 1]) / 2 for axis in range(3)])
+    roiNode.SetSize([float(size) for size in sizeRAS])
+    return roiNode
