@@ -55,7 +55,17 @@ def _useTheEngineBesideThisFile() -> None:
 _useTheEngineBesideThisFile()
 
 from UNet3DSegmenterLib.choices import ARCHITECTURES, DEVICES  # noqa: E402
-from UNet3DSegmenterLib.slicer import export, install, panel, process, scene, segmentation, selftest, training  # noqa: E402
+from UNet3DSegmenterLib.slicer import (  # noqa: E402
+    export,
+    install,
+    panel,
+    process,
+    samples,
+    scene,
+    segmentation,
+    selftest,
+    training,
+)
 
 #
 # UNet3DSegmenter
@@ -84,6 +94,10 @@ the model chosen above, for example on its own results corrected in Segment Edit
 segmented volumes</b> adds them in one click). Loss and Dice per structure are plotted as training
 goes; <b>Stop</b> ends the run after its current iteration and keeps what it learnt; when it
 finishes the new model is selected in the Segment section.</p>
+<p><b>The bundled hippocampus model</b> was trained on crops of about 35 x 50 x 35 mm around the
+hippocampus (the Sample Data module lists one as <i>HippocampusCrop</i>). On a larger volume, such as a
+whole head, choose <i>Region: inside an ROI</i>, click <b>Place ROI</b> and drag the box over one
+hippocampus. The status line warns when what is segmented lies far outside a model's training data.</p>
 <p>The first time, the module offers to install PyTorch (through the PyTorch extension when it is
 installed, otherwise with pip). From the Python console:
 <code>UNet3DSegmenterLogic().segment(volumeNode, "model.pt")</code>.</p>
@@ -94,12 +108,15 @@ VNet (Milletari et al., 3DV 2016) in PyTorch.</p>
 <p>Bundled models come with a model card in <code>Resources/Models/</code> that names the data they
 were trained on and its license. The hippocampus model was trained on the Medical Segmentation
 Decathlon Task04 Hippocampus data (Simpson et al., arXiv:1902.09063; Antonelli et al., Nature
-Communications 2022), shared under CC-BY-SA 4.0; the model is shared under the same license.</p>
+Communications 2022), shared under CC-BY-SA 4.0; the model, and the sample crop from the same data
+(<code>Resources/Samples/</code>), are shared under the same license.</p>
 """
         problem = install.slicerVersionProblem(slicerVersion=getattr(slicer.app, "applicationVersion", ""))
         if problem:  # say it where the user looks: the module's help, and the error log
             self.parent.helpText = f"<p><b>{problem}</b></p>" + self.parent.helpText
             logging.error(problem)
+        # A hippocampus crop, the input the bundled model expects, in the Sample Data module.
+        slicer.app.connect("startupCompleted()", lambda: samples.registerSampleData(MODULE_DIRECTORY))
 
 
 #

@@ -555,6 +555,8 @@ def test_cmake_lists_every_python_file_and_resource_the_module_needs():
     assert {"Resources/Icons/UNet3DSegmenter.png", "Resources/UI/UNet3DSegmenter.ui"} <= resources
     models = {str(path.relative_to(REPOSITORY)) for path in (REPOSITORY / "Resources" / "Models").iterdir()}
     assert models <= resources, f"model files not installed: {sorted(models - resources)}"
+    samples = {str(path.relative_to(REPOSITORY)) for path in (REPOSITORY / "Resources" / "Samples").iterdir()}
+    assert samples <= resources, f"sample files not installed: {sorted(samples - resources)}"
     for path in scripts | resources:
         assert (REPOSITORY / path).is_file(), f"CMakeLists.txt names {path}, which does not exist"
 
