@@ -62,7 +62,7 @@ def prepare(inputVolume, checkpoint, outputSegmentation=None, device: str = "aut
     ``roi`` (a vtkMRMLMarkupsROINode, or None for the whole volume) restricts the work to its box.
     """
     volume = volumeFromNode(inputVolume)
-    region = regionFromRoiNode(roi) if roi is not None else None
+    region = regionFromRoiNode(roi, inputVolume) if roi is not None else None
     if region is not None:
         with asValueError():
             region.block(volume)  # a box that misses the volume is refused now, not in the child

@@ -89,6 +89,23 @@ def test_an_roi_under_a_transform_is_taken_where_it_is_shown(slicer_scene, logic
                                   logic.labelmapFromSegmentation(placed, node))
 
 
+def test_a_volume_under_a_transform_is_segmented_where_the_roi_lies_over_it_in_the_views(slicer_scene, logic,
+                                                                                        checkpoint_path):
+    node = _axis_aligned_phantom(logic)
+    centre = _centre(node)
+    untransformed = logic.segment(node, checkpoint_path, device="cpu", roi=_roi(centre, (36, 39, 30)))
+    expected = logic.labelmapFromSegmentation(untransformed, node)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(1, 3, -150)  # the volume is shown 150 mm posterior
+    transform.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    np.testing.assert_allclose(_centre(node), centre - (0, 150, 0))  # where the views show it
+    shown = logic.segment(node, checkpoint_path, device="cpu", roi=_roi(centre - (0, 150, 0), (36, 39, 30)))
+    np.testing.assert_array_equal(logic.labelmapFromSegmentation(shown, node), expected)
+    assert expected.any()
+
+
 @pytest.mark.parametrize("case, message", [
     ("rotated", r"^the ROI box is rotated: only a box aligned with the R, A, S axes can be segmented; reset its "
                 r"rotation"),
