@@ -123,6 +123,12 @@ def test_the_bundled_model_has_its_fingerprint_and_unchanged_weights():
     assert fingerprint is not None and fingerprint.cases == 166 and fingerprint.modality == "MRI"
     assert fingerprint.extent_median == (35, 50, 35.5) and fingerprint.spacing_max == (1, 1, 1)
     assert torch.load(MODELS / "hippocampus.pt", weights_only=True)["format_version"] == 1
+    described = checkpoint.describe()
+    for line in ["trained on:     166 cases, modality MRI",
+                 "extent:         median 35 x 50 x 36 mm (x, y, z), from 31 x 40 x 26 to 42 x 59 x 47 mm",
+                 "spacing range:  1 x 1 x 1 to 1 x 1 x 1 mm (x, y, z)",
+                 "intensity:      percentiles 0.5, 50, 99.5: median over cases 23.94, 467.5, 834.5"]:
+        assert line in described, line
 
 
 @pytest.mark.slow
