@@ -250,6 +250,7 @@ def addRoiAroundVolumeCentre(volumeNode, sizeXYZ=None, name: str = "Segment regi
         toRAS = np.abs(slicer.util.arrayFromVTKMatrix(directions)[:3, :3])
         sizeRAS = np.minimum(toRAS @ np.asarray(sizeXYZ, np.float64), volumeSize)
     roiNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", slicer.mrmlScene.GenerateUniqueName(name))
+    roiNode.CreateDefaultDisplayNodes()  # shown, with handles to drag, in the slice and 3D views
     roiNode.SetCenter([(bounds[2 * axis] + bounds[2 * axis + 1]) / 2 for axis in range(3)])
     roiNode.SetSize([float(size) for size in sizeRAS])
     return roiNode

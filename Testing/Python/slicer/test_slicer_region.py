@@ -195,6 +195,7 @@ def test_place_roi_puts_a_box_of_the_training_size_at_the_volume_centre_and_segm
     assert state.parameters.roiNode is roiNode and state.parameters.region == panel.REGIONS[1]
     np.testing.assert_allclose(roiNode.GetCenter(), _centre(node))
     np.testing.assert_allclose(roiNode.GetSize(), (30, 36, 40))  # the training crops' median, x y z = R A S here
+    assert roiNode.GetDisplayNode() is not None, "not shown in the views: nothing to drag"
     view = state.view()
     assert view.roiEnabled and view.segment.enabled and roiNode.GetName() in view.segment.toolTip
 
