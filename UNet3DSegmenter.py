@@ -701,6 +701,16 @@ class UNet3DSegmenterTest(ScriptedLoadableModuleTest):
         again = logic.segment(volumeNode, checkpointPath, outputSegmentation=result, device="cpu")
         self.assertIs(again, result)
         self.assertEqual(logic.segmentNames(result), ["organ", "lesion"])
+
+        self.delayDisplay("Segmenting inside an ROI leaves the segments empty outside its box")
+        roiNode = logic.addRoi(volumeNode)  # half the volume, at its centre
+        inside = logic.segment(volumeNode, checkpointPath, device="cpu", roi=roiNode)
+        block = scene.regionFromRoiNode(roiNode, volumeNode).block(logic.volumeFromNode(volumeNode))
+        outside = np.ones(truth.shape, bool)
+        outside[block] = False
+        boxed = logic.labelmapFromSegmentation(inside, volumeNode, ["organ", "lesion"])
+        self.assertFalse(boxed[outside].any())
+        self.assertTrue(boxed[block].any())
         self.delayDisplay(f"Test passed: organ Dice {dice:.2f}")
 
     def test_BadInputsLeaveSceneUnchanged(self) -> None:
