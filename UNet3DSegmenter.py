@@ -28,7 +28,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -55,7 +55,17 @@ def _useTheEngineBesideThisFile() -> None:
 _useTheEngineBesideThisFile()
 
 from UNet3DSegmenterLib.choices import ARCHITECTURES, DEVICES  # noqa: E402
-from UNet3DSegmenterLib.slicer import export, install, panel, process, scene, segmentation, selftest, training  # noqa: E402
+from UNet3DSegmenterLib.slicer import (  # noqa: E402
+    export,
+    install,
+    panel,
+    process,
+    samples,
+    scene,
+    segmentation,
+    selftest,
+    training,
+)
 
 #
 # UNet3DSegmenter
@@ -84,6 +94,10 @@ the model chosen above, for example on its own results corrected in Segment Edit
 segmented volumes</b> adds them in one click). Loss and Dice per structure are plotted as training
 goes; <b>Stop</b> ends the run after its current iteration and keeps what it learnt; when it
 finishes the new model is selected in the Segment section.</p>
+<p><b>The bundled hippocampus model</b> was trained on crops of about 35 x 50 x 35 mm around the
+hippocampus (the Sample Data module lists one as <i>HippocampusCrop</i>). On a larger volume, such as a
+whole head, choose <i>Region: inside an ROI</i>, click <b>Place ROI</b> and drag the box over one
+hippocampus. The status line warns when what is segmented lies far outside a model's training data.</p>
 <p>The first time, the module offers to install PyTorch (through the PyTorch extension when it is
 installed, otherwise with pip). From the Python console:
 <code>UNet3DSegmenterLogic().segment(volumeNode, "model.pt")</code>.</p>
@@ -94,12 +108,15 @@ VNet (Milletari et al., 3DV 2016) in PyTorch.</p>
 <p>Bundled models come with a model card in <code>Resources/Models/</code> that names the data they
 were trained on and its license. The hippocampus model was trained on the Medical Segmentation
 Decathlon Task04 Hippocampus data (Simpson et al., arXiv:1902.09063; Antonelli et al., Nature
-Communications 2022), shared under CC-BY-SA 4.0; the model is shared under the same license.</p>
+Communications 2022), shared under CC-BY-SA 4.0; the model, and the sample crop from the same data
+(<code>Resources/Samples/</code>), are shared under the same license.</p>
 """
         problem = install.slicerVersionProblem(slicerVersion=getattr(slicer.app, "applicationVersion", ""))
         if problem:  # say it where the user looks: the module's help, and the error log
             self.parent.helpText = f"<p><b>{problem}</b></p>" + self.parent.helpText
             logging.error(problem)
+        # A hippocampus crop, the input the bundled model expects, in the Sample Data module.
+        slicer.app.connect("startupCompleted()", lambda: samples.registerSampleData(MODULE_DIRECTORY))
 
 
 #
@@ -114,7 +131,8 @@ class UNet3DSegmenterParameterNode:
     Segment: inputVolume, checkpointPath (the model file), device, overlap (fraction of a window
     shared with its neighbours), testTimeAugmentation (average over axis flips, 8x slower),
     largestComponent (keep the largest connected piece of each structure), outputSegmentation
-    (None: a new segmentation is created).
+    (None: a new segmentation is created), region (the whole volume, or only inside roiNode, a box
+    the user places around the structure).
     Train: startFrom (a new network, or fine-tune the selected model), trainingOutputFolder,
     architecture, epochs, patchSize (voxels per side, 0: chosen from the data), batchSize,
     learningRate (0: the trainer's default), trainingDevice, trainingTable (loss and Dice per epoch).
@@ -128,6 +146,8 @@ class UNet3DSegmenterParameterNode:
     testTimeAugmentation: bool = False
     largestComponent: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
+    region: Annotated[str, Choice(panel.REGIONS)] = panel.REGIONS[0]
+    roiNode: vtkMRMLMarkupsROINode
     startFrom: Annotated[str, Choice(panel.START_FROM)] = panel.START_FROM[0]
     trainingOutputFolder: pathlib.Path
     architecture: Annotated[str, Choice(ARCHITECTURES)] = "unet3d"
@@ -186,6 +206,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.modelSelector.connect("activated(int)", self.onModelSelected)
         self.ui.segmentButton.connect("clicked()", self.onSegmentButton)
+        self.ui.placeRoiButton.connect("clicked()", self.onPlaceRoi)
         self.ui.addPairButton.connect("clicked()", self.onAddPair)
         self.ui.removePairButton.connect("clicked()", self.onRemovePair)
         self.ui.addSegmentedButton.connect("clicked()", self.onAddSegmented)
@@ -287,7 +308,9 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     item.setToolTip(choice.toolTip)
         self._showPairs(view.pairs)
         self.ui.architectureComboBox.enabled = view.architectureEnabled
-        for button, state in ((self.ui.segmentButton, view.segment), (self.ui.trainButton, view.train),
+        self.ui.roiSelector.enabled = view.roiEnabled
+        for button, state in ((self.ui.segmentButton, view.segment), (self.ui.placeRoiButton, view.placeRoi),
+                              (self.ui.trainButton, view.train),
                               (self.ui.addPairButton, view.addPair), (self.ui.removePairButton, view.removePair),
                               (self.ui.addSegmentedButton, view.addSegmented)):
             button.text, button.enabled, button.toolTip = state.text, state.enabled, state.toolTip
@@ -348,6 +371,11 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.state.cancelSegmentation()
             elif self.state.startSegmentation():
                 self._pollTimer.start()
+        self.updateGUI()
+
+    def onPlaceRoi(self) -> None:
+        with slicer.util.tryWithErrorDisplay("The ROI could not be placed.", waitCursor=True):
+            self.state.placeRoi()
         self.updateGUI()
 
     def onTrainButton(self) -> None:
@@ -518,31 +546,46 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
     # --- segment ---------------------------------------------------------------------------------
 
     def segment(self, inputVolume, checkpoint, outputSegmentation=None, device: str = "auto", overlap: float = 0.5,
-                tta: bool = False, largestComponent: bool = False, progress=None):
+                tta: bool = False, largestComponent: bool = False, progress=None, roi=None, warn=None):
         """Segment ``inputVolume`` with ``checkpoint`` (a .pt path or a Checkpoint); waits for the result.
 
         Returns ``outputSegmentation`` (a new segmentation node when None) holding one segment per
         label of the checkpoint, with its name and colour, on the input's geometry, placed beside the
         input in the subject hierarchy. Running again into the same node replaces its segments.
-        ``progress(done, total)`` is called after each batch of windows. Nothing in the scene changes
-        when this raises.
+        ``roi`` (a vtkMRMLMarkupsROINode aligned with the R, A, S axes) segments only inside its box;
+        the segments are empty outside it. ``progress(done, total)`` is called after each batch of
+        windows; ``warn(message)`` (default: the log) when what is segmented lies far outside the
+        model's training data. Nothing in the scene changes when this raises.
         """
-        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent)
-        return segmentation.finish(job, segmentation.predict(job, progress))
+        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent,
+                                   roi)
+        return segmentation.finish(job, segmentation.predict(job, progress, warn))
 
     def segmentInBackground(self, inputVolume, checkpoint, outputSegmentation=None, device: str = "auto",
                             overlap: float = 0.5, tta: bool = False, largestComponent: bool = False,
-                            onProgress=None, onFinished=None, onError=None):
+                            onProgress=None, onFinished=None, onError=None, roi=None, onWarning=None):
         """Start :meth:`segment` in a child process (the engine's command line) and return at once.
 
-        The returned ``EngineProcess`` reports through ``onProgress(done, total)``,
+        The returned ``EngineProcess`` reports through ``onWarning(message)``, ``onProgress(done, total)``,
         ``onFinished(segmentationNode)`` and ``onError(message)``; call its ``poll()`` regularly (the
         panel does, on a timer) or ``wait()``. ``cancel()`` ends the child and its own children and adds
         nothing to the scene. Inputs are checked here, so a bad input raises ValueError at once.
         """
-        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent)
+        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent,
+                                   roi)
         return segmentation.startInBackground(job, self.pythonExecutable, self.childEnvironment(), onProgress,
-                                              onFinished, onError)
+                                              onFinished, onError, onWarning)
+
+    @staticmethod
+    def addRoi(volumeNode, sizeXYZ=None):
+        """A new ROI node centred on ``volumeNode``, ``sizeXYZ`` mm along the volume's own x, y, z axes
+        (default: half the volume), for the user to drag over the structure to segment."""
+        return scene.addRoiAroundVolumeCentre(volumeNode, sizeXYZ)
+
+    def trainingExtent(self, checkpoint):
+        """The median extent (x, y, z mm) of the images ``checkpoint`` was trained on; None when not recorded."""
+        fingerprint = self.loadCheckpoint(checkpoint).fingerprint
+        return fingerprint.extent_median if fingerprint is not None else None
 
     def childEnvironment(self) -> dict:
         """Environment for engine child processes: this module's folder first on the Python path."""
@@ -673,6 +716,16 @@ class UNet3DSegmenterTest(ScriptedLoadableModuleTest):
         again = logic.segment(volumeNode, checkpointPath, outputSegmentation=result, device="cpu")
         self.assertIs(again, result)
         self.assertEqual(logic.segmentNames(result), ["organ", "lesion"])
+
+        self.delayDisplay("Segmenting inside an ROI leaves the segments empty outside its box")
+        roiNode = logic.addRoi(volumeNode)  # half the volume, at its centre
+        inside = logic.segment(volumeNode, checkpointPath, device="cpu", roi=roiNode)
+        block = scene.regionFromRoiNode(roiNode, volumeNode).block(logic.volumeFromNode(volumeNode))
+        outside = np.ones(truth.shape, bool)
+        outside[block] = False
+        boxed = logic.labelmapFromSegmentation(inside, volumeNode, ["organ", "lesion"])
+        self.assertFalse(boxed[outside].any())
+        self.assertTrue(boxed[block].any())
         self.delayDisplay(f"Test passed: organ Dice {dice:.2f}")
 
     def test_BadInputsLeaveSceneUnchanged(self) -> None:

@@ -6,7 +6,8 @@ command line::
     core:       volume (the Volume type), io (read/write NIfTI, NRRD, MHA, NumPy, DICOM series),
                 integrity (truncated files), dicom (sort DICOM files by their tags), preprocess,
                 models, checkpoint, metrics, evaluation, datalist, labels, choices, runtime (device,
-                precision), progress, atomic, errors, phantom (generated data), plots
+                precision), progress, atomic, errors, phantom (generated data), plots, fingerprint
+                (what the training images were like), roi (segment inside a box)
     inference:  io.read_volume -> preprocess -> inference.predictor (inference.fast + models,
                 inference.sliding_window) -> inference.postprocess -> io.write_volume
     training:   training.config -> datalist -> training.splits -> training.planning ->
@@ -21,6 +22,9 @@ Typical use::
     from UNet3DSegmenterLib import Predictor, read_volume, write_volume
     result = Predictor("model.pt").predict(read_volume("ct.nii.gz"))
     write_volume(result.labelmap, "ct_seg.nii.gz")
+    result.warnings                         # where the input lies far outside the training data
+    box = RegionOfInterest.from_values([-40, -30, -30, 0, 20, 10])   # two corners, RAS mm
+    Predictor("hippocampus.pt").predict(read_volume("head.nii.gz"), roi=box)
     ensemble = Predictor("runs/cv")         # a folder of fold checkpoints (or a list of .pt files)
 
 Importing this package imports no torch: the public names below load their module on first use.
@@ -45,7 +49,7 @@ _PUBLIC = {
     "UNet3D": "models", "ResidualUNet3D": "models", "ResNet18UNet3D": "models", "VNet": "models",
     "build_model": "models",
     "Predictor": "inference.predictor", "Prediction": "inference.predictor",
-    "Preprocessing": "preprocess",
+    "Preprocessing": "preprocess", "RegionOfInterest": "roi", "TrainingFingerprint": "fingerprint",
     "patchify": "inference.sliding_window", "unpatchify": "inference.sliding_window",
     "sliding_window_inference": "inference.sliding_window",
     "get_dataloader": "training.patches",
@@ -54,8 +58,8 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "Checkpoint", "Ensemble", "Label", "Prediction", "Predictor", "Preprocessing", "ResNet18UNet3D",
-    "ResidualUNet3D", "TrainingConfig", "UNet3D", "UserError", "VNet", "Volume", "build_model", "cross_validate",
+    "Checkpoint", "Ensemble", "Label", "Prediction", "Predictor", "Preprocessing", "RegionOfInterest",
+    "ResNet18UNet3D", "ResidualUNet3D", "TrainingConfig", "TrainingFingerprint", "UNet3D", "UserError", "VNet", "Volume", "build_model", "cross_validate",
     "get_dataloader", "load_checkpoint", "load_ensemble", "patchify", "read_volume", "save_checkpoint",
     "sliding_window_inference", "train", "unpatchify", "write_volume",
 ]
@@ -81,12 +85,14 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and editors see
     from .checkpoint import Checkpoint, Ensemble, load_checkpoint, load_ensemble, save_checkpoint
     from .errors import UserError
+    from .fingerprint import TrainingFingerprint
     from .inference.predictor import Prediction, Predictor
     from .inference.sliding_window import patchify, sliding_window_inference, unpatchify
     from .io import read_volume, write_volume
     from .labels import Label
     from .models import ResidualUNet3D, ResNet18UNet3D, UNet3D, VNet, build_model
     from .preprocess import Preprocessing
+    from .roi import RegionOfInterest
     from .training.config import TrainingConfig
     from .training.cross_validation import cross_validate
     from .training.patches import get_dataloader

@@ -15,6 +15,9 @@ One network::
     preprocessing      see preprocess.Preprocessing.to_dict (format 2 adds 'size' and the 'window' normalisation)
     inference          {patch_size: [z, y, x], overlap}
     training           free-form record of how it was made (data, epochs, metrics)
+    fingerprint        optional: what the training images were like (extent, spacing and intensity
+                       ranges, modality; see fingerprint.TrainingFingerprint.to_dict); inference warns
+                       about inputs far outside it. Checkpoints without one load and predict as before.
 
 An ensemble (format version 2) holds several
 networks that segment the same labels from the same preprocessed image, e.g. the folds of a
@@ -24,7 +27,8 @@ cross-validation; inference averages their softmax probabilities::
     labels             shared, as above
     preprocessing      shared, as above
     inference          {overlap}, shared
-    members            [{architecture, architecture_args, state_dict, inference: {patch_size}, training}]
+    members            [{architecture, architecture_args, state_dict, inference: {patch_size}, training,
+                         fingerprint (optional)}]
     training           how the ensemble was made (e.g. the cross-validation's scores)
 
 Members must agree on labels (values and names, in order), input channels and preprocessing
@@ -48,6 +52,7 @@ from torch import nn
 
 from .atomic import atomic_path
 from .errors import UserError
+from .fingerprint import TrainingFingerprint
 from .labels import Label
 from .models import architecture_name, build_model, count_parameters
 from .preprocess import Preprocessing
@@ -72,6 +77,7 @@ class Checkpoint:
     patch_size: tuple[int, int, int]
     overlap: float = 0.5
     training: dict = field(default_factory=dict)
+    fingerprint: TrainingFingerprint | None = None
 
     @property
     def in_channels(self) -> int:
@@ -83,14 +89,15 @@ class Checkpoint:
 
     @classmethod
     def from_model(cls, model: nn.Module, labels: list[Label], preprocessing: Preprocessing,
-                   patch_size, overlap: float = 0.5, training: dict | None = None) -> Checkpoint:
+                   patch_size, overlap: float = 0.5, training: dict | None = None,
+                   fingerprint: TrainingFingerprint | None = None) -> Checkpoint:
         """Describe a trained network (weights are copied to the CPU)."""
         arguments: dict = dict(getattr(model, "architecture_args"))  # noqa: B009  (set by every registered network)
         if len(labels) != arguments["out_channels"]:
             raise ValueError(f"{len(labels)} labels for a network with {arguments['out_channels']} output channels")
         state_dict = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
         return cls(architecture_name(model), arguments, state_dict, list(labels),
-                   preprocessing, int3(patch_size), float(overlap), dict(training or {}))
+                   preprocessing, int3(patch_size), float(overlap), dict(training or {}), fingerprint)
 
     def build_model(self) -> nn.Module:
         """The network with these weights, in eval mode, on the CPU."""
@@ -104,7 +111,7 @@ class Checkpoint:
         return 2 if preprocessing.size is not None or preprocessing.normalization == "window" else 1
 
     def to_dict(self) -> dict:
-        return {
+        record = {
             "format_version": self.format_version(),
             "architecture": self.architecture,
             "architecture_args": dict(self.architecture_args),
@@ -115,6 +122,9 @@ class Checkpoint:
             "inference": {"patch_size": list(self.patch_size), "overlap": self.overlap},
             "training": self.training,
         }
+        if self.fingerprint is not None:
+            record["fingerprint"] = self.fingerprint.to_dict()
+        return record
 
     def describe(self) -> str:
         """The record in words, as ``unet3d-segmenter info`` prints it."""
@@ -134,7 +144,14 @@ class Checkpoint:
             ("normalisation", self.preprocessing.describe()),
             ("patch size", f"{' x '.join(map(str, self.patch_size))} voxels (z, y, x), overlap {self.overlap:g}"),
         ]
-        return items + _training_items(self.training)
+        return items + _training_items(self.training) + _fingerprint_items(self.fingerprint)
+
+
+def _fingerprint_items(fingerprint: TrainingFingerprint | None) -> list[tuple[str | None, str]]:
+    if fingerprint is None:
+        return [("trained on", "not recorded (inputs are not compared with the training data)")]
+    items: list[tuple[str | None, str]] = [*fingerprint.describe()]
+    return items
 
 
 def _training_items(training: dict) -> list[tuple[str | None, str]]:
@@ -194,6 +211,11 @@ class Ensemble:
     def overlap(self) -> float:
         return self.members[0].overlap
 
+    @property
+    def fingerprint(self) -> TrainingFingerprint | None:
+        """The first member's that has one: the folds of a cross-validation are planned from the same cases."""
+        return next((member.fingerprint for member in self.members if member.fingerprint is not None), None)
+
     def to_dict(self) -> dict:
         shared = self.members[0].to_dict()
         members = []
@@ -202,7 +224,8 @@ class Ensemble:
             members.append({"architecture": record["architecture"], "architecture_args": record["architecture_args"],
                             "state_dict": record["state_dict"],
                             "inference": {"patch_size": record["inference"]["patch_size"]},
-                            "training": record["training"]})
+                            "training": record["training"],
+                            **({"fingerprint": record["fingerprint"]} if "fingerprint" in record else {})})
         return {"format_version": ENSEMBLE_FORMAT, "labels": shared["labels"],
                 "preprocessing": shared["preprocessing"], "inference": {"overlap": shared["inference"]["overlap"]},
                 "members": members, "training": self.training}
@@ -414,6 +437,7 @@ def _from_record(record, path: Path, part: str = "") -> Checkpoint:
             patch_size=int3(record["inference"]["patch_size"]),
             overlap=float(record["inference"].get("overlap", 0.5)),
             training=dict(record.get("training") or {}),
+            fingerprint=TrainingFingerprint.from_dict(record["fingerprint"]) if record.get("fingerprint") else None,
         )
         checkpoint.build_model()  # the weights must fit the architecture
     except (KeyError, TypeError, ValueError, RuntimeError) as error:

@@ -107,6 +107,15 @@ class WindowsEvent(TypedDict):
     total: int
 
 
+class WarningEvent(TypedDict):
+    """A case of ``predict`` lies far outside the model's training data (see fingerprint.py): one
+    plain line, before its windows run. The case is segmented all the same."""
+
+    event: Literal["warning"]
+    case: str
+    message: str
+
+
 class WrittenEvent(TypedDict):
     """A case's labelmap was written by ``predict``."""
 
@@ -116,7 +125,7 @@ class WrittenEvent(TypedDict):
 
 
 TrainingEvent = PreparingEvent | IterationEvent | EpochEvent | DoneEvent | TestEvent | FoldEvent | CrossValidationEvent
-PredictEvent = WindowsEvent | WrittenEvent
+PredictEvent = WindowsEvent | WarningEvent | WrittenEvent
 
 
 def _duration(seconds: float) -> str:

@@ -9,7 +9,7 @@ Convention (the one SimpleITK uses, so readers and writers convert nothing):
 
 A voxel at index ``(i, j, k)`` = ``array[..., k, j, i]`` lies at ``origin + direction @ (spacing * (i, j, k))``.
 Slicer's RAS and IJK matrices are converted here and nowhere else (:meth:`Volume.from_ijk_to_ras`,
-:meth:`Volume.ijk_to_ras`).
+:meth:`Volume.ijk_to_ras`, :func:`lps_from_ras` for points such as the corners of a region of interest).
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ def int3(values) -> tuple[int, int, int]:
     if len(items) != 3:
         raise ValueError(f"expected three values, got {len(items)}")
     return items[0], items[1], items[2]
+
+
+def lps_from_ras(point) -> np.ndarray:
+    """A point in Slicer's RAS millimetres as LPS millimetres, the engine's convention (and back: the
+    flip is its own inverse)."""
+    return _LPS_TO_RAS @ np.asarray(point, dtype=np.float64)
 
 
 @dataclass

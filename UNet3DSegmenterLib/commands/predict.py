@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labelmap file, or a folder when the input is a folder of volumes")
     parser.add_argument("--input-spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
                         help="voxel spacing in mm of .npy inputs (default 1 1 1; other formats record their own)")
+    parser.add_argument("--roi", type=float, nargs=6, metavar=("R1", "A1", "S1", "R2", "A2", "S2"), default=None,
+                        help="segment only inside this box: two opposite corners in RAS mm, as Slicer shows them "
+                             "(the labelmap covers the whole input, 0 outside the box)")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (default: checkpoint's)")
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower)")
@@ -78,7 +81,9 @@ def _check_writable(paths: list[Path]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Segment every case the options name; exit status 2 when some cases of a folder failed."""
     from ..inference.predictor import Predictor, predict_files
+    from ..roi import RegionOfInterest
 
+    roi = RegionOfInterest.from_values(args.roi) if args.roi is not None else None
     cases = _plan(args)
     check_input_spacing(args.input_spacing, [source for source, _, _ in cases])
     _check_writable([output for _, output, _ in cases] + [p for _, _, p in cases if p is not None])
@@ -98,8 +103,16 @@ def run(args: argparse.Namespace) -> int:
                     bars[index].close()
         return report
 
+    def warn(index: int):
+        def report(message: str) -> None:
+            if args.progress_json:
+                emit_json(event="warning", case=names[index], message=message)
+            else:
+                print(f"warning: {names[index]}: {message}", file=sys.stderr)
+        return report
+
     failures = []
-    for index, error in predict_files(predictor, cases, progress, spacing=args.input_spacing):
+    for index, error in predict_files(predictor, cases, progress, spacing=args.input_spacing, roi=roi, warn=warn):
         name, output = names[index], cases[index][1]
         if bars[index].done != bars[index].total:
             bars[index].close()

@@ -10,6 +10,11 @@ An ensemble (an ensemble file, a folder of fold checkpoints, or a list of checkp
 per volume: each network runs its whole sliding window exactly as it would alone, and its softmax
 probabilities are added to one running sum on the preprocessed grid. Memory is that of one network's
 prediction plus one sum, whatever the number of networks; an ensemble of one network is that network.
+
+Before any work, what is to be segmented (the whole volume, or the voxels inside a region of
+interest, see roi.py) is compared with the checkpoint's training fingerprint (fingerprint.py): an
+input far outside what the network was trained on is segmented all the same, with a warning
+(logged, passed to ``warn``, and kept on the :class:`Prediction`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +33,7 @@ import torch
 from ..checkpoint import Checkpoint, CheckpointSource, Ensemble, load_checkpoint, members_of
 from ..errors import UserError
 from ..preprocess import preprocess_image
+from ..roi import RegionOfInterest, crop, paste
 from ..runtime import resolve_device, resolve_precision
 from ..volume import Volume
 from .calibration import CalibratedForward
@@ -44,12 +50,17 @@ from .sliding_window import CancelCheck, ProgressCallback, sliding_window_slabs,
 log = logging.getLogger("UNet3DSegmenterLib")
 
 
+WarningCallback = Callable[[str], None]
+
+
 @dataclass
 class Prediction:
-    """A segmentation on the input's grid, and the class probabilities when asked for."""
+    """A segmentation on the input's grid, the class probabilities when asked for, and the warnings
+    about the input (one plain line each; see fingerprint.py)."""
 
     labelmap: Volume
     probabilities: Volume | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 class Predictor:
@@ -84,9 +95,37 @@ class Predictor:
         self._prepared: dict = {}
 
     def predict(self, volume: Volume, probabilities: bool = False, progress: ProgressCallback | None = None,
-                cancel: CancelCheck | None = None) -> Prediction:
-        """Segment ``volume``; the labelmap (and probabilities) lie on exactly its grid."""
+                cancel: CancelCheck | None = None, roi: RegionOfInterest | None = None,
+                warn: WarningCallback | None = None) -> Prediction:
+        """Segment ``volume``, or only its voxels inside ``roi``; the labelmap (and probabilities) lie on
+        exactly its grid, 0 (background) outside the ROI.
+
+        Each warning about the input goes to ``warn(line)`` (default: the ``UNet3DSegmenterLib`` logger)
+        before the work starts, and is kept in ``Prediction.warnings``.
+        """
         self._check_input(volume)
+        block = roi.block(volume) if roi is not None else None
+        region = crop(volume, block) if block is not None else volume
+        warnings = self.input_warnings(region)
+        for warning in warnings:
+            (warn or log.warning)(warning)
+        result = self._segment(region, probabilities, progress, cancel)
+        result.warnings = warnings
+        if block is None:
+            return result
+        background = [1.0 if label.value == 0 else 0.0 for label in self.checkpoint.labels]
+        return Prediction(volume.with_array(paste(result.labelmap.array, volume, block)),
+                          None if result.probabilities is None else
+                          volume.with_array(paste(result.probabilities.array, volume, block, background)),
+                          warnings)
+
+    def input_warnings(self, volume: Volume) -> list[str]:
+        """How ``volume`` lies far outside the images the network was trained on (none known: [])."""
+        fingerprint = self.checkpoint.fingerprint
+        return fingerprint.warnings(volume) if fingerprint is not None else []
+
+    def _segment(self, volume: Volume, probabilities: bool, progress, cancel) -> Prediction:
+        """The pipeline proper: preprocess, sliding window, back to ``volume``'s grid."""
         preprocessed = preprocess_image(volume, self.checkpoint.preprocessing)
         values = [label.value for label in self.checkpoint.labels]
         image = torch.from_numpy(preprocessed.array)
@@ -207,22 +246,26 @@ class _Probabilities(_Output):
 
 def predict_file(predictor: Predictor, input_path: Path, output_path: Path,
                  probabilities_path: Path | None = None, progress: ProgressCallback | None = None,
-                 cancel: CancelCheck | None = None, spacing: Sequence[float] | None = None) -> Prediction:
+                 cancel: CancelCheck | None = None, spacing: Sequence[float] | None = None,
+                 roi: RegionOfInterest | None = None, warn: WarningCallback | None = None) -> Prediction:
     """Read, segment and write one case; outputs are written only once the whole case succeeded.
 
-    ``spacing`` (x, y, z) in mm is that of a ``.npy`` input, which records none (default 1 mm).
+    ``spacing`` (x, y, z) in mm is that of a ``.npy`` input, which records none (default 1 mm);
+    ``roi`` and ``warn`` are those of :meth:`Predictor.predict`.
     """
     from ..io import read_volume
 
     result = predictor.predict(read_volume(input_path, spacing=spacing), probabilities=probabilities_path is not None,
-                               progress=progress, cancel=cancel)
+                               progress=progress, cancel=cancel, roi=roi, warn=warn)
     _write_outputs(result, output_path, probabilities_path)
     return result
 
 
 def predict_files(predictor: Predictor, cases: Sequence[tuple[Path, Path, Path | None]],
                   progress: Callable[[int], ProgressCallback | None] | None = None,
-                  spacing: Sequence[float] | None = None) -> Iterator[tuple[int, UserError | None]]:
+                  spacing: Sequence[float] | None = None, roi: RegionOfInterest | None = None,
+                  warn: Callable[[int], WarningCallback | None] | None = None
+                  ) -> Iterator[tuple[int, UserError | None]]:
     """Segment many cases ``(input, output, probabilities or None)`` with one prepared predictor.
 
     While one case computes, a background thread reads the next and another writes the last, so
@@ -230,7 +273,8 @@ def predict_files(predictor: Predictor, cases: Sequence[tuple[Path, Path, Path |
     Yields ``(index, error)`` for every case, in order, once its outputs are written; ``error`` is
     the :class:`UserError` that stopped that case (a bad file spoils only itself; other errors
     propagate). Each output appears whole or not at all, as with :func:`predict_file`. ``spacing`` is
-    that of ``.npy`` inputs.
+    that of ``.npy`` inputs; ``roi`` applies to every case (a case it misses fails alone), and
+    ``warn(index)`` gives a case its warning callback.
     """
     from ..io import read_volume as read
 
@@ -246,7 +290,8 @@ def predict_files(predictor: Predictor, cases: Sequence[tuple[Path, Path, Path |
             try:
                 assert reading is not None
                 result = predictor.predict(reading.result(), probabilities=probabilities is not None,
-                                           progress=progress(index) if progress else None)
+                                           progress=progress(index) if progress else None, roi=roi,
+                                           warn=warn(index) if warn else None)
                 outcome: Future | UserError = writer.submit(_write_outputs, result, output, probabilities)
             except UserError as error:
                 outcome = error

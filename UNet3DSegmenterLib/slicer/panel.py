@@ -17,6 +17,12 @@ Decisions kept here, and why:
   again after every binding of the panel to the parameter node, which refills the combo boxes.
 - Closing the scene cancels a running segmentation (its input is gone; nothing is added to the new
   scene and no error is shown); a training run goes on, since it works on files, not on the scene.
+- Segment works on the whole volume or inside an ROI (``region``). 'Place ROI' adds one at the
+  volume's centre, the size of the model's typical training image (its fingerprint's median extent;
+  half the volume for a model that records none), and switches to it: the user drags it over the
+  structure. Segment is enabled inside an ROI only once one is chosen.
+- A warning from the engine (the input lies far outside the model's training data) stays in the
+  status line, after the progress and after the result, until the next run.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from .scene import segmentNames
 
 log = logging.getLogger("UNet3DSegmenter")
 
+REGIONS = ("whole volume", "inside an ROI")
+"""What Segment segments: the whole input volume, or only the voxels inside the chosen ROI."""
 START_FROM = ("new network", "selected model")
 """Where a training run starts: a new network, or the model selected in the Segment section (fine-tuning)."""
 PAIR_ROLE = "UNet3DSegmenter.TrainingPair"
@@ -81,6 +89,8 @@ class PanelView:
     segment: Button
     segmentProgress: tuple
     segmentStatus: str
+    roiEnabled: bool
+    placeRoi: Button
     pairs: list
     addPair: Button
     removePair: Button
@@ -101,6 +111,11 @@ class _Run:
     stopping: bool = False
     started: float = field(default_factory=time.monotonic)
     inputVolume: object = None
+    warnings: list = field(default_factory=list)
+
+    def say(self, status: str) -> None:
+        """Show ``status``, followed by the run's warnings, which stay until the next run."""
+        self.status = " ".join([status] + [f"Warning: {warning}" for warning in self.warnings])
 
     @property
     def running(self) -> bool:
@@ -323,6 +338,29 @@ class PanelState:
             if node.GetNumberOfNodeReferences(role) not in (0, 2):
                 node.RemoveNodeReferenceIDs(role)
 
+    # --- region ----------------------------------------------------------------------------------
+
+    def usesRoi(self) -> bool:
+        return self.parameters is not None and self.parameters.region == REGIONS[1]
+
+    def placeRoi(self):
+        """Add an ROI at the input volume's centre (see the module docstring for its size), choose it and
+        segment inside it from now on; the new node, or None (user told) without an input volume."""
+        parameters = self.parameters
+        if parameters is None or not parameters.inputVolume:
+            self.notify("Choose an input volume first: the ROI is placed at its centre.")
+            return None
+        size = None
+        if self.engineReady and parameters.checkpointPath and pathlib.Path(parameters.checkpointPath).exists():
+            try:
+                size = self.logic.trainingExtent(parameters.checkpointPath)
+            except ValueError:
+                size = None  # the Segment button says what is wrong with the model
+        roiNode = self.logic.addRoi(parameters.inputVolume, size)
+        parameters.roiNode = roiNode
+        parameters.region = REGIONS[1]
+        return roiNode
+
     # --- segment ---------------------------------------------------------------------------------
 
     def startSegmentation(self) -> bool:
@@ -334,7 +372,8 @@ class PanelState:
                 parameters.inputVolume, parameters.checkpointPath, parameters.outputSegmentation,
                 device=parameters.device, overlap=parameters.overlap, tta=parameters.testTimeAugmentation,
                 largestComponent=parameters.largestComponent, onProgress=self._segmentProgress,
-                onFinished=self._segmentFinished, onError=self._segmentFailed)
+                onFinished=self._segmentFinished, onError=self._segmentFailed,
+                roi=parameters.roiNode if self.usesRoi() else None, onWarning=self._segmentWarning)
         except ValueError as error:
             self.segmentation.status = "Segmentation could not start."
             self.notify(f"Segmentation could not start: {error}")
@@ -347,19 +386,23 @@ class PanelState:
             self.segmentation.process.cancel()
         self.segmentation.status, self.segmentation.progress = status, (0, 100)
 
+    def _segmentWarning(self, message: str) -> None:
+        self.segmentation.warnings.append(message)
+        self.segmentation.say("Segmenting...")
+
     def _segmentProgress(self, done: int, total: int) -> None:
         self.segmentation.progress = (done, max(total, 1))
-        self.segmentation.status = f"Segmenting: window {done} of {total}"
+        self.segmentation.say(f"Segmenting: window {done} of {total}.")
 
     def _segmentFinished(self, segmentationNode) -> None:
         seconds = time.monotonic() - self.segmentation.started
         names = segmentNames(segmentationNode)
-        self.segmentation.status = f"Done in {seconds:.0f} s: {', '.join(names)}."
+        self.segmentation.say(f"Done in {seconds:.0f} s: {', '.join(names)}.")
         self.segmentation.progress = (self.segmentation.progress[1], self.segmentation.progress[1])
         self.showSegmentation(self.segmentation.inputVolume, segmentationNode)
 
     def _segmentFailed(self, message: str) -> None:
-        self.segmentation.status = "Segmentation failed."
+        self.segmentation.say("Segmentation failed.")
         self.notify(f"Segmentation failed: {message}")
 
     # --- train -----------------------------------------------------------------------------------
@@ -467,6 +510,11 @@ class PanelState:
             devices=self.deviceChoices(),
             segment=self._segmentButton(chosen),
             segmentProgress=self.segmentation.progress, segmentStatus=self.segmentation.status,
+            roiEnabled=self.usesRoi(),
+            placeRoi=Button("Place ROI", parameters is not None and bool(parameters.inputVolume)
+                            and not self.segmentation.running,
+                            "Add a box at the volume's centre, the size of the model's training images; drag it "
+                            "over the structure, then Segment segments inside it only."),
             pairs=[(volume.GetName(), f"{segmentation.GetName()} ({', '.join(segmentNames(segmentation))})")
                    for volume, segmentation in pairs],
             addPair=Button("Add pair", parameters is not None and trainingVolume is not None
@@ -491,6 +539,10 @@ class PanelState:
             return Button("Segment", False, "Choose an input volume and a model.")
         if not pathlib.Path(model).exists():
             return Button("Segment", False, f"The model {model} does not exist: choose another model.")
+        if self.usesRoi():
+            if not parameters.roiNode:
+                return Button("Segment", False, "Choose an ROI, or click Place ROI, to segment inside it.")
+            return Button("Segment", True, f"Segment the input volume inside {parameters.roiNode.GetName()}.")
         return Button("Segment", True, "Segment the input volume with the chosen model.")
 
     def _trainButton(self, pairs, model: str) -> Button:

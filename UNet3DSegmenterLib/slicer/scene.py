@@ -8,6 +8,8 @@ hierarchy. Mistakes the user can fix raise ``ValueError`` with one line and leav
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import slicer
 import vtk
@@ -197,3 +199,58 @@ def removeNodeAndHelpers(scene, node) -> None:
     for helper in helpers:
         if helper is not None and helper.GetScene() is scene:
             scene.RemoveNode(helper)
+
+
+def regionFromRoiNode(roiNode, volumeNode=None):
+    """The engine's RegionOfInterest of a markups ROI node, in the RAS frame of ``volumeNode``'s voxels
+    (the world when None): where the ROI is shown, its own and the volume's parent transforms applied.
+
+    ValueError for an ROI that is not placed, an ROI that is rotated relative to the volume's frame
+    (the engine's box is aligned with the R, A, S axes, as the voxels of most volumes are), or a
+    non-linear transform between the two.
+    """
+    if roiNode is None or not roiNode.IsA("vtkMRMLMarkupsROINode"):
+        raise ValueError("no region of interest: choose an ROI, or place one with 'Place ROI'")
+    if roiNode.GetNumberOfControlPoints() == 0 and min(roiNode.GetSize()) <= 0:
+        raise ValueError(f"the ROI {roiNode.GetName()} is not placed yet: place it over the volume")
+    worldToVolume = vtk.vtkMatrix4x4()  # identity: the volume's voxels are placed in world RAS
+    volumeTransform = volumeNode.GetParentTransformNode() if volumeNode is not None else None
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(None, volumeTransform, worldToVolume):
+        raise ValueError(f"volume {volumeNode.GetName()} is under a non-linear transform: harden it first")
+    roiTransform = roiNode.GetParentTransformNode()
+    if roiTransform is not None and not roiTransform.IsTransformToWorldLinear():
+        raise ValueError(f"the ROI {roiNode.GetName()} is under a non-linear transform: harden it first")
+    objectToVolume = slicer.util.arrayFromVTKMatrix(worldToVolume) @ \
+        slicer.util.arrayFromVTKMatrix(roiNode.GetObjectToWorldMatrix())
+    axes = objectToVolume[:3, :3] / np.linalg.norm(objectToVolume[:3, :3], axis=0, keepdims=True)
+    if not np.allclose(np.abs(axes).max(axis=0), 1.0, atol=1e-6):
+        raise ValueError(f"the ROI {roiNode.GetName()} is rotated: only a box aligned with the R, A, S axes can "
+                         "be segmented; reset its rotation (Markups module, or remove its rotating transform)")
+    radius = np.asarray(roiNode.GetSize(), np.float64) / 2
+    if np.any(radius <= 0):
+        raise ValueError(f"the ROI {roiNode.GetName()} is empty (a side of length 0): give it a size")
+    corners = np.array([(objectToVolume @ np.append(radius * np.array(signs), 1.0))[:3]
+                        for signs in itertools.product((-1, 1), repeat=3)])
+    return engine().RegionOfInterest(tuple(corners.min(axis=0)), tuple(corners.max(axis=0)))
+
+
+def addRoiAroundVolumeCentre(volumeNode, sizeXYZ=None, name: str = "Segment region"):
+    """A new markups ROI, aligned with R, A, S, centred on ``volumeNode``'s box: ``sizeXYZ`` mm along
+    the volume's own x, y, z axes (e.g. the size of a model's training images; default half the
+    volume), at most the volume's size."""
+    checkVolumeNode(volumeNode)
+    bounds = [0.0] * 6
+    volumeNode.GetRASBounds(bounds)
+    volumeSize = np.array([bounds[2 * axis + 1] - bounds[2 * axis] for axis in range(3)])
+    if sizeXYZ is None:
+        sizeRAS = volumeSize / 2
+    else:
+        directions = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASDirectionMatrix(directions)
+        toRAS = np.abs(slicer.util.arrayFromVTKMatrix(directions)[:3, :3])
+        sizeRAS = np.minimum(toRAS @ np.asarray(sizeXYZ, np.float64), volumeSize)
+    roiNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", slicer.mrmlScene.GenerateUniqueName(name))
+    roiNode.CreateDefaultDisplayNodes()  # shown, with handles to drag, in the slice and 3D views
+    roiNode.SetCenter([(bounds[2 * axis] + bounds[2 * axis + 1]) / 2 for axis in range(3)])
+    roiNode.SetSize([float(size) for size in sizeRAS])
+    return roiNode

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..choices import DEVICES
 from .install import asValueError, engine, oneLine
 from .process import EngineProcess
-from .scene import storeSegmentation, volumeFromNode
+from .scene import regionFromRoiNode, storeSegmentation, volumeFromNode
 
 log = logging.getLogger("UNet3DSegmenter")
 
@@ -37,6 +37,7 @@ class SegmentationJob:
     overlap: float = 0.5
     tta: bool = False
     largestComponent: bool = False
+    region: object = None  # the engine's RegionOfInterest, or None for the whole volume
 
     @property
     def checkpointName(self) -> str:
@@ -55,9 +56,16 @@ def loadCheckpoint(checkpoint):
 
 
 def prepare(inputVolume, checkpoint, outputSegmentation=None, device: str = "auto", overlap: float = 0.5,
-            tta: bool = False, largestComponent: bool = False) -> SegmentationJob:
-    """Check the inputs of a segmentation; ValueError, and nothing changed, when one cannot work."""
+            tta: bool = False, largestComponent: bool = False, roi=None) -> SegmentationJob:
+    """Check the inputs of a segmentation; ValueError, and nothing changed, when one cannot work.
+
+    ``roi`` (a vtkMRMLMarkupsROINode, or None for the whole volume) restricts the work to its box.
+    """
     volume = volumeFromNode(inputVolume)
+    region = regionFromRoiNode(roi, inputVolume) if roi is not None else None
+    if region is not None:
+        with asValueError():
+            region.block(volume)  # a box that misses the volume is refused now, not in the child
     loaded = loadCheckpoint(checkpoint)
     if volume.channels != loaded.in_channels:
         raise ValueError(f"volume {inputVolume.GetName()} has {volume.channels} channel(s) but the model expects "
@@ -68,15 +76,18 @@ def prepare(inputVolume, checkpoint, outputSegmentation=None, device: str = "aut
         raise ValueError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
     path = pathlib.Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
     return SegmentationJob(inputVolume, volume, loaded, path, outputSegmentation, device, float(overlap), bool(tta),
-                           bool(largestComponent))
+                           bool(largestComponent), region)
 
 
-def predict(job: SegmentationJob, progress=None):
-    """Run the engine on the job in this process; the labelmap (an engine Volume on the input's grid)."""
+def predict(job: SegmentationJob, progress=None, warn=None):
+    """Run the engine on the job in this process; the labelmap (an engine Volume on the input's grid).
+
+    Each warning about the input (far outside the model's training data) goes to ``warn(message)``
+    (default: the log)."""
     with asValueError():
         predictor = engine().Predictor(job.checkpoint, device=job.device, overlap=job.overlap, tta=job.tta,
                                        largest_component=job.largestComponent)
-        return predictor.predict(job.volume, progress=progress).labelmap
+        return predictor.predict(job.volume, progress=progress, roi=job.region, warn=warn).labelmap
 
 
 def finish(job: SegmentationJob, labelmap):
@@ -89,11 +100,13 @@ def finish(job: SegmentationJob, labelmap):
 
 
 def startInBackground(job: SegmentationJob, python: str, environment: dict, onProgress=None, onFinished=None,
-                      onError=None) -> EngineProcess:
+                      onError=None, onWarning=None) -> EngineProcess:
     """Run the job as ``unet3d-segmenter predict`` in a child process; return the started process.
 
-    The process reports ``onProgress(done, total)`` (windows), then ``onFinished(segmentationNode)``
-    or ``onError(message)``; after ``cancel()`` it reports nothing more and adds nothing to the scene.
+    The process reports ``onWarning(message)`` when the input lies far outside the model's training
+    data (before the work; it goes on), ``onProgress(done, total)`` (windows), then
+    ``onFinished(segmentationNode)`` or ``onError(message)``; after ``cancel()`` it reports nothing
+    more and adds nothing to the scene.
     Its temporary folder (``process.temporaryFolder``) is gone once it has ended.
     """
     package = engine()
@@ -110,10 +123,18 @@ def startInBackground(job: SegmentationJob, python: str, environment: dict, onPr
                  "--output", outputPath, "--device", job.device, "--overlap", job.overlap, "--progress-json"]
     arguments += ["--tta"] if job.tta else []
     arguments += ["--largest-component"] if job.largestComponent else []
+    if job.region is not None:
+        arguments += ["--roi", *job.region.first, *job.region.second]
 
     def progress(event: dict) -> None:
-        if event.get("event") == "progress" and onProgress is not None and not process.cancelled:
+        if process.cancelled:
+            return
+        if event.get("event") == "progress" and onProgress is not None:
             onProgress(int(event["done"]), int(event["total"]))
+        elif event.get("event") == "warning":
+            log.warning("%s", event.get("message"))
+            if onWarning is not None:
+                onWarning(str(event.get("message")))
 
     def finished() -> None:
         try:

@@ -26,6 +26,7 @@ from torch import nn
 from ..checkpoint import Checkpoint, load_single_checkpoint
 from ..datalist import Case, Datalist, load_case
 from ..errors import UserError
+from ..fingerprint import TrainingFingerprint, intensity_percentiles
 from ..io import read_volume
 from ..labels import Label, default_color
 from ..models import ARCHITECTURES, build_model, default_arguments
@@ -55,6 +56,7 @@ class TrainingPlan:
     class_weights: list[float] | None = None
     init: Checkpoint | None = None
     median_spacing: tuple[float, float, float] | None = None  # (x, y, z) of the cases once resized
+    fingerprint: TrainingFingerprint | None = None
 
     @property
     def label_values(self) -> list[int]:
@@ -88,14 +90,20 @@ class TrainingPlan:
         return build_loss(self.loss_name, len(self.labels), weights)
 
 
-def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_from: Path | None = None) -> TrainingPlan:
-    """Decide the plan for ``config`` (a :class:`~UNet3DSegmenterLib.trainer.TrainingConfig`)."""
+def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_from: Path | None = None,
+                  fingerprint_cases: list[Case] | None = None) -> TrainingPlan:
+    """Decide the plan for ``config`` (a :class:`~UNet3DSegmenterLib.trainer.TrainingConfig`).
+
+    The training fingerprint is that of ``fingerprint_cases`` (default ``train_cases``): the cases the
+    network learns from, where the plan is shared by the folds of a cross-validation."""
+    fingerprint_cases = train_cases if fingerprint_cases is None else fingerprint_cases
     lr, weight_decay = _optimiser_defaults(config)
     if resume_from is not None:
         previous = load_single_checkpoint(resume_from, "resuming")
         return TrainingPlan(previous.labels, previous.preprocessing, previous.patch_size, previous.architecture,
                             previous.architecture_args, lr, weight_decay, config.loss, config.class_weights,
-                            median_spacing=_median_resized_spacing(train_cases, previous.preprocessing))
+                            median_spacing=_median_resized_spacing(train_cases, previous.preprocessing),
+                            fingerprint=previous.fingerprint or training_fingerprint(fingerprint_cases, datalist.modality))
     labels = _labels(config, datalist)
     init = load_single_checkpoint(config.init, "fine-tuning (--init)") if config.init else None
     if init is not None:
@@ -130,7 +138,8 @@ def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_fr
         raise UserError(f"{len(config.class_weights)} class weights for {len(labels)} classes: give one per class, "
                         "background first")
     return TrainingPlan(labels, preprocessing, patch_size, architecture, arguments, lr, weight_decay, config.loss,
-                        config.class_weights, init, _median_resized_spacing(train_cases, preprocessing))
+                        config.class_weights, init, _median_resized_spacing(train_cases, preprocessing),
+                        training_fingerprint(fingerprint_cases, datalist.modality))
 
 
 def _check_architecture(architecture: str, arguments: dict) -> None:
@@ -201,6 +210,17 @@ def _header(path: Path, spacing: tuple[float, float, float] | None = None) -> tu
             pass  # read_volume below explains the problem
     volume = read_volume(path, spacing=spacing)
     return volume.spacing, volume.shape[::-1], volume.channels
+
+
+def training_fingerprint(cases: Sequence[Case], modality: str | None = None) -> TrainingFingerprint:
+    """What the training images are like (see fingerprint.py): extent and spacing of every case from
+    its header, intensities from up to 32 cases chosen evenly (the voxels must be read for those)."""
+    headers = [_header(case.image, case.spacing) for case in cases]
+    extents = [(np.asarray(size, np.float64) * np.asarray(spacing)).tolist() for spacing, size, _ in headers]
+    chosen = np.unique(np.linspace(0, len(cases) - 1, min(len(cases), _CT_CASES)).round().astype(int))
+    percentiles = [intensity_percentiles(read_volume(cases[index].image, spacing=cases[index].spacing), int(index))
+                   for index in chosen]
+    return TrainingFingerprint.from_measurements(extents, [spacing for spacing, _, _ in headers], percentiles, modality)
 
 
 def _median_spacing(cases: list[Case]) -> tuple[float, float, float]:

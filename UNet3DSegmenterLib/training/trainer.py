@@ -117,7 +117,8 @@ class _Run:
         # checkpoints preprocess alike and can be averaged as an ensemble.
         plan_cases = datalist.subset(sorted(self.split.train + self.split.validation)) if config.folds else train_cases
         state = self._load_state() if config.resume else None
-        self.plan = plan_training(config, datalist, plan_cases, self.paths["last.pt"] if state else None)
+        self.plan = plan_training(config, datalist, plan_cases, self.paths["last.pt"] if state else None,
+                                  train_cases)
         self.log = TrainingLog([label.name for label in self.plan.labels[1:]])
         prepared = self._prepare(train_cases, config.crop_foreground, "training")
         self.validation_files = validation_cases
@@ -302,7 +303,7 @@ class _Run:
             training["validation_dice"] = {name: float(value) for name, value in best_row["dice"].items()}
             training["validation_iou"] = {name: float(value) for name, value in best_row["iou"].items()}
         return Checkpoint.from_model(self.step_fn.module, plan.labels, plan.preprocessing, plan.patch_size,
-                                     config.overlap, training)
+                                     config.overlap, training, plan.fingerprint)
 
     def _save_last(self) -> None:
         """last.state.pt first, then last.pt: the state holds its own weights, so the pair is

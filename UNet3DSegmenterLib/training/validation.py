@@ -86,6 +86,9 @@ def case_report(checkpoint: CheckpointSource, cases, device: str, resample_label
     from ..evaluation import score_case, summarize
     from ..inference.predictor import Predictor
 
+    def _scored_anyway(warning: str) -> None:
+        """A validation case unlike the training cases is scored as it is (its Dice shows the effect)."""
+
     predictor = Predictor(checkpoint, device=device)
     labels = predictor.checkpoint.foreground_labels
     values = [label.value for label in predictor.checkpoint.labels]
@@ -96,7 +99,7 @@ def case_report(checkpoint: CheckpointSource, cases, device: str, resample_label
     losses: dict[str, float] = {}
     for case in cases:
         image, reference = load_case(case, names, resample_labels)
-        prediction = predictor.predict(image, probabilities=loss is not None)
+        prediction = predictor.predict(image, probabilities=loss is not None, warn=_scored_anyway)
         scores[case.name], accuracy[case.name] = score_case(prediction.labelmap, reference,
                                                             [label.value for label in labels])
         if loss is not None and prediction.probabilities is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,69 @@ def test_input_spacing_for_a_file_with_its_own_is_refused(model_path, tmp_path, 
     code = predict("-c", model_path, "-i", tmp_path / "in.nii.gz", "-o", tmp_path / "o.nii.gz",
                    "--input-spacing", "1", "1", "1")
     assert_one_line_error_in_process(capsys, code, "--input-spacing", "records its own")
+
+
+def ras_corners(volume: Volume, first_ijk, last_ijk) -> list[float]:
+    to_ras = volume.ijk_to_ras()
+    return [*(to_ras @ np.append(first_ijk, 1))[:3], *(to_ras @ np.append(last_ijk, 1))[:3]]
+
+
+def test_roi_segments_inside_the_box_and_writes_the_whole_grid(model_path, tmp_path):
+    volume = small_volume()
+    write_volume(volume, tmp_path / "in.nii.gz")
+    corners = ras_corners(volume, (2, 3, 4), (21, 17, 13))
+    result = run_cli("predict", "-c", model_path, "-i", tmp_path / "in.nii.gz", "-o", tmp_path / "seg.nii.gz",
+                     "--probabilities", tmp_path / "prob.nii.gz", "--roi", *corners)
+    assert result.returncode == 0, result.stderr
+    labelmap, probabilities = read_volume(tmp_path / "seg.nii.gz"), read_volume(tmp_path / "prob.nii.gz")
+    assert labelmap.same_grid(volume, tolerance=1e-3) and probabilities.same_grid(volume, tolerance=1e-3)
+    inside = np.zeros(volume.shape, bool)
+    inside[4:14, 3:18, 2:22] = True
+    assert labelmap.array[inside].any() and not labelmap.array[~inside].any()
+    assert np.all(probabilities.array[0][~inside] == 1)
+
+
+def test_roi_that_misses_the_volume_is_one_line_and_writes_nothing(model_path, tmp_path):
+    volume = small_volume()
+    write_volume(volume, tmp_path / "in.nii.gz")
+    result = run_cli("predict", "-c", model_path, "-i", tmp_path / "in.nii.gz", "-o", tmp_path / "seg.nii.gz",
+                     "--roi", *ras_corners(volume, (100, 100, 100), (110, 110, 110)))
+    assert_one_line_error(result, "the ROI (R ", "holds no voxel of the volume", "place the box over the volume")
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+@pytest.fixture(scope="module")
+def crops_model_path(tmp_path_factory) -> Path:
+    """A model whose training fingerprint says it saw 10 mm crops: small_volume() lies far outside."""
+    from UNet3DSegmenterLib.fingerprint import TrainingFingerprint
+
+    torch.manual_seed(0)
+    model = build_model("unet3d", dict(in_channels=1, out_channels=2, depth=2, base_width=4))
+    fingerprint = TrainingFingerprint.from_measurements([(10, 10, 10)], [(1, 1, 1)], [])
+    checkpoint = Checkpoint.from_model(model, [Label(0, "background"), Label(1, "organ", (1, 0, 0))],
+                                       Preprocessing(spacing=(1.0, 1.0, 1.0)), (16, 16, 16), fingerprint=fingerprint)
+    return save_checkpoint(checkpoint, tmp_path_factory.mktemp("crops") / "crops.pt")
+
+
+def test_a_warning_is_a_progress_event_before_the_windows(crops_model_path, tmp_path):
+    write_volume(small_volume(), tmp_path / "case.nii.gz")
+    result = run_cli("predict", "-c", crops_model_path, "-i", tmp_path / "case.nii.gz", "-o", tmp_path / "seg.nii.gz",
+                     "--progress-json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [event["event"] for event in events][:2] == ["warning", "progress"]
+    assert events[0]["case"] == "case" and events[0]["message"].startswith(
+        "this volume covers 28 x 29 x 30 mm; the model was trained on crops of about 10 x 10 x 10 mm")
+    assert events[-1]["event"] == "written" and (tmp_path / "seg.nii.gz").is_file()
+
+
+def test_a_warning_is_one_line_on_stderr_for_people(crops_model_path, tmp_path):
+    write_volume(small_volume(), tmp_path / "case.nii.gz")
+    result = run_cli("predict", "-c", crops_model_path, "-i", tmp_path / "case.nii.gz", "-o", tmp_path / "seg.nii.gz")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: case: this volume covers 28 x 29 x 30 mm")
+    corners = ras_corners(small_volume(), (0, 0, 0), (9, 7, 6))  # 10 x 9.6 x 10.5 mm: like the training crops
+    quiet = run_cli("predict", "-c", crops_model_path, "-i", tmp_path / "case.nii.gz", "-o", tmp_path / "roi.nii.gz",
+                    "--roi", *corners)
+    assert quiet.returncode == 0 and "warning: " not in quiet.stderr

@@ -8,7 +8,11 @@ logics, created and attached to the scene as the application does and reachable 
 Stood in for, because the wheel has no Qt and no application (and only as much as the module's
 Logic and Test classes touch):
 
-- ``slicer.app``: testing mode on, a temporary folder, the slicer-core version, no event loop;
+- ``slicer.app``: testing mode on, a temporary folder, the slicer-core version, no event loop; its
+  ``connect`` takes ``startupCompleted()`` only, whose slots :meth:`SlicerHarness.completeStartup` calls;
+- ``SampleData`` (a module of the application, not of slicer-core): ``SampleDataLogic`` with the real
+  ``registerCustomSampleDataSource`` signature and checks, and ``downloadFromSource`` for ``file:``
+  sources (copied into a cache folder, checked against their checksum, loaded by the real Volumes logic);
 - ``qt`` and ``ctk``: empty modules; any use of them raises, since only the Widget may use Qt;
 - ``slicer.ScriptedLoadableModule``: the four base classes (the Widget base refuses to build);
 - ``slicer.parameterNodeWrapper``: typed properties over a ``vtkMRMLScriptedModuleNode`` that check
@@ -42,7 +46,8 @@ import slicer
 MODULE_NAME = "UNet3DSegmenter"
 MODULE_FOLDER = pathlib.Path(__file__).resolve().parents[3]  # the repository root is the module folder
 _MISSING = object()
-_REPLACED_MODULES = ("qt", "ctk", "slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper", MODULE_NAME)
+_REPLACED_MODULES = ("qt", "ctk", "slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper", "SampleData",
+                     MODULE_NAME)
 _REPLACED_ATTRIBUTES = ("app", "mrmlScene", "modules", "ScriptedLoadableModule", "parameterNodeWrapper", "selfTests")
 
 # Module logics the application creates at start-up, by their slicer.modules name.
@@ -101,6 +106,7 @@ class SlicerHarness:
         sys.modules["ctk"] = _absentModule("ctk")
         sys.modules["slicer.ScriptedLoadableModule"] = scriptedLoadableModule
         sys.modules["slicer.parameterNodeWrapper"] = parameterNodeWrapper
+        sys.modules["SampleData"] = _sampleData(self._home / "cache")
         slicer.ScriptedLoadableModule = scriptedLoadableModule
         slicer.parameterNodeWrapper = parameterNodeWrapper
         slicer.app = _Application(self._home)
@@ -138,6 +144,11 @@ class SlicerHarness:
             del self.logics[name]
         self.scene = self.module = None
         shutil.rmtree(self._home, ignore_errors=True)
+
+    def completeStartup(self) -> None:
+        """What the application does once every module is loaded: emit ``startupCompleted()``."""
+        for slot in slicer.app.startupSlots:
+            slot()
 
     def clear(self) -> None:
         """An empty scene, as after File > Close Scene (the application keeps a subject hierarchy in it)."""
@@ -206,10 +217,11 @@ class _Application:
     """``slicer.app`` without Qt: testing mode, a temporary folder, the slicer-core version, no event loop."""
 
     applicationName = "Slicer (headless test harness)"
-    __slots__ = ("temporaryPath", "applicationVersion", "majorVersion", "minorVersion")
+    __slots__ = ("temporaryPath", "applicationVersion", "majorVersion", "minorVersion", "startupSlots")
 
     def __init__(self, home: pathlib.Path) -> None:
         self.temporaryPath = str(home)
+        self.startupSlots: list = []
         self.applicationVersion = importlib.metadata.version("slicer-core")
         self.majorVersion, self.minorVersion = (int(part) for part in self.applicationVersion.split(".")[:2])
 
@@ -221,9 +233,82 @@ class _Application:
     def processEvents() -> None:
         pass
 
+    def connect(self, signal: str, slot) -> None:
+        if signal != "startupCompleted()":
+            raise AttributeError(f"the harness's slicer.app emits startupCompleted() only, not {signal}")
+        if not callable(slot):
+            raise TypeError(f"slicer.app.connect({signal!r}, ...) needs a callable slot, got {slot!r}")
+        self.startupSlots.append(slot)
+
     @staticmethod
     def commandOptions():
         return types.SimpleNamespace(testingEnabled=True, noMainWindow=True)
+
+
+def _sampleData(cache: pathlib.Path) -> types.ModuleType:
+    """Slicer's SampleData module, as far as an extension registers and loads a local sample.
+
+    ``registerCustomSampleDataSource`` has the real signature and stores sources where the real one
+    does (``slicer.modules.sampleDataSources[category]``); it checks what the real one relies on
+    (one URI per file name and node name, ``<algo>:<digest>`` checksums, an existing thumbnail).
+    ``downloadFromSource`` handles ``file:`` URIs only: copies into ``cache``, verifies the checksum
+    as the real one does, and loads each file with the real Volumes logic.
+    """
+    import hashlib
+    import urllib.parse
+    import urllib.request
+
+    module = types.ModuleType("SampleData", "Stand-in for Slicer's Sample Data module.")
+
+    def listed(value) -> list:
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    class SampleDataLogic:
+        @staticmethod
+        def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
+                                           nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                           loadFileTypes=None, loadFiles=None, loadFileProperties={},  # noqa: B006
+                                           checksums=None, loadFileType=None) -> None:
+            uris, fileNames, nodeNames = listed(uris), listed(fileNames), listed(nodeNames)
+            checksums, loadFileTypes = listed(checksums), listed(loadFileTypes)
+            if not (len(uris) == len(fileNames) == len(nodeNames) == len(checksums) == len(loadFileTypes)):
+                raise ValueError("uris, fileNames, nodeNames, checksums and loadFileTypes must match one to one")
+            for checksum in checksums:
+                if checksum is not None:
+                    algorithm, _, digest = checksum.partition(":")
+                    if algorithm not in ("SHA256", "SHA512", "MD5") or not digest:
+                        raise ValueError(f"checksum {checksum!r} is not <algo>:<digest>")
+            if thumbnailFileName is not None and not pathlib.Path(thumbnailFileName).is_file():
+                raise ValueError(f"thumbnail {thumbnailFileName} does not exist")
+            sources = slicer.modules.__dict__.setdefault("sampleDataSources", {})
+            source = types.SimpleNamespace(sampleName=sampleName, uris=uris, fileNames=fileNames, nodeNames=nodeNames,
+                                           checksums=checksums, loadFileTypes=loadFileTypes,
+                                           thumbnailFileName=thumbnailFileName)
+            if all(vars(source) != vars(known) for known in sources.get(category, [])):
+                sources.setdefault(category, []).append(source)
+
+        def downloadFromSource(self, source) -> list:
+            nodes = []
+            for uri, fileName, nodeName, checksum in zip(source.uris, source.fileNames, source.nodeNames,
+                                                         source.checksums):
+                if urllib.parse.urlparse(uri).scheme != "file":
+                    raise ValueError(f"the harness loads local (file:) samples only, not {uri}")
+                cache.mkdir(parents=True, exist_ok=True)
+                path = cache / fileName
+                urllib.request.urlretrieve(uri, path)
+                if checksum is not None:
+                    algorithm, _, digest = checksum.partition(":")
+                    if hashlib.new(algorithm.lower(), path.read_bytes()).hexdigest() != digest.lower():
+                        path.unlink()
+                        raise ValueError(f"Checksum verification failed for {uri}")
+                node = slicer.modules.volumes.logic().AddArchetypeVolume(str(path), nodeName)
+                if node is None:
+                    raise ValueError(f"cannot load {path} as a volume")
+                nodes.append(node)
+            return nodes
+
+    module.SampleDataLogic = SampleDataLogic
+    return module
 
 
 def _scriptedLoadableModule() -> types.ModuleType:

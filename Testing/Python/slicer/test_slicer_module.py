@@ -239,6 +239,17 @@ def test_node_selectors_follow_the_scene():
     assert selectors <= connected
 
 
+def test_the_region_controls_bind_to_their_parameters_and_the_roi_selector_lists_only_rois():
+    bindings = _ui_bindings()
+    assert bindings["regionComboBox"] == "region" and bindings["roiSelector"] == "roiNode"
+    selector = next(widget for widget in ElementTree.parse(UI_FILE).getroot().iter("widget")
+                    if widget.get("name") == "roiSelector")
+    properties = {prop.get("name"): prop for prop in selector.findall("property")}
+    assert [item.text for item in properties["nodeTypes"].iter("string")] == ["vtkMRMLMarkupsROINode"]
+    assert properties["noneEnabled"].findtext("bool") == "true"
+    assert "self.ui.placeRoiButton.connect(\"clicked()\", self.onPlaceRoi)" in MODULE_SOURCE
+
+
 def _signals(class_name: str) -> set[str]:
     """Every signal of a class, its bases' included, from the table."""
     signals: set[str] = set()
@@ -433,7 +444,7 @@ def test_parameter_choices_come_from_the_engines_choices_and_defaults_fit(slicer
     parameters = slicer_scene.module.UNet3DSegmenterParameterNode
     hints = typing.get_type_hints(parameters, include_extras=True)
     expected = {"device": choices.DEVICES, "trainingDevice": choices.DEVICES, "architecture": choices.ARCHITECTURES,
-                "startFrom": panel.START_FROM}
+                "startFrom": panel.START_FROM, "region": panel.REGIONS}
     checked = 0
     for name, hint in hints.items():
         for annotation in getattr(hint, "__metadata__", ()):
@@ -456,7 +467,8 @@ def test_parameter_node_keeps_the_panel_state_in_the_scene_and_refuses_what_slic
     assert again.inputVolume is node and again.overlap == 0.25 and again.device == "auto"
     assert again.parameterNode.GetAttribute("ModuleName") == "UNet3DSegmenter"
     for name, value, error in [("device", "tpu", ValueError), ("overlap", 0.95, ValueError), ("epochs", 2.5, TypeError),
-                               ("inputVolume", again.parameterNode, TypeError), ("devices", "cpu", AttributeError)]:
+                               ("inputVolume", again.parameterNode, TypeError), ("devices", "cpu", AttributeError),
+                               ("region", "inside a sphere", ValueError), ("roiNode", node, TypeError)]:
         with pytest.raises(error):
             setattr(again, name, value)
 
@@ -543,6 +555,8 @@ def test_cmake_lists_every_python_file_and_resource_the_module_needs():
     assert {"Resources/Icons/UNet3DSegmenter.png", "Resources/UI/UNet3DSegmenter.ui"} <= resources
     models = {str(path.relative_to(REPOSITORY)) for path in (REPOSITORY / "Resources" / "Models").iterdir()}
     assert models <= resources, f"model files not installed: {sorted(models - resources)}"
+    samples = {str(path.relative_to(REPOSITORY)) for path in (REPOSITORY / "Resources" / "Samples").iterdir()}
+    assert samples <= resources, f"sample files not installed: {sorted(samples - resources)}"
     for path in scripts | resources:
         assert (REPOSITORY / path).is_file(), f"CMakeLists.txt names {path}, which does not exist"
 

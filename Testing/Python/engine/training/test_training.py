@@ -65,6 +65,11 @@ def test_short_training_lowers_the_loss_and_writes_every_output(phantoms, tmp_pa
     assert [label.name for label in checkpoint.labels] == ["background", "organ", "lesion"]
     assert checkpoint.patch_size == (16, 32, 32) and checkpoint.preprocessing.spacing == (1.0, 1.0, 2.0)
     assert checkpoint.training["best_epoch"] == result.best_epoch
+    training_names = json.loads((tmp_path / "run" / "split.json").read_text())["train"]
+    fingerprint = checkpoint.fingerprint  # from the training cases: 32 x 32 x 24 voxels of 1 x 1 x 2 mm
+    assert fingerprint is not None and fingerprint.cases == len(training_names)
+    assert fingerprint.extent_median == fingerprint.extent_max == (32.0, 32.0, 48.0)
+    assert fingerprint.spacing_min == fingerprint.spacing_max == (1.0, 1.0, 2.0)
     report = json.loads((tmp_path / "run" / "validation_report.json").read_text())
     assert sorted(report["cases"]) == json.loads((tmp_path / "run" / "split.json").read_text())["validation"]
     image = read_volume(phantoms / "images" / "phantom_000.nii.gz")
