@@ -212,6 +212,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addSegmentedButton.connect("clicked()", self.onAddSegmented)
         self.ui.trainButton.connect("clicked()", self.onTrainButton)
         self.ui.installButton.connect("clicked()", self.onInstallButton)
+        self.ui.installOpenVINOButton.connect("clicked()", self.onInstallOpenVINOButton)
         self.ui.trainingVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUI)
         self.ui.trainingSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUI)
         self.ui.trainingPairsTable.connect("itemSelectionChanged()", self.updateGUI)
@@ -295,9 +296,11 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                self.ui.trainingSegmentationSelector.currentNode(),
                                selected[0].row() if selected else -1)
         self.ui.installCollapsibleButton.visible = view.installVisible
-        self.ui.installCollapsibleButton.collapsed = not view.installVisible
+        self.ui.installCollapsibleButton.collapsed = view.installCollapsed
         self.ui.installLabel.text = view.installText
+        self.ui.installButton.visible = not view.openVINO.enabled
         self.ui.installButton.enabled = view.installEnabled
+        self.ui.installOpenVINOButton.visible = view.openVINO.enabled
         self._showModels(view.models, view.modelIndex)
         self.ui.modelLabelsLabel.text = view.modelLabels
         for comboBox in (self.ui.deviceComboBox, self.ui.trainingDeviceComboBox):
@@ -309,7 +312,8 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showPairs(view.pairs)
         self.ui.architectureComboBox.enabled = view.architectureEnabled
         self.ui.roiSelector.enabled = view.roiEnabled
-        for button, state in ((self.ui.segmentButton, view.segment), (self.ui.placeRoiButton, view.placeRoi),
+        for button, state in ((self.ui.installOpenVINOButton, view.openVINO),
+                              (self.ui.segmentButton, view.segment), (self.ui.placeRoiButton, view.placeRoi),
                               (self.ui.trainButton, view.train),
                               (self.ui.addPairButton, view.addPair), (self.ui.removePairButton, view.removePair),
                               (self.ui.addSegmentedButton, view.addSegmented)):
@@ -405,6 +409,13 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.state.poll():
             self._pollTimer.stop()
         self.updateGUI()
+
+    def onInstallOpenVINOButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Installing OpenVINO failed.", waitCursor=True):
+            if self.logic.installOpenVINO(askConfirmation=True):
+                slicer.util.infoDisplay("OpenVINO is installed. The next segmentation with each model measures it "
+                                        "beside PyTorch and keeps the faster.")
+        self.onCheckEngine()
 
     def onInstallButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Installation failed.", waitCursor=True):

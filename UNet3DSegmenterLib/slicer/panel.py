@@ -82,6 +82,8 @@ class PanelView:
     installVisible: bool
     installText: str
     installEnabled: bool
+    installCollapsed: bool
+    openVINO: Button
     models: list
     modelIndex: int
     modelLabels: str
@@ -139,6 +141,7 @@ class PanelState:
         self.engineProblem: str | None = None
         self.cuda = False
         self.mps = False
+        self.openVINOOffer: str | None = None
         self.extraModels: list[str] = []
         self.lastModel = ""
         self.segmentation = _Run()
@@ -169,6 +172,7 @@ class PanelState:
         self.engineProblem = self.logic.engineProblem()
         self.cuda = self.engineProblem is None and self.logic.cudaAvailable()
         self.mps = self.engineProblem is None and self.logic.mpsAvailable()
+        self.openVINOOffer = self.logic.openVINOOffer() if self.engineProblem is None else None
         self.engineChecked = True
         self._descriptions.clear()
         self.applyDeviceChoices()
@@ -501,11 +505,15 @@ class PanelState:
         chosen = models[index].path if index >= 0 else ""
         pairs = self.pairs()
         missing = self.logic.missingRequirements()
-        installVisible = bool(missing) or self.engineProblem is not None
+        needed = bool(missing) or self.engineProblem is not None
+        offer = None if needed else self.openVINOOffer  # an optional speed-up: shown, but folded away
+        installText = self.logic.installDescription(self.engineProblem) if needed else offer or ""
         return PanelView(
-            installVisible=installVisible,
-            installText=self.logic.installDescription(self.engineProblem) if installVisible else "",
+            installVisible=needed or offer is not None,
+            installText=installText,
             installEnabled=bool(missing),
+            installCollapsed=not needed,
+            openVINO=Button("Install OpenVINO", offer is not None, offer or ""),
             models=models, modelIndex=index, modelLabels=self.describeModel(chosen),
             devices=self.deviceChoices(),
             segment=self._segmentButton(chosen),

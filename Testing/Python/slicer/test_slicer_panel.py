@@ -183,6 +183,34 @@ def test_a_folder_of_fold_checkpoints_is_one_model_in_the_box(slicer_scene, logi
     assert view.modelLabels == "organ, lesion" and view.segment.enabled
 
 
+# --- the optional OpenVINO runtime ---------------------------------------------------------------
+
+
+def test_openvino_is_offered_folded_away_where_it_would_help_and_gone_once_installed(slicer_scene, logic, state,
+                                                                                     monkeypatch):
+    offer = "This processor has no native bfloat16, so PyTorch segments in float32 here. ..."
+    monkeypatch.setattr(logic, "openVINOOffer", lambda: offer)
+    state.checkEngine()
+    view = state.view()
+    assert view.installVisible and view.installCollapsed and view.installText == offer
+    assert view.openVINO.enabled and view.openVINO.toolTip == offer and not view.installEnabled
+    assert "Install" not in view.segment.toolTip  # the engine runs: Segment does not wait for it
+    monkeypatch.setattr(logic, "openVINOOffer", lambda: None)  # installed, or not worth it here
+    state.checkEngine()
+    view = state.view()
+    assert not view.installVisible and not view.openVINO.enabled
+
+
+def test_a_missing_pytorch_comes_before_the_openvino_offer(slicer_scene, logic, state, monkeypatch):
+    monkeypatch.setattr(logic, "openVINOOffer", lambda: "faster with OpenVINO")
+    monkeypatch.setattr(logic, "missingRequirements", lambda: ["torch>=2.1"])
+    monkeypatch.setattr(logic, "engineProblem", lambda: "PyTorch is not installed")
+    state.checkEngine()
+    view = state.view()
+    assert view.installVisible and not view.installCollapsed and view.installEnabled
+    assert "faster with OpenVINO" not in view.installText and not view.openVINO.enabled
+
+
 # --- devices ---------------------------------------------------------------------------------------
 
 
