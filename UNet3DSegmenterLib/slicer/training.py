@@ -6,6 +6,8 @@ names and colours from the segments, ``init`` when fine-tuning a model) and expo
 (Python console, tests) and :func:`startInBackground` runs ``unet3d-segmenter train --config
 run.json --progress-json`` in a child process (the panel), stopped by a ``STOP`` file so that it
 always saves. Both fill a table of loss and Dice per epoch, plotted by a chart in the scene.
+A new run refuses a folder that holds a model before it exports anything (the engine's
+``TrainingConfig.check_output``); :func:`prepareResume` continues a stopped run from its run.json.
 """
 
 from __future__ import annotations
