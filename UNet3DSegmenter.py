@@ -601,7 +601,8 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         epoch, updated as the trainer reports them) and reports ``onProgress(event)``,
         ``onFinished(checkpointPath)``, ``onError(message)`` or ``onCancelled()`` when polled. Its
         ``cancel()`` stops the run gracefully: it ends its iteration and saves last.pt, log.csv and
-        the curves (``process.job.result`` then holds the trainer's last event).
+        the curves (``process.job.result`` then holds the trainer's last event). With ``resume=True`` and no
+        pairs it continues the stopped run in ``outputFolder`` (``train --config run.json --resume``).
         """
         job = training.prepare(pairs, outputFolder, architecture, epochs, patchSize, batchSize, learningRate, device,
                                initCheckpoint, tableNode, **options)

@@ -207,12 +207,14 @@ class PanelState:
         return None if folder is None or str(folder) in ("", ".") else pathlib.Path(folder)
 
     def trainedModels(self) -> list[str]:
-        """The model of each run folder in the models folder: its best.pt, else the last.pt of a stopped run."""
+        """The model of each run folder in the models folder: its best.pt, else the last.pt of a stopped run
+        (the run going on now is not listed until it ends)."""
         folder = self.modelsFolder()
         if folder is None or not folder.is_dir():
             return []
         models = []
-        for run in sorted(path for path in folder.iterdir() if path.is_dir()):
+        running = self.training.folder if self.training.running else None
+        for run in sorted(path for path in folder.iterdir() if path.is_dir() and path != running):
             model = next((run / name for name in ("best.pt", "last.pt") if (run / name).is_file()), None)
             if model is not None:
                 models.append(str(model))

@@ -364,6 +364,8 @@ def test_stop_then_resume_from_the_panel_finishes_the_run_in_its_folder(slicer_s
     assert state.pressTrain() and not state.pressTrain(), "a double-click's second click stopped the run"
     assert state.view().train.text == "Stop"
     assert eventually(lambda: not state.poll() or state.view().trainingStatus.startswith("Epoch"), 300)
+    assert str(tmp_path / "tuned" / "last.pt") not in [item.path for item in state.modelItems()], \
+        "the run going on is listed as a stopped one"
     state.training.started -= panel.DOUBLE_CLICK_SECONDS
     state.pressTrain()  # Stop
     _wait(state)
