@@ -12,6 +12,7 @@ A new run refuses a folder that holds a model before it exports anything (the en
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import pathlib
 from dataclasses import dataclass
@@ -122,7 +123,28 @@ def prepareResume(pairs, outputFolder, tableNode=None, **options) -> TrainingJob
     labels = [Label(value, name, (config.label_colors or {}).get(value, (0.5, 0.5, 0.5)))
               for value, name in sorted((config.label_names or {}).items())]
     (outputFolder / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop this run
-    return _job(config, [], labels, tableNode)
+    job = _job(config, [], labels, tableNode)
+    if tableNode is None:  # a new table: its curves start at epoch 1, as the run's own log does
+        addLoggedEpochs(job.tableNode, outputFolder / "log.csv", [label.name for label in labels])
+    return job
+
+
+def addLoggedEpochs(tableNode, logFile: pathlib.Path, labelNames) -> None:
+    """Add the epochs of a run's log.csv to the curves table; a log that cannot be read adds nothing more."""
+
+    def number(text):
+        return float(text) if text not in (None, "") else None
+
+    try:
+        with open(logFile, newline="", encoding="utf-8") as stream:
+            rows = list(csv.DictReader(stream))
+        events = [{"epoch": number(row["epoch"]), "train_loss": number(row.get("train_loss")),
+                   "mean_dice": number(row.get("mean_dice")),
+                   "dice": {name: number(row.get(f"dice_{name}")) for name in labelNames}} for row in rows]
+    except (OSError, ValueError, KeyError):
+        return
+    for event in events:
+        addTrainingEpoch(tableNode, event)
 
 
 def _job(config, pairs, labels, tableNode) -> TrainingJob:
