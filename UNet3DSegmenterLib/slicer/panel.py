@@ -628,13 +628,14 @@ class PanelState:
 
 
 def _stoppedRun(folder: pathlib.Path) -> bool:
-    """True when ``folder`` holds a run that can go on: its saved state, and fewer epochs logged than it was to train."""
+    """True when ``folder`` holds a run that can go on: its saved state, fewer epochs logged than it was to train,
+    and no validation report (written when a run ends, early stopping included; never when it is stopped)."""
     try:
         epochs = int(json.loads((folder / "run.json").read_text(encoding="utf-8"))["epochs"])
         logged = (folder / "log.csv").read_text(encoding="utf-8").count("\n") - 1 if (folder / "log.csv").is_file() else 0
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return (folder / "last.state.pt").is_file() and logged < epochs
+    return (folder / "last.state.pt").is_file() and logged < epochs and not (folder / "validation_report.json").exists()
 
 
 def _plainScalarVolume(node) -> bool:

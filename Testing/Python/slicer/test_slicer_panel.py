@@ -253,6 +253,10 @@ def test_resume_is_offered_for_a_stopped_run_only(slicer_scene, logic, state, ch
     finished = _stopped_run(checkpoint_path, tmp_path / "finished", epochs=2, logged=2)
     state.selectModel([item.path for item in state.modelItems()].index(str(finished / "last.pt")))
     assert state.resumeFolder() is None and not state.view().resume.enabled, "a finished run cannot go on"
+    early = _stopped_run(checkpoint_path, tmp_path / "stopped early")
+    (early / "validation_report.json").write_text("{}")  # the run ended itself (patience), it was not stopped
+    state.selectModel([item.path for item in state.modelItems()].index(str(early / "last.pt")))
+    assert state.resumeFolder() is None
     state.selectModel([item.path for item in state.modelItems()].index(str(stopped / "last.pt")))
     view = state.view()
     assert state.resumeFolder() == stopped and view.resume.enabled and "stopped" in view.resume.toolTip
