@@ -89,11 +89,12 @@ structures they segment; <i>Choose a checkpoint file...</i> opens any <code>.pt<
 by UNet3DSegmenter), then click <b>Segment</b>. The result is a segmentation with one named, coloured
 segment per structure, shown over the input. A GPU is used when PyTorch sees one.</p>
 <p><b>Train</b>: add pairs of a volume and its segmentation (the segment names become the model's
-labels), choose an output folder and click <b>Train</b>. <i>Start from: selected model</i> fine-tunes
+labels), name the run (or keep the proposed name) and click <b>Train</b>: each run gets a folder of
+its own under the models folder, so no run replaces another's model. <i>Start from: selected model</i> fine-tunes
 the model chosen above, for example on its own results corrected in Segment Editor (<b>Add the
 segmented volumes</b> adds them in one click). Loss and Dice per structure are plotted as training
-goes; <b>Stop</b> ends the run after its current iteration and keeps what it learnt; when it
-finishes the new model is selected in the Segment section.</p>
+goes; <b>Stop</b> ends the run after its current iteration and keeps what it learnt, and
+<b>Resume</b> continues it; when it finishes the new model is selected in the Segment section.</p>
 <p><b>The bundled hippocampus model</b> was trained on crops of about 35 x 50 x 35 mm around the
 hippocampus (the Sample Data module lists one as <i>HippocampusCrop</i>). On a larger volume, such as a
 whole head, choose <i>Region: inside an ROI</i>, click <b>Place ROI</b> and drag the box over one
@@ -133,8 +134,9 @@ class UNet3DSegmenterParameterNode:
     largestComponent (keep the largest connected piece of each structure), outputSegmentation
     (None: a new segmentation is created), region (the whole volume, or only inside roiNode, a box
     the user places around the structure).
-    Train: startFrom (a new network, or fine-tune the selected model), trainingOutputFolder,
-    architecture, epochs, patchSize (voxels per side, 0: chosen from the data), batchSize,
+    Train: startFrom (a new network, or fine-tune the selected model), trainingOutputFolder (the models
+    folder: each run gets a folder of its own in it), trainingRunName (that folder's name; empty: the
+    labels and the date and time), architecture, epochs, patchSize (voxels per side, 0: chosen from the data), batchSize,
     learningRate (0: the trainer's default), trainingDevice, trainingTable (loss and Dice per epoch).
     The training pairs are node references of the parameter node (see ``panel.PanelState``).
     """
@@ -150,6 +152,7 @@ class UNet3DSegmenterParameterNode:
     roiNode: vtkMRMLMarkupsROINode
     startFrom: Annotated[str, Choice(panel.START_FROM)] = panel.START_FROM[0]
     trainingOutputFolder: pathlib.Path
+    trainingRunName: str = ""
     architecture: Annotated[str, Choice(ARCHITECTURES)] = "unet3d"
     epochs: Annotated[int, WithinRange(1, 10000)] = 100
     patchSize: Annotated[int, WithinRange(0, 512)] = 0
@@ -211,6 +214,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.removePairButton.connect("clicked()", self.onRemovePair)
         self.ui.addSegmentedButton.connect("clicked()", self.onAddSegmented)
         self.ui.trainButton.connect("clicked()", self.onTrainButton)
+        self.ui.resumeButton.connect("clicked()", self.onResumeButton)
         self.ui.installButton.connect("clicked()", self.onInstallButton)
         self.ui.installOpenVINOButton.connect("clicked()", self.onInstallOpenVINOButton)
         self.ui.trainingVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUI)
@@ -267,10 +271,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is None:
             return
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolume:
-                self._parameterNode.inputVolume = firstVolume
+        self.state.chooseDefaultInput()
         if str(self._parameterNode.trainingOutputFolder) in ("", "."):
             self._parameterNode.trainingOutputFolder = pathlib.Path.home() / "UNet3DSegmenter" / "models"
 
@@ -316,13 +317,14 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                               (self.ui.segmentButton, view.segment), (self.ui.placeRoiButton, view.placeRoi),
                               (self.ui.trainButton, view.train),
                               (self.ui.addPairButton, view.addPair), (self.ui.removePairButton, view.removePair),
-                              (self.ui.addSegmentedButton, view.addSegmented)):
+                              (self.ui.addSegmentedButton, view.addSegmented), (self.ui.resumeButton, view.resume)):
             button.text, button.enabled, button.toolTip = state.text, state.enabled, state.toolTip
         self.ui.segmentProgressBar.maximum = view.segmentProgress[1]
         self.ui.segmentProgressBar.value = view.segmentProgress[0]
         self.ui.statusLabel.text = view.segmentStatus
         self.ui.trainingProgressBar.value = view.trainingProgress
         self.ui.trainingStatusLabel.text = view.trainingStatus
+        self.ui.runNameLineEdit.placeholderText = view.runNamePlaceholder
 
     def _showModels(self, models, index: int) -> None:
         if models != self._shownModels:
@@ -371,9 +373,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegmentButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
-            if self.state.segmentation.running:
-                self.state.cancelSegmentation()
-            elif self.state.startSegmentation():
+            if self.state.pressSegment():
                 self._pollTimer.start()
         self.updateGUI()
 
@@ -384,9 +384,13 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrainButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
-            if self.state.training.running:
-                self.state.stopTraining()
-            elif self.state.startTraining():
+            if self.state.pressTrain():
+                self._pollTimer.start()
+        self.updateGUI()
+
+    def onResumeButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Training could not resume.", waitCursor=True):
+            if self.state.startResume():
                 self._pollTimer.start()
         self.updateGUI()
 
@@ -648,6 +652,8 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         (e.g. ``iterations_per_epoch=50``). Each trainer event goes to ``progress(event)``; epochs are
         added to ``tableNode`` (created with a chart when None). ``cancel()`` returning True stops after
         the current iteration. Returns best.pt (last.pt when it stopped before best.pt was written).
+        A folder that holds a model (best.pt, last.pt or run.json) is refused unless ``overwrite=True``;
+        ``resume=True``, with no pairs, continues the stopped run in ``outputFolder`` as its run.json says.
         """
         job = training.prepare(pairs, outputFolder, architecture, epochs, patchSize, batchSize, learningRate, device,
                                initCheckpoint, tableNode, **options)
@@ -664,7 +670,8 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         epoch, updated as the trainer reports them) and reports ``onProgress(event)``,
         ``onFinished(checkpointPath)``, ``onError(message)`` or ``onCancelled()`` when polled. Its
         ``cancel()`` stops the run gracefully: it ends its iteration and saves last.pt, log.csv and
-        the curves (``process.job.result`` then holds the trainer's last event).
+        the curves (``process.job.result`` then holds the trainer's last event). With ``resume=True`` and no
+        pairs it continues the stopped run in ``outputFolder`` (``train --config run.json --resume``).
         """
         job = training.prepare(pairs, outputFolder, architecture, epochs, patchSize, batchSize, learningRate, device,
                                initCheckpoint, tableNode, **options)

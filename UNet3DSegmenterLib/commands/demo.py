@@ -2,11 +2,13 @@
 
 Generates labelled phantoms, trains a small U-Net on some of them, segments the others, prints
 Dice per class and leaves the checkpoint, the training curves and an overlay picture in a folder.
+Run again into the same folder, it replaces its own earlier outputs, and only those.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +42,15 @@ def _print_epoch(event: Mapping[str, Any]) -> None:
           + (f", validation Dice {scores}" if scores else ""), flush=True)
 
 
+def _earlier_demo(model_folder: Path, train_folder: Path) -> bool:
+    """True when ``model_folder`` holds the model of an earlier demo on this very data, which a demo run again
+    replaces; any other model there is kept (training refuses the folder)."""
+    try:
+        return json.loads((model_folder / "run.json").read_text(encoding="utf-8"))["data"] == str(train_folder.resolve())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     from ..inference.predictor import Predictor
     from ..io import read_volume, write_volume
@@ -67,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         patch_size=patch_size, batch_size=2, val_every=max(1, epochs // 5), device=args.device, seed=args.seed,
         label_names={value: PHANTOM_LABELS[value][0] for value in range(1, CLASSES + 1)},
         label_colors={value: PHANTOM_LABELS[value][1] for value in range(1, CLASSES + 1)},
+        overwrite=_earlier_demo(output / "model", train_folder),
     )
     result = train(config, progress=_print_epoch)
 

@@ -35,6 +35,9 @@ examples:
   unet3d-segmenter train --data cases/ --output runs/a --split 0.8 0.1 0.1 --group-by '^(Case_[0-9]+)'
   unet3d-segmenter train --data msd_hippocampus --output runs/b --split-file Resources/Models/hippocampus_split.json
   unet3d-segmenter train --data cases/ --output runs/fold0 --resume          (continue a stopped run)
+  unet3d-segmenter train --data cases/ --output runs/fold0 --overwrite       (replace the model in runs/fold0;
+                                                                              without it, a folder that holds
+                                                                              a model is refused)
   unet3d-segmenter train --config runs/hippocampus/run.json --epochs 200     (a saved run, changed)
   touch runs/hippocampus/STOP     (from anywhere: stop after this iteration, saving last.pt; or Ctrl-C)
   torchrun --nproc_per_node=4 -m UNet3DSegmenterLib train --data cases/ --output runs/ddp   (4 GPUs)

@@ -129,17 +129,35 @@ def _checkReplaceable(folder: pathlib.Path) -> None:
 
 
 def segmentedPairs(scene) -> list[tuple]:
-    """(input volume, segmentation) for each segmentation the module made whose input is still in ``scene``.
+    """(input volume, segmentation) for each volume still in ``scene`` that the module segmented, once each.
 
-    These are the cases to fine-tune on once their segments have been corrected in Segment Editor.
+    These are the cases to fine-tune on once their segments have been corrected in Segment Editor. A
+    volume segmented several times comes with its most recently modified segmentation (the one just
+    corrected), never twice: two labelmaps of one image, one of them uncorrected, would teach both.
     """
-    pairs = []
+    latest: dict[str, tuple] = {}
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
         segmentationNode = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
         volumeNode = segmentationNode.GetNodeReference(INPUT_VOLUME_ROLE)
-        if segmentationNode.GetAttribute(CHECKPOINT_ATTRIBUTE) is not None and volumeNode is not None:
-            pairs.append((volumeNode, segmentationNode))
-    return pairs
+        if segmentationNode.GetAttribute(CHECKPOINT_ATTRIBUTE) is None or volumeNode is None:
+            continue
+        known = latest.get(volumeNode.GetID())
+        if known is None or lastModified(segmentationNode) > lastModified(known[1]):
+            latest[volumeNode.GetID()] = (volumeNode, segmentationNode)
+    return list(latest.values())
+
+
+def lastModified(segmentationNode) -> int:
+    """When the segmentation last changed, as a VTK modification time: painting in Segment Editor changes a
+    segment's labelmap, not the node itself, so the segments and their source representation count too."""
+    segmentation = segmentationNode.GetSegmentation()
+    source = segmentation.GetSourceRepresentationName()
+    times = [segmentationNode.GetMTime(), segmentation.GetMTime()]
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        representation = segment.GetRepresentation(source)
+        times += [segment.GetMTime()] + ([representation.GetMTime()] if representation is not None else [])
+    return max(times)
 
 
 def _safeName(name: str) -> str:

@@ -23,14 +23,22 @@ Decisions kept here, and why:
   structure. Segment is enabled inside an ROI only once one is chosen.
 - A warning from the engine (the input lies far outside the model's training data) stays in the
   status line, after the progress and after the result, until the next run.
+- Every training run gets a folder of its own under the models folder (the name given, else the
+  labels and the date and time; made unique), so that no run replaces another's model. The model
+  box names a trained model by its run folder, and lists the runs found in the models folder.
+- A click on Cancel or Stop that comes within :data:`DOUBLE_CLICK_SECONDS` of the start is the
+  second click of a double-click on Segment or Train: it is ignored.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
+import re
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from ..choices import DEVICES
 from .export import segmentedPairs
@@ -48,6 +56,10 @@ CHOOSE_FILE = "Choose a checkpoint file..."
 CHOOSE_FOLDER = "Choose a folder of fold checkpoints..."
 SHUTDOWN_SECONDS = 10.0
 """Longest wait for background runs at Reload or application exit."""
+DOUBLE_CLICK_SECONDS = 1.0
+"""A Cancel or Stop this soon after the start is the second click of a double-click on Segment or Train."""
+STOPPED_MARK = " (stopped)"
+"""Added to the name of a stopped run's last.pt in the model box."""
 
 
 @dataclass
@@ -101,6 +113,8 @@ class PanelView:
     train: Button
     trainingProgress: int
     trainingStatus: str
+    resume: Button = field(default_factory=lambda: Button("Resume", False))
+    runNamePlaceholder: str = ""
 
 
 @dataclass
@@ -114,10 +128,15 @@ class _Run:
     started: float = field(default_factory=time.monotonic)
     inputVolume: object = None
     warnings: list = field(default_factory=list)
+    folder: pathlib.Path | None = None  # a training run's output folder
 
     def say(self, status: str) -> None:
         """Show ``status``, followed by the run's warnings, which stay until the next run."""
         self.status = " ".join([status] + [f"Warning: {warning}" for warning in self.warnings])
+
+    def justStarted(self) -> bool:
+        """True within DOUBLE_CLICK_SECONDS of the start: a Cancel or Stop now is a double-click's second click."""
+        return time.monotonic() - self.started < DOUBLE_CLICK_SECONDS
 
     @property
     def running(self) -> bool:
@@ -146,6 +165,7 @@ class PanelState:
         self.lastModel = ""
         self.segmentation = _Run()
         self.training = _Run()
+        self.stoppedRun: pathlib.Path | None = None  # the folder of the run stopped last, which Resume continues
         self._descriptions: dict = {}
 
     # --- the parameter node and the scene ----------------------------------------------------------
@@ -184,23 +204,42 @@ class PanelState:
     # --- models ----------------------------------------------------------------------------------
 
     def modelItems(self) -> list[ModelItem]:
-        """The bundled models, those trained or opened here, the parameter node's, and the file-dialog entry."""
+        """The bundled models, the runs in the models folder, those trained or opened here, the parameter node's,
+        and the file-dialog entries."""
         paths = [str(path) for path in self.logic.availableModels()]
         chosen = self.parameters.checkpointPath if self.parameters is not None else ""
-        for path in self.extraModels + [chosen]:
+        for path in self.trainedModels() + self.extraModels + [chosen]:
             if path and path not in paths:
                 paths.append(path)
         items = []
         for path in paths:
             location = pathlib.Path(path)
-            name = location.name if location.is_dir() else location.stem
             missing = "" if location.exists() else " (file not found)"
-            items.append(ModelItem(name + missing, path, path))
+            items.append(ModelItem(modelName(location) + missing, path, path))
         return items + [
             ModelItem(CHOOSE_FILE, "", "Open any UNet3DSegmenter checkpoint (.pt), one network or an ensemble", "file"),
             ModelItem(CHOOSE_FOLDER, "", "Open the folder of a cross-validation (fold_*/best.pt) or a folder of "
                       ".pt files: its networks segment together, as one ensemble", "folder"),
         ]
+
+    def modelsFolder(self) -> pathlib.Path | None:
+        """The folder under which each training run gets its own folder; None while it is not set."""
+        folder = self.parameters.trainingOutputFolder if self.parameters is not None else None
+        return None if folder is None or str(folder) in ("", ".") else pathlib.Path(folder)
+
+    def trainedModels(self) -> list[str]:
+        """The model of each run folder in the models folder: its best.pt, else the last.pt of a stopped run
+        (the run going on now is not listed until it ends)."""
+        folder = self.modelsFolder()
+        if folder is None or not folder.is_dir():
+            return []
+        models = []
+        running = self.training.folder if self.training.running else None
+        for run in sorted(path for path in folder.iterdir() if path.is_dir() and path != running):
+            model = next((run / name for name in ("best.pt", "last.pt") if (run / name).is_file()), None)
+            if model is not None:
+                models.append(str(model))
+        return models
 
     def modelIndex(self) -> int:
         """The index in :meth:`modelItems` of the model Segment uses, -1 for none."""
@@ -323,11 +362,12 @@ class PanelState:
         return True
 
     def segmentedPairsToAdd(self) -> list[tuple]:
-        """Segmentations the module made (then perhaps corrected) whose pair is not in the list yet."""
+        """Volumes the module segmented that are not in the list yet, each once, with its most recently
+        modified segmentation (see ``export.segmentedPairs``): a volume already paired keeps the pair chosen."""
         if self.parameters is None:
             return []
-        present = self.pairs()
-        return [pair for pair in segmentedPairs(self.parameters.parameterNode.GetScene()) if pair not in present]
+        paired = [volume for volume, _ in self.pairs()]
+        return [pair for pair in segmentedPairs(self.parameters.parameterNode.GetScene()) if pair[0] not in paired]
 
     def addSegmentedVolumes(self) -> int:
         """Add every pair of :meth:`segmentedPairsToAdd` (one click to fine-tune on corrected results)."""
@@ -366,6 +406,27 @@ class PanelState:
         return roiNode
 
     # --- segment ---------------------------------------------------------------------------------
+
+    def chooseDefaultInput(self) -> None:
+        """No input volume yet: take the scene's first plain scalar volume. A labelmap or an RGB volume (a
+        subclass, which the selector does not show) is never chosen for the user."""
+        if self.parameters is None or self.parameters.inputVolume is not None:
+            return
+        scene = self.parameters.parameterNode.GetScene()
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+            node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+            if _plainScalarVolume(node):
+                self.parameters.inputVolume = node
+                return
+
+    def pressSegment(self) -> bool:
+        """The Segment / Cancel button: start a segmentation, or cancel the running one unless the click is the
+        second of a double-click on Segment. True when a run started."""
+        if self.segmentation.running:
+            if not self.segmentation.justStarted():
+                self.cancelSegmentation()
+            return False
+        return self.startSegmentation()
 
     def startSegmentation(self) -> bool:
         """Segment the chosen input with the chosen model in the background; False (user told) when it cannot start."""
@@ -414,25 +475,76 @@ class PanelState:
     def fineTuning(self) -> bool:
         return self.parameters is not None and self.parameters.startFrom == START_FROM[1]
 
+    def defaultRunName(self) -> str:
+        """The run folder's name when none is given: the pairs' segment names and the date and time."""
+        names: list[str] = []
+        for _, segmentation in self.pairs():
+            names += [name for name in segmentNames(segmentation) if name not in names]
+        return defaultRunName(names)
+
+    def newRunFolder(self) -> pathlib.Path | None:
+        """The next run's own folder under the models folder: the name given (else the default), made unique."""
+        folder = self.modelsFolder()
+        if folder is None:
+            return None
+        return uniqueFolder(folder, safeRunName(self.parameters.trainingRunName) or self.defaultRunName())
+
+    def pressTrain(self) -> bool:
+        """The Train / Stop button: start a run, or stop the running one unless the click is the second of a
+        double-click on Train. True when a run started."""
+        if self.training.running:
+            if not self.training.justStarted():
+                self.stopTraining()
+            return False
+        return self.startTraining()
+
     def startTraining(self) -> bool:
-        """Train on the pairs in the background; False (user told) when it cannot start."""
+        """Train on the pairs in the background, in a new run folder; False (user told) when it cannot start."""
         parameters = self.parameters
         initCheckpoint = parameters.checkpointPath if self.fineTuning() else None
-        self.training = _Run(status="Exporting the training pairs...")
+        folder = self.newRunFolder()
+        if folder is None:
+            self.notify("Training could not start: choose the models folder first.")
+            return False
+        return self._startTrainingRun(folder, "Exporting the training pairs...", lambda **callbacks: (
+            self.logic.trainInBackground(
+                self.pairs(), folder, architecture=None if initCheckpoint else parameters.architecture,
+                epochs=parameters.epochs, patchSize=parameters.patchSize or None, batchSize=parameters.batchSize,
+                learningRate=parameters.learningRate or None, device=parameters.trainingDevice,
+                initCheckpoint=initCheckpoint, **callbacks)))
+
+    def resumeFolder(self) -> pathlib.Path | None:
+        """The stopped run that Resume continues: the selected model's run if it was stopped, else the run stopped
+        last in this panel; None when neither can be continued."""
+        chosen = pathlib.Path(self.parameters.checkpointPath) if self.parameters is not None and \
+            self.parameters.checkpointPath else None
+        for folder in ([chosen.parent] if chosen is not None and chosen.name in ("best.pt", "last.pt") else []) + \
+                [self.stoppedRun]:
+            if folder is not None and _stoppedRun(folder):
+                return folder
+        return None
+
+    def startResume(self) -> bool:
+        """Continue the stopped run of :meth:`resumeFolder` in the background; False (user told) when it cannot."""
+        folder = self.resumeFolder()
+        if folder is None:
+            self.notify("Training could not resume: no stopped run is selected.")
+            return False
+        return self._startTrainingRun(folder, f"Resuming {folder.name}...", lambda **callbacks: (
+            self.logic.trainInBackground([], folder, resume=True, **callbacks)))
+
+    def _startTrainingRun(self, folder: pathlib.Path, status: str, start) -> bool:
+        self.training = _Run(status=status, folder=folder)
         try:
-            process = self.logic.trainInBackground(
-                self.pairs(), parameters.trainingOutputFolder, architecture=None if initCheckpoint else
-                parameters.architecture, epochs=parameters.epochs, patchSize=parameters.patchSize or None,
-                batchSize=parameters.batchSize, learningRate=parameters.learningRate or None,
-                device=parameters.trainingDevice, initCheckpoint=initCheckpoint, onProgress=self._trainingProgress,
-                onFinished=self._trainingFinished, onError=self._trainingFailed, onCancelled=self._trainingStopped)
+            process = start(onProgress=self._trainingProgress, onFinished=self._trainingFinished,
+                            onError=self._trainingFailed, onCancelled=self._trainingStopped)
         except ValueError as error:
             self.training.status = "Training could not start."
             self.notify(f"Training could not start: {error}")
             return False
         self.training.process = process
-        self.training.status = "Preparing the training cases..."
-        parameters.trainingTable = process.tableNode
+        self.training.status = f"Preparing the training cases of {folder.name}..."
+        self.parameters.trainingTable = process.tableNode
         self.showChart(process.chartNode)
         return True
 
@@ -476,10 +588,11 @@ class PanelState:
         if not last.is_file():
             self.training.status = "Stopped before the first checkpoint was saved."
             return
-        if best.is_file() and str(best) not in self.extraModels:
-            self.extraModels.append(str(best))  # listed, not selected: the user decides whether to use it
-        self.training.status = (f"Stopped: {last} holds the weights so far; continue with "
-                                f"unet3d-segmenter train --config {folder / 'run.json'} --resume")
+        model = str(best if best.is_file() else last)
+        if model not in self.extraModels:
+            self.extraModels.append(model)  # listed, not selected: the user decides whether to use it
+        self.stoppedRun = folder
+        self.training.status = f"Stopped: {last} holds the weights so far; Resume continues the run."
 
     # --- runs ------------------------------------------------------------------------------------
 
@@ -534,7 +647,14 @@ class PanelState:
                                 "if need be) to the training pairs."),
             architectureEnabled=not self.fineTuning(),
             train=self._trainButton(pairs, chosen),
-            trainingProgress=self.training.progress[0], trainingStatus=self.training.status)
+            trainingProgress=self.training.progress[0], trainingStatus=self.training.status,
+            resume=self._resumeButton(), runNamePlaceholder=self.defaultRunName())
+
+    def _resumeButton(self) -> Button:
+        folder = None if self.training.running or not self.engineReady else self.resumeFolder()
+        if folder is None:
+            return Button("Resume", False, "Continue a stopped run: select its model (or stop a run) first.")
+        return Button("Resume", True, f"Continue the stopped run {folder.name} from its last.pt.")
 
     def _segmentButton(self, model: str) -> Button:
         if self.segmentation.running:
@@ -543,7 +663,7 @@ class PanelState:
         if not self.engineReady:
             return Button("Segment", False, "Install PyTorch first (Install section)." if self.engineChecked
                           else "Checking that PyTorch loads...")
-        if parameters is None or not parameters.inputVolume or not model:
+        if parameters is None or not _plainScalarVolume(parameters.inputVolume) or not model:
             return Button("Segment", False, "Choose an input volume and a model.")
         if not pathlib.Path(model).exists():
             return Button("Segment", False, f"The model {model} does not exist: choose another model.")
@@ -565,8 +685,56 @@ class PanelState:
             return Button("Train", False, "Add at least one pair of a volume and its segmentation.")
         if self.fineTuning() and not (model and pathlib.Path(model).is_file()):
             return Button("Train", False, "Choose the model to fine-tune in the Segment section.")
-        what = f"Fine-tune {pathlib.Path(model).stem}" if self.fineTuning() else "Train a new network"
-        return Button("Train", True, f"{what} on the pairs above.")
+        if self.modelsFolder() is None:
+            return Button("Train", False, "Choose the models folder, under which each run gets a folder of its own.")
+        what = f"Fine-tune {modelName(pathlib.Path(model))}" if self.fineTuning() else "Train a new network"
+        return Button("Train", True, f"{what} on the pairs above, in a new folder under {self.modelsFolder()}.")
+
+
+def _stoppedRun(folder: pathlib.Path) -> bool:
+    """True when ``folder`` holds a run that can go on: its saved state, fewer epochs logged than it was to train,
+    and no validation report (written when a run ends, early stopping included; never when it is stopped)."""
+    try:
+        epochs = int(json.loads((folder / "run.json").read_text(encoding="utf-8"))["epochs"])
+        logged = (folder / "log.csv").read_text(encoding="utf-8").count("\n") - 1 if (folder / "log.csv").is_file() else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (folder / "last.state.pt").is_file() and logged < epochs and not (folder / "validation_report.json").exists()
+
+
+def _plainScalarVolume(node) -> bool:
+    """A scalar volume of the class the input selector shows: not a labelmap, vector (RGB) or other subclass."""
+    return node is not None and node.GetClassName() == "vtkMRMLScalarVolumeNode"
+
+
+def modelName(path: pathlib.Path) -> str:
+    """The name a model goes by in the model box: a run's checkpoint by its run folder (a stopped run's
+    last.pt marked so), a folder of checkpoints by its name, any other file by its stem."""
+    if path.name == "best.pt":
+        return path.parent.name
+    if path.name == "last.pt":
+        return path.parent.name + STOPPED_MARK
+    return path.name if path.is_dir() else path.stem
+
+
+def defaultRunName(labelNames, now: datetime | None = None) -> str:
+    """A run folder's name from the labels it learns and the date and time, e.g. 'organ-lesion 2026-03-14 0930'."""
+    labels = "-".join(safeRunName(name) for name in labelNames[:3]) or "model"
+    return f"{labels[:40]} {(now or datetime.now()).strftime('%Y-%m-%d %H%M')}"
+
+
+def safeRunName(name: str) -> str:
+    """``name`` as one folder name: path separators and characters that some systems refuse become '_'."""
+    return re.sub(r'[\\/:*?"<>|\x00-\x1f]+', "_", name).strip(" .") or ""
+
+
+def uniqueFolder(parent: pathlib.Path, name: str) -> pathlib.Path:
+    """``parent / name``, or with ' 2', ' 3', ... added when that exists: a new run never lands in an old one's folder."""
+    folder, number = parent / name, 1
+    while folder.exists():
+        number += 1
+        folder = parent / f"{name} {number}"
+    return folder
 
 
 def _duration(seconds) -> str:

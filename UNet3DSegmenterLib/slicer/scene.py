@@ -155,15 +155,20 @@ def storeSegmentation(labelmap, labels, inputVolume, outputSegmentation=None, ch
     if created:
         outputSegmentation = scene.AddNewNodeByClass(
             "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{inputVolume.GetName()} segmentation"))
+    previousTransform = outputSegmentation.GetTransformNodeID()
+    # The reference geometry is computed in the node's own frame: place it under the input's transform first,
+    # or a transform between the two would be applied once now and once more by the node's own transform.
+    outputSegmentation.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
     try:
         updateSegmentationFromLabelmap(outputSegmentation, labelmap, labels, inputVolume)
     except Exception:
         if created:
             scene.RemoveNode(outputSegmentation)
+        else:
+            outputSegmentation.SetAndObserveTransformNodeID(previousTransform)
         raise
     if outputSegmentation.GetDisplayNode() is None:
         outputSegmentation.CreateDefaultDisplayNodes()
-    outputSegmentation.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
     outputSegmentation.SetAttribute(CHECKPOINT_ATTRIBUTE, checkpointName)
     outputSegmentation.SetNodeReferenceID(INPUT_VOLUME_ROLE, inputVolume.GetID())
     placeInStudy(outputSegmentation, inputVolume)

@@ -6,10 +6,13 @@ names and colours from the segments, ``init`` when fine-tuning a model) and expo
 (Python console, tests) and :func:`startInBackground` runs ``unet3d-segmenter train --config
 run.json --progress-json`` in a child process (the panel), stopped by a ``STOP`` file so that it
 always saves. Both fill a table of loss and Dice per epoch, plotted by a chart in the scene.
+A new run refuses a folder that holds a model before it exports anything (the engine's
+``TrainingConfig.check_output``); :func:`prepareResume` continues a stopped run from its run.json.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import pathlib
 from dataclasses import dataclass
@@ -57,12 +60,19 @@ def prepare(pairs, outputFolder, architecture: str | None = None, epochs: int = 
 
     ``initCheckpoint`` (a path or a Checkpoint) makes it fine-tune that model: its labels keep their
     values, new segment names get a new output layer, its architecture and preprocessing are kept.
-    With fewer than two pairs nothing can be held out, so ``val_fraction`` defaults to 0.
+    With fewer than two pairs nothing can be held out, so ``val_fraction`` defaults to 0. A folder
+    that holds a model is refused unless ``overwrite=True``; ``resume=True`` continues the stopped
+    run in ``outputFolder`` instead (see :func:`prepareResume`).
     """
+    if options.get("resume"):
+        return prepareResume(pairs, outputFolder, tableNode, **options)
     pairs = list(pairs)
     checkPairs(pairs)
     outputFolder = pathlib.Path(outputFolder)
     init = loadCheckpoint(initCheckpoint) if initCheckpoint is not None and str(initCheckpoint) else None
+    if isinstance(init, engine().Ensemble):
+        raise ValueError(f"{initCheckpoint} is an ensemble of {len(init.members)} networks, but fine-tuning takes one "
+                         "network: choose one of its checkpoints (e.g. a fold's best.pt)")
     labels = trainingLabels(pairs, init.labels if init is not None else None)
     if init is not None and not isinstance(initCheckpoint, (str, pathlib.PurePath)):
         initCheckpoint = None  # an in-memory model: written beside the run once the checks have passed
@@ -87,10 +97,58 @@ def prepare(pairs, outputFolder, architecture: str | None = None, epochs: int = 
             init=pathlib.Path(initCheckpoint) if initCheckpoint is not None else None,
             label_names={label.value: label.name for label in labels},
             label_colors={label.value: tuple(label.color) for label in labels}, **options)
+        config.check_output()  # before the export: a model there stays as it was
     exportTrainingPairs(pairs, config.data, labels)
     if init is not None and config.init is None:
         config.init = engine().save_checkpoint(init, outputFolder / "init.pt")
     (outputFolder / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop this run
+    return _job(config, pairs, labels, tableNode)
+
+
+def prepareResume(pairs, outputFolder, tableNode=None, **options) -> TrainingJob:
+    """Continue the stopped run in ``outputFolder`` as its run.json says, on the data it exported; ValueError
+    when the folder holds no stopped run or when pairs or other options are given (they would not be used)."""
+    outputFolder = pathlib.Path(outputFolder)
+    others = sorted(set(options) - {"resume"})
+    if list(pairs or []) or others:
+        raise ValueError("a resumed run continues as its run.json says, on the data it exported: give no pairs"
+                         + (f" and no option {others[0]!r}" if others else ""))
+    if not (outputFolder / "run.json").is_file() or not (outputFolder / "last.state.pt").is_file():
+        raise ValueError(f"{outputFolder} holds no stopped run to resume (run.json and last.state.pt): "
+                         "choose the folder of a stopped run, or start a new run")
+    with asValueError():
+        config = dataclasses.replace(engine().TrainingConfig.load(outputFolder / "run.json"), output=outputFolder,
+                                     resume=True, overwrite=False)
+    Label = engine().Label
+    labels = [Label(value, name, (config.label_colors or {}).get(value, (0.5, 0.5, 0.5)))
+              for value, name in sorted((config.label_names or {}).items())]
+    (outputFolder / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop this run
+    job = _job(config, [], labels, tableNode)
+    if tableNode is None:  # a new table: its curves start at epoch 1, as the run's own log does
+        addLoggedEpochs(job.tableNode, outputFolder / "log.csv", [label.name for label in labels])
+    return job
+
+
+def addLoggedEpochs(tableNode, logFile: pathlib.Path, labelNames) -> None:
+    """Add the epochs of a run's log.csv to the curves table; a log that cannot be read adds nothing more."""
+
+    def number(text):
+        return float(text) if text not in (None, "") else None
+
+    try:
+        with open(logFile, newline="", encoding="utf-8") as stream:
+            rows = list(csv.DictReader(stream))
+        events = [{"epoch": number(row["epoch"]), "train_loss": number(row.get("train_loss")),
+                   "mean_dice": number(row.get("mean_dice")),
+                   "dice": {name: number(row.get(f"dice_{name}")) for name in labelNames}} for row in rows]
+    except (OSError, ValueError, KeyError):
+        return
+    for event in events:
+        addTrainingEpoch(tableNode, event)
+
+
+def _job(config, pairs, labels, tableNode) -> TrainingJob:
+    """The job, with a new table and chart of the curves unless ``tableNode`` is given."""
     chartNode = None
     if tableNode is None:
         tableNode, chartNode = createTrainingCurves([label.name for label in labels])
@@ -139,7 +197,11 @@ def startInBackground(job: TrainingJob, python: str, environment: dict, onProgre
     it is killed only when it has not ended :data:`STOP_GRACE_SECONDS` later. The process carries
     ``job``, ``tableNode`` and ``chartNode``.
     """
-    configPath = job.config.save(job.outputFolder / "run.json")
+    if job.config.resume:  # the run's own run.json, as it is
+        configPath, how = job.outputFolder / "run.json", ["--resume", "--output", job.outputFolder]
+    else:  # prepare() checked the folder, and this run.json is the child's own: --overwrite lets it start
+        configPath = dataclasses.replace(job.config, overwrite=False).save(job.outputFolder / "run.json")
+        how = ["--overwrite"]
 
     def report(event: dict) -> None:
         record(job, event)
@@ -157,7 +219,7 @@ def startInBackground(job: TrainingJob, python: str, environment: dict, onProgre
         if onFinished is not None:
             onFinished(checkpoint)
 
-    arguments = [python, "-m", "UNet3DSegmenterLib", "train", "--config", configPath, "--progress-json"]
+    arguments = [python, "-m", "UNet3DSegmenterLib", "train", "--config", configPath, *how, "--progress-json"]
     process = EngineProcess(arguments, onProgress=report, onFinished=finished, onError=onError,
                             onCancelled=onCancelled, environment=environment,
                             stopFile=job.outputFolder / STOP_FILE, cancelGraceSeconds=STOP_GRACE_SECONDS)

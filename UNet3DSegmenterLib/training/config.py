@@ -36,6 +36,10 @@ from ..errors import UserError
 from .splits import compile_group_by
 
 CONFIG_FORMAT = 1
+MODEL_FILES = ("best.pt", "last.pt", "run.json")
+"""Files that mark a folder as holding a model: a new run there (without --overwrite) is refused."""
+INIT_COPY = "init.pt"
+"""The one name in an output folder that --init may point at: no run writes or deletes it."""
 
 # Argument groups of ``train --help``, in the order a newcomer reads them.
 GROUPS = {
@@ -177,6 +181,8 @@ class TrainingConfig:
     seed: int = option(0, "seed of every random choice (split, weights, patches, augmentation)", group="run")
     workers: int | None = option(None, "patch loader processes (default: automatic)", group="run")
     resume: bool = option(False, "continue the run in --output from its last.pt", group="run")
+    overwrite: bool = option(False, "start a new run in an --output that already holds a model (best.pt, last.pt or "
+                             "run.json), replacing it", group="run")
     init: Path | None = option(None, "start from this checkpoint's weights (fine-tuning)", group="run",
                                metavar="CKPT")
 
@@ -198,6 +204,8 @@ class TrainingConfig:
             (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
             (self.input_spacing is None or min(self.input_spacing) > 0,
              f"input spacing must be positive, got {self.input_spacing}"),
+            (not (self.resume and self.overwrite), "give --resume (continue the run) or --overwrite (replace it), "
+             "not both"),
             (self.fold is None or self.folds is not None, "--fold I needs --folds K"),
             (self.folds is None or self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
             (self.fold is None or self.folds is None or 0 <= self.fold < self.folds,
@@ -243,6 +251,20 @@ class TrainingConfig:
             if self.folds is not None and shares[1] != 0:
                 raise UserError("with --folds the folds choose the validation cases: write the split as "
                                 f"--split TRAIN 0 TEST, e.g. --split {1 - shares[2]:g} 0 {shares[2]:g}")
+
+    def check_output(self) -> None:
+        """Refuse to start a run that would destroy a model: a new run (neither --resume nor --overwrite) in a
+        folder that holds one, or an --init checkpoint among the files the run writes."""
+        if not self.resume and not self.overwrite:
+            found = next((name for name in MODEL_FILES if (self.output / name).exists()), None)
+            if found:
+                raise UserError(f"{self.output} already holds a model ({found}): continue it with --resume, replace "
+                                "it with --overwrite, or choose another --output")
+        if self.init is not None and not self.resume:
+            init, output = Path(self.init).resolve(), Path(self.output).resolve()
+            if output in init.parents and init != output / INIT_COPY:
+                raise UserError(f"--init {self.init} lies in the output folder {self.output}, which the run writes: "
+                                f"choose another --output (or copy the checkpoint to {Path(self.output) / INIT_COPY})")
 
     @property
     def test_fraction(self) -> float:

@@ -76,6 +76,7 @@ def cross_validate(config: TrainingConfig, progress: ProgressCallback | None = N
     """
     if not config.cross_validation:
         raise UserError("cross-validation needs --folds K and no --fold")
+    config.check_output()
     distributed = Distributed.start(config.device)  # once for all folds; each fold's train() joins it
     try:
         return _CrossValidation(config, distributed.main, progress or (lambda event: None), cancel).run()
@@ -93,12 +94,15 @@ class _CrossValidation:
 
     def run(self) -> CrossValidationResult:
         finished = self._finished_folds() if self.config.resume else {}
+        for fold in range(self.folds):  # before anything is written: no fold folder may hold a model either
+            if fold not in finished:
+                self._fold_config(fold).check_output()
         if self.main:
             self.output.mkdir(parents=True, exist_ok=True)
             if not self.config.resume:
                 for stale in ("cv_report.json", "ensemble.pt", "test_report.json"):
                     self.paths[stale].unlink(missing_ok=True)
-            dataclasses.replace(self.config, resume=False).save(self.paths["run.json"])
+            dataclasses.replace(self.config, resume=False, overwrite=False).save(self.paths["run.json"])
         for fold in range(self.folds):
             if fold in finished:
                 continue
@@ -117,7 +121,9 @@ class _CrossValidation:
     def _fold_config(self, fold: int) -> TrainingConfig:
         output = self.output / f"fold_{fold}"
         resume = self.config.resume and (output / "last.state.pt").is_file()
-        return dataclasses.replace(self.config, fold=fold, output=output, resume=resume)
+        # A resumed cross-validation starts again a fold that saved no state: it has nothing to continue.
+        overwrite = not resume and (self.config.overwrite or self.config.resume)
+        return dataclasses.replace(self.config, fold=fold, output=output, resume=resume, overwrite=overwrite)
 
     def _finished_folds(self) -> dict[int, dict]:
         """The folds an earlier run finished, from its cv_report.json (whose best.pt is still there)."""

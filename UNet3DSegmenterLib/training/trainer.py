@@ -86,6 +86,7 @@ def train(config: TrainingConfig, progress: ProgressCallback | None = None,
     if config.cross_validation:
         raise UserError(f"{config.folds} folds and no fold to train: give one fold (--fold I), or train every fold "
                         "with cross_validate(config) (the train command does)")
+    config.check_output()
     distributed = Distributed.start(config.device)
     try:
         with reuse_freed_memory():  # every step frees and allocates the same large activations
@@ -138,7 +139,7 @@ class _Run:
             for stale in ("best.pt", "validation_report.json", "test_report.json"):
                 self.paths[stale].unlink(missing_ok=True)
             write_split(self.split, self.paths["split.json"])
-            dataclasses.replace(config, resume=False).save(self.paths["run.json"])
+            dataclasses.replace(config, resume=False, overwrite=False).save(self.paths["run.json"])
             self._save_last()  # from now on a kill always leaves a loadable last.pt
         dataset = PatchDataset(prepared, self.plan.patch_size, config.foreground_fraction, config.seed)
         self.sampler = EpochSampler(config.iterations_per_epoch * config.batch_size, self.distributed.rank,

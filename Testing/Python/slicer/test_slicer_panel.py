@@ -117,6 +117,24 @@ def test_add_the_segmented_volumes_adds_the_modules_results_in_one_click(slicer_
     assert not state.view().addSegmented.enabled and state.addSegmentedVolumes() == 0
 
 
+def test_a_volume_segmented_twice_is_added_once_with_its_last_corrected_segmentation(slicer_scene, logic, state,
+                                                                                  checkpoint_path):
+    volume, truth = selftest.addPhantom(seed=5, name="twice")
+    first = logic.segment(volume, checkpoint_path, device="cpu")
+    second = logic.segment(volume, checkpoint_path, device="cpu")
+    assert state.segmentedPairsToAdd() == [(volume, second)]
+    organ = first.GetSegmentation().GetSegmentIdBySegmentName("organ")  # the user corrects the first result
+    slicer.util.updateSegmentBinaryLabelmapFromArray((truth.array == 1).astype("uint8"), first, organ, volume)
+    assert state.segmentedPairsToAdd() == [(volume, first)]
+    assert state.addSegmentedVolumes() == 1 and state.pairs() == [(volume, first)]
+    assert [row[0] for row in state.view().pairs] == ["twice"], "the pairs to train on are listed"
+    other, _ = selftest.addPhantom(seed=6, name="chosen by hand")
+    chosen = logic.segment(other, checkpoint_path, device="cpu")
+    state.addPair(other, chosen)
+    logic.segment(other, checkpoint_path, device="cpu")  # a newer result of a volume already paired
+    assert state.segmentedPairsToAdd() == [] and not state.view().addSegmented.enabled
+
+
 # --- the model box ---------------------------------------------------------------------------------
 
 
@@ -211,6 +229,93 @@ def test_a_missing_pytorch_comes_before_the_openvino_offer(slicer_scene, logic, 
     assert "faster with OpenVINO" not in view.installText and not view.openVINO.enabled
 
 
+# --- training runs and their folders ----------------------------------------------------------------
+
+
+def _save_copy(checkpoint_path, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(Path(checkpoint_path).read_bytes())
+    return path
+
+
+def test_each_run_gets_a_folder_of_its_own_named_as_asked_or_from_labels_and_time(slicer_scene, logic, state,
+                                                                                 checkpoint_path, tmp_path):
+    volume, segmentation, _ = phantom_pair(logic, seed=5)
+    state.addPair(volume, segmentation)
+    state.parameters.trainingOutputFolder = tmp_path
+    default = state.newRunFolder()
+    assert default.parent == tmp_path and default.name.startswith("organ-lesion 20") and not default.exists()
+    assert state.view().runNamePlaceholder == default.name
+    _save_copy(checkpoint_path, default / "best.pt")  # a run made it meanwhile
+    assert state.newRunFolder() == tmp_path / f"{default.name} 2"
+    state.parameters.trainingRunName = "liver/v2: CT"
+    assert state.newRunFolder() == tmp_path / "liver_v2_ CT"
+
+
+def test_the_model_box_names_trained_models_by_their_run_and_lists_the_models_folder(slicer_scene, logic, state,
+                                                                                      checkpoint_path, tmp_path):
+    state.parameters.trainingOutputFolder = tmp_path
+    finished = _save_copy(checkpoint_path, tmp_path / "liver 2026-03-14 0930" / "best.pt")
+    stopped = _save_copy(checkpoint_path, tmp_path / "liver 2026-03-15 1010" / "last.pt")
+    both = tmp_path / "kidney"
+    _save_copy(checkpoint_path, both / "best.pt"), _save_copy(checkpoint_path, both / "last.pt")
+    (tmp_path / "not a run").mkdir()
+    items = {item.path: item.text for item in state.modelItems()}
+    assert items[str(finished)] == "liver 2026-03-14 0930"
+    assert items[str(stopped)] == "liver 2026-03-15 1010" + panel.STOPPED_MARK
+    assert items[str(both / "best.pt")] == "kidney" and str(both / "last.pt") not in items
+    texts = [item.text for item in state.modelItems()]
+    assert len(texts) == len(set(texts)), "two models go by the same name"
+
+
+def _stopped_run(checkpoint_path, folder: Path, epochs: int = 5, logged: int = 1) -> Path:
+    """A run folder as a run stopped after ``logged`` of ``epochs`` epochs leaves it (the files Resume reads)."""
+    _save_copy(checkpoint_path, folder / "last.pt")
+    (folder / "last.state.pt").write_bytes(b"state")
+    (folder / "run.json").write_text(json.dumps({"epochs": epochs}))
+    (folder / "log.csv").write_text("epoch,train_loss\n" + "".join(f"{epoch},0.5\n" for epoch in range(1, logged + 1)))
+    return folder
+
+
+def test_resume_is_offered_for_a_stopped_run_only(slicer_scene, logic, state, checkpoint_path, tmp_path):
+    state.parameters.trainingOutputFolder = tmp_path
+    assert not state.view().resume.enabled and state.resumeFolder() is None
+    stopped = _stopped_run(checkpoint_path, tmp_path / "stopped")
+    finished = _stopped_run(checkpoint_path, tmp_path / "finished", epochs=2, logged=2)
+    state.selectModel([item.path for item in state.modelItems()].index(str(finished / "last.pt")))
+    assert state.resumeFolder() is None and not state.view().resume.enabled, "a finished run cannot go on"
+    early = _stopped_run(checkpoint_path, tmp_path / "stopped early")
+    (early / "validation_report.json").write_text("{}")  # the run ended itself (patience), it was not stopped
+    state.selectModel([item.path for item in state.modelItems()].index(str(early / "last.pt")))
+    assert state.resumeFolder() is None
+    state.selectModel([item.path for item in state.modelItems()].index(str(stopped / "last.pt")))
+    view = state.view()
+    assert state.resumeFolder() == stopped and view.resume.enabled and "stopped" in view.resume.toolTip
+    state.addModel(checkpoint_path)
+    state.stoppedRun = stopped  # stopped in this panel: Resume still finds it
+    assert state.resumeFolder() == stopped
+
+
+def test_the_default_input_is_a_plain_scalar_volume_never_a_labelmap_or_rgb_volume(slicer_scene, logic, state,
+                                                                                  checkpoint_path):
+    import numpy as np
+
+    state.addModel(checkpoint_path)
+    labelmap = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6), np.uint8), name="labels",
+                                              nodeClassName="vtkMRMLLabelMapVolumeNode")
+    rgb = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6, 3), np.uint8), name="photo",
+                                         nodeClassName="vtkMRMLVectorVolumeNode")
+    state.chooseDefaultInput()
+    assert state.parameters.inputVolume is None and not state.view().segment.enabled
+    state.parameters.inputVolume = rgb  # a scene saved that way: the selector cannot show it
+    assert not state.view().segment.enabled
+    state.parameters.inputVolume = None
+    volume, _ = selftest.addPhantom(seed=5)
+    state.chooseDefaultInput()
+    assert state.parameters.inputVolume is volume and state.view().segment.enabled
+    assert labelmap.IsA("vtkMRMLScalarVolumeNode") and rgb.IsA("vtkMRMLScalarVolumeNode")  # what the old lookup took
+
+
 # --- devices ---------------------------------------------------------------------------------------
 
 
@@ -244,12 +349,25 @@ def test_closing_the_scene_during_a_segmentation_cancels_it_quietly(slicer_scene
     assert view.segmentStatus == "Cancelled: the scene was closed." and view.segment.text == "Segment"
 
 
+@posix
+def test_a_double_click_on_segment_does_not_cancel_the_run_it_started(slicer_scene, logic, state, checkpoint_path):
+    state.parameters.inputVolume = selftest.addPhantom(seed=3)[0]
+    state.addModel(checkpoint_path)
+    assert state.pressSegment() and not state.pressSegment(), "the second click started or stopped something"
+    assert state.segmentation.running and state.view().segment.text == "Cancel"
+    state.segmentation.started -= panel.DOUBLE_CLICK_SECONDS  # a later click is meant
+    state.pressSegment()
+    assert state.view().segmentStatus == "Cancelled."
+    _wait(state)
+
+
 def _fine_tuning_setup(logic, state, checkpoint_path, folder, epochs: int):
     volume, segmentation, _ = phantom_pair(logic, seed=5)
     state.addPair(volume, segmentation)
     state.addModel(checkpoint_path)
     parameters = state.parameters
-    parameters.trainingOutputFolder, parameters.epochs, parameters.trainingDevice = folder, epochs, "cpu"
+    parameters.trainingOutputFolder, parameters.trainingRunName = folder.parent, folder.name
+    parameters.epochs, parameters.trainingDevice = epochs, "cpu"
     parameters.batchSize = 1
     parameters.startFrom = panel.START_FROM[1]
     return parameters
@@ -272,6 +390,61 @@ def test_fine_tuning_from_the_panel_runs_the_selected_model_and_stop_keeps_its_w
     assert state.messages == [] and state.training.process.returncode == 0
     assert state.view().trainingStatus.startswith(f"Stopped: {tmp_path / 'tuned' / 'last.pt'} holds the weights")
     assert state.view().train.text == "Train" and parameters.checkpointPath == str(checkpoint_path)
+
+
+@posix
+def test_stop_then_resume_from_the_panel_finishes_the_run_in_its_folder(slicer_scene, logic, state, checkpoint_path,
+                                                                         tmp_path):
+    parameters = _fine_tuning_setup(logic, state, checkpoint_path, tmp_path / "tuned", epochs=1)
+    assert state.pressTrain() and not state.pressTrain(), "a double-click's second click stopped the run"
+    assert state.view().train.text == "Stop"
+    assert eventually(lambda: not state.poll() or state.view().trainingStatus.startswith("Epoch"), 300)
+    assert str(tmp_path / "tuned" / "last.pt") not in [item.path for item in state.modelItems()], \
+        "the run going on is listed as a stopped one"
+    state.training.started -= panel.DOUBLE_CLICK_SECONDS
+    state.pressTrain()  # Stop
+    _wait(state)
+    folder = tmp_path / "tuned"
+    last = folder / "last.pt"
+    assert state.messages == [] and state.view().trainingStatus == \
+        f"Stopped: {last} holds the weights so far; Resume continues the run."
+    assert not (folder / "best.pt").exists() and str(last) in [item.path for item in state.modelItems()]
+    view = state.view()
+    assert view.resume.enabled and view.resume.toolTip == "Continue the stopped run tuned from its last.pt."
+    state.addPair(*phantom_pair(logic, seed=6)[:2])  # the pairs may change: a resumed run keeps its own data
+    assert state.startResume()
+    _wait(state)
+    assert state.messages == [] and state.view().trainingStatus == f"Done: {folder / 'best.pt'}"
+    assert parameters.checkpointPath == str(folder / "best.pt") and not state.view().resume.enabled
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tuned"], "the resumed run went elsewhere"
+
+
+def test_fine_tuning_an_ensemble_is_refused_before_anything_is_exported(slicer_scene, logic, state, checkpoint_path,
+                                                                       tmp_path):
+    from UNet3DSegmenterLib import Ensemble, load_checkpoint, save_checkpoint
+
+    ensemble = save_checkpoint(Ensemble([load_checkpoint(checkpoint_path)] * 2), tmp_path / "ensemble.pt")
+    _fine_tuning_setup(logic, state, ensemble, tmp_path / "models" / "tuned", epochs=1)
+    assert not state.startTraining()
+    assert len(state.messages) == 1 and "is an ensemble of 2 networks, but fine-tuning takes one network" in \
+        state.messages[0] and "\n" not in state.messages[0]
+    assert not (tmp_path / "models").exists(), "the pairs were exported before the model was checked"
+
+
+@pytest.mark.slow
+@posix
+def test_training_twice_from_the_panel_keeps_the_first_model(slicer_scene, logic, state, checkpoint_path, tmp_path):
+    _fine_tuning_setup(logic, state, checkpoint_path, tmp_path / "tuned", epochs=1)
+    assert state.startTraining()
+    _wait(state)
+    first = (tmp_path / "tuned" / "best.pt").read_bytes()
+    assert state.startTraining()  # the same name again
+    _wait(state)
+    assert state.messages == [] and (tmp_path / "tuned" / "best.pt").read_bytes() == first
+    second = tmp_path / "tuned 2" / "best.pt"
+    assert state.parameters.checkpointPath == str(second)
+    names = {item.path: item.text for item in state.modelItems()}
+    assert (names[str(tmp_path / "tuned" / "best.pt")], names[str(second)]) == ("tuned", "tuned 2")
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-
+import vtk  # noqa: E402
 from child_processes import Recorder, alive  # noqa: E402
 from slicer_harness import scene_state, tiny_checkpoint  # noqa: E402
 
@@ -81,6 +81,25 @@ def test_segment_reports_progress_and_follows_the_parent_transform(slicer_scene,
     segmentation = logic.segment(node, checkpoint_path, device="cpu", overlap=0.5, progress=lambda *args: calls.append(args))
     assert calls and calls[-1][0] == calls[-1][1]
     assert segmentation.GetTransformNodeID() == transform.GetID()
+
+
+def test_a_result_under_the_inputs_transform_keeps_the_inputs_geometry(slicer_scene, logic, checkpoint_path):
+    """The reference geometry is set once the node is under the input's transform, so it is not moved twice."""
+    node, _ = _phantom_node(slicer_scene)
+    untransformed = logic.segment(node, checkpoint_path, device="cpu")
+    geometryParameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    expected = untransformed.GetSegmentation().GetConversionParameter(geometryParameter)
+    expectedLabelmap = logic.labelmapFromSegmentation(untransformed, node)
+    transform = slicer_scene.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 30.0)
+    shift.SetElement(2, 3, -12.5)
+    transform.SetMatrixTransformToParent(shift)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    result = logic.segment(node, checkpoint_path, device="cpu")
+    assert result.GetTransformNodeID() == transform.GetID()
+    assert result.GetSegmentation().GetConversionParameter(geometryParameter) == expected
+    np.testing.assert_array_equal(logic.labelmapFromSegmentation(result, node), expectedLabelmap)
 
 
 def test_segment_accepts_a_checkpoint_object_and_test_time_augmentation(slicer_scene, logic):

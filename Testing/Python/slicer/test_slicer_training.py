@@ -174,3 +174,55 @@ def test_fine_tuning_on_a_corrected_result_fixes_a_case_the_model_got_wrong(slic
     after = selftest.dice(logic.labelmapFromSegmentation(again, image, ["organ", "lesion"]), truth.array, 1)
     assert after > before + 0.4, f"organ Dice {before:.2f} before fine-tuning, {after:.2f} after"
     assert json.loads((tmp_path / "tuned" / "run.json").read_text())["init"] == str(checkpoint_path)
+
+
+# --- never losing a model -------------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_folder_with_a_model_is_refused_before_anything_is_written(slicer_scene, logic,
+                                                                                        tmp_path):
+    pairs = [phantom_pair(logic, seed=seed)[:2] for seed in (7, 8)]
+    best = logic.train(pairs, tmp_path / "run", **TINY_TRAINING)
+    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    for start in (logic.train, logic.trainInBackground):
+        with pytest.raises(ValueError, match="already holds a model \\(best.pt\\)") as raised:
+            start(pairs, tmp_path / "run", **TINY_TRAINING)
+        assert "\n" not in str(raised.value)
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
+    with pytest.raises(ValueError, match="lies in the output folder"):
+        logic.train(pairs, tmp_path / "run", initCheckpoint=best, overwrite=True, **TINY_TRAINING)
+    assert best.read_bytes() == before[best]
+
+
+def test_a_stopped_run_resumes_with_train_and_resume(slicer_scene, logic, tmp_path):
+    pairs = [phantom_pair(logic, seed=seed)[:2] for seed in (7, 8)]
+    stopped = logic.train(pairs, tmp_path / "run", cancel=lambda: True, **TINY_TRAINING)
+    assert stopped == tmp_path / "run" / "last.pt" and not (tmp_path / "run" / "best.pt").exists()
+    assert _logged_epochs(tmp_path / "run") == 0
+    with pytest.raises(ValueError, match="give no pairs"):
+        logic.train(pairs, tmp_path / "run", resume=True)
+    with pytest.raises(ValueError, match="holds no stopped run to resume"):
+        logic.train([], tmp_path / "elsewhere", resume=True)
+    events = []
+    best = logic.train([], tmp_path / "run", resume=True, progress=events.append)
+    assert best == tmp_path / "run" / "best.pt" and load_checkpoint(best).training["epochs"] == 2
+    assert [event["epoch"] for event in events if event["event"] == "epoch"] == [1, 2]
+    _check_checkpoint(best)
+
+
+def _logged_epochs(folder) -> int:
+    """Rows of a run's log.csv."""
+    return len((folder / "log.csv").read_text().splitlines()) - 1
+
+
+def test_the_curves_of_a_resumed_run_start_at_its_first_epoch(slicer_scene, logic, tmp_path):
+    pairs = [phantom_pair(logic, seed=seed)[:2] for seed in (7, 8)]
+    calls = []
+    logic.train(pairs, tmp_path / "run", cancel=lambda: calls.append(1) or len(calls) >= 2, **TINY_TRAINING)
+    assert _logged_epochs(tmp_path / "run") == 1, "the run did not stop in its second epoch"
+    process = logic.trainInBackground([], tmp_path / "run", resume=True)
+    assert "--resume" in process.arguments
+    assert process.wait(timeout=300)
+    table = process.tableNode
+    np.testing.assert_array_equal(slicer.util.arrayFromTableColumn(table, "epoch"), [1, 2])
+    assert not math.isnan(slicer.util.arrayFromTableColumn(table, "Dice organ")[0]), "epoch 1's Dice was lost"
