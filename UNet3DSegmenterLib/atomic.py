@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +33,15 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_stale_partials(paths: Iterable[str | os.PathLike]) -> None:
+    """Remove the temporary files that an interrupted earlier write of ``paths`` left (a killed process
+    renames nothing and cleans nothing up); the next write of the same paths clears them."""
+    for path in map(Path, paths):
+        if path.parent.is_dir():
+            for stale in path.parent.glob(f".{glob.escape(path.name)}.????????.partial*"):
+                stale.unlink(missing_ok=True)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:

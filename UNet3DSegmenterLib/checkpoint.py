@@ -355,6 +355,12 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def checkpoint_paths(sources: Sequence[str | os.PathLike]) -> list[Path]:
+    """The checkpoint files that ``sources`` (files, or folders as :func:`checkpoint_files` reads them) stand for."""
+    return [file for source in map(Path, sources)
+            for file in (checkpoint_files(source) if source.is_dir() else [source])]
+
+
 def _load_file(path: Path) -> Checkpoint | Ensemble:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}: check the path")

@@ -68,6 +68,12 @@ def list_volumes(folder: str | os.PathLike) -> list[Path]:
     return sorted(list_volume_files(folder) + series, key=lambda path: (case_name(path), path.name))
 
 
+def volume_files(source: str | os.PathLike) -> list[Path]:
+    """The volumes a path stands for: itself, or the volumes of a folder that is not one DICOM series."""
+    source = Path(source)
+    return list_volumes(source) if source.is_dir() and not is_dicom_folder(source) else [source]
+
+
 def volumes_by_case(folder: str | os.PathLike) -> dict[str, Path]:
     """The volumes of :func:`list_volumes` by case name; two volumes with one case name are refused."""
     volumes: dict[str, Path] = {}

@@ -50,9 +50,11 @@ def run(args: argparse.Namespace) -> int:
         write_dicom_series,
         write_volume,
     )
+    from ..paths import check_outputs
     from ..volume import Volume
 
     check_input_spacing(args.input_spacing, [args.input])
+    check_outputs([args.output], [args.input])
     to_dicom = is_series_folder_name(args.output)
     dicom_options = [f"--{name.replace('_', '-')}" for name in ("modality", "patient_name", "patient_id",
                                                                 "series_description") if getattr(args, name) is not None]

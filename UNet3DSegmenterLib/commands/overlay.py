@@ -29,12 +29,14 @@ def run(args: argparse.Namespace) -> int:
     """Read the volumes, check that they share the image's grid, and draw the picture."""
     from ..io import read_volume
     from ..metrics import check_label_map
+    from ..paths import check_outputs
     from ..plots import save_overlay
 
     if args.output.suffix.lower() != ".png":
         raise UserError(f"{args.output}: the overlay is a PNG picture; give an output file ending in .png")
     if args.output.is_dir():
         raise UserError(f"{args.output} is a folder: give the picture's file name, e.g. {args.output / 'overlay.png'}")
+    check_outputs([args.output], [args.image, args.prediction, args.reference, args.checkpoint])
     image = read_volume(args.image)
     labelmaps = {}
     for role, path in (("prediction", args.prediction), ("reference", args.reference)):

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..atomic import atomic_path
 from ..datalist import Case, folder_pair, load_case
+from ..paths import safe_file_name
 from ..preprocess import Preprocessing, normalize, resample_for_model, resample_to_grid
 from ..volume import float3, int3
 
@@ -126,7 +127,7 @@ def _cached(cache_dir, case: Case, preprocessing: Preprocessing, label_values, c
         [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in (case.image, case.label)
     ] + [preprocessing.to_dict(), list(map(int, label_values)), crop_foreground, resample_labels]
         + ([list(case.spacing)] if case.spacing else [])).encode())
-    stem = Path(cache_dir) / f"{case.name}-{key.hexdigest()[:16]}"
+    stem = Path(cache_dir) / f"{safe_file_name(case.name)}-{key.hexdigest()[:16]}"
     image_file, target_file = (stem.with_name(stem.name + suffix) for suffix in (".image.npy", ".target.npy"))
     if not (image_file.exists() and target_file.exists()):
         prepared = prepare_case(case, preprocessing, label_values, crop_foreground, resample_labels, label_names)
