@@ -11,13 +11,17 @@ caller gives one; written, it keeps the array and drops the geometry.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
+import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ import SimpleITK as sitk
 
 from .atomic import atomic_path
 from .errors import UserError
-from .integrity import check_whole
+from .integrity import check_whole, shortfall
 from .volume import Volume, float3
 
 # ITK prints warnings (e.g. "no DICOM series found") straight to stderr; errors are ours to word.
@@ -289,15 +293,102 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     _check_writable_folder(path.parent)
     try:
         with atomic_path(path, suffix) as temporary:
-            if suffix == ".npy":
-                np.save(temporary, volume.array)
-            else:
-                sitk.WriteImage(to_sitk(volume), str(temporary), compress)
-    except RuntimeError as error:
-        raise UserError(f"cannot write {path}: {str(error).strip().splitlines()[-1][:160]}") from None
+            try:
+                with _native_messages_held():
+                    if suffix == ".npy":
+                        np.save(temporary, volume.array)
+                    else:
+                        sitk.WriteImage(to_sitk(volume), str(temporary), compress)
+            except (RuntimeError, OSError) as error:
+                raise _write_error(path, temporary, error) from None
+            _check_written(temporary, volume, path)
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     return path
+
+
+def _check_written(temporary: Path, volume: Volume, path: Path) -> None:
+    """Read back the header, and check the data's size, of a file just written, before it takes its name.
+
+    ITK's NIfTI writer reports a short write (a full disk) only on stderr and carries on, and a full
+    disk can leave an empty compressed file: without this check the command would say it wrote them.
+    """
+    size = temporary.stat().st_size
+    try:
+        if volume_suffix(temporary) == ".npy":
+            shape = np.load(temporary, mmap_mode="r").shape
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(temporary))
+            with _native_messages_held():
+                reader.ReadImageInformation()
+            shape = tuple(reversed(reader.GetSize())) if volume.channels == 1 else \
+                (reader.GetNumberOfComponents(), *reversed(reader.GetSize()))
+    except (RuntimeError, OSError, ValueError):
+        raise _short_write(path, f"{size} bytes written, not a readable header") from None
+    if shape != volume.array.shape:
+        raise UserError(f"cannot write {path}: it reads back with shape {shape} instead of {volume.array.shape}")
+    missing = shortfall(temporary)
+    if missing is not None:
+        raise _short_write(path, missing)
+
+
+_WRITE_STOPPED = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _write_error(path: Path, temporary: Path, error: Exception) -> UserError:
+    """One line for a writer's failure: a write cut short (a file begun but not finished, or the
+    system's 'no space' or 'file too large') says so, rather than the writer's own guess at a cause."""
+    begun = temporary.is_file() and temporary.stat().st_size > 0
+    if begun or (isinstance(error, OSError) and error.errno in _WRITE_STOPPED):
+        return _short_write(path, f"{temporary.stat().st_size if begun else 0} bytes written")
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip()
+    return UserError(f"cannot write {path}: {(reason.splitlines() or ['unknown reason'])[-1][:160]}")
+
+
+def _short_write(path: Path, detail: str) -> UserError:
+    """A write that stopped part-way: the disk (or a quota, or a file size limit) would take no more."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return UserError(f"cannot write {path}: the write stopped part-way ({detail}; {free} there): the disk is "
+                     "full or a file size limit was reached; nothing was written, free some space or write elsewhere")
+
+
+_NATIVE_STDERR = threading.Lock()
+_NATIVE_NOISE = re.compile(r"^\*\* ERROR|^MetaImage:|^ITK ERROR|^WARNING: In ")
+
+
+@contextmanager
+def _native_messages_held() -> Iterator[None]:
+    """Hold what ITK's C and C++ code prints to the process's stderr while a file is written.
+
+    Its NIfTI and MetaImage writers print their failures there ('** ERROR: NWAD: wrote only 0 of
+    ... bytes'), which would stand beside the one line the command prints. Lines of theirs are
+    dropped; anything else printed meanwhile (another thread's progress) is passed on afterwards.
+    """
+    with _NATIVE_STDERR:
+        try:
+            held = tempfile.TemporaryFile()
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):
+            yield  # nowhere to hold it: let it through
+            return
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().decode("utf-8", "replace")
+            held.close()
+            kept = "".join(line for line in text.splitlines(keepends=True) if not _NATIVE_NOISE.match(line))
+            if kept:
+                os.write(2, kept.encode())
 
 
 def is_series_folder_name(path: str | os.PathLike) -> bool:
@@ -375,13 +466,16 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, modality: str 
                           "0020|1041": _decimals(float(np.dot(position, normal)))}
             for tag, value in {**series_tags, **slice_tags}.items():
                 slice_image.SetMetaData(tag, value)
-            writer.SetFileName(str(staging / instance_file_name(k + 1, image.GetDepth())))
-            writer.Execute(slice_image)
+            slice_file = staging / instance_file_name(k + 1, image.GetDepth())
+            writer.SetFileName(str(slice_file))
+            try:
+                with _native_messages_held():
+                    writer.Execute(slice_image)
+            except (RuntimeError, OSError) as error:
+                raise _write_error(folder, slice_file, error) from None
         os.rename(staging, folder)
-    except RuntimeError as error:
-        raise UserError(f"cannot write {folder}: {str(error).strip().splitlines()[-1][:160]}") from None
     except OSError as error:
-        raise UserError(f"cannot write {folder}: {error.strerror or error}") from None
+        raise _write_error(folder, staging, error) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
