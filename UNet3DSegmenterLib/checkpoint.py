@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
+from .checkpoint_checks import check_record
 from .errors import UserError
 from .labels import Label
 from .models import architecture_name, build_model, count_parameters
@@ -421,7 +422,8 @@ def _from_record(record, path: Path, part: str = "") -> Checkpoint:
             overlap=float(record["inference"].get("overlap", 0.5)),
             training=dict(record.get("training") or {}),
         )
-        checkpoint.build_model()  # the weights must fit the architecture
+        check_record(checkpoint)  # as a whole, before a network is built from it
+        checkpoint.build_model()  # the weights must load
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0][:160]
         raise UserError(f"{path}{part} is an inconsistent checkpoint ({type(error).__name__}: {reason})") from None
