@@ -68,10 +68,13 @@ class DicomHeader:
 
     @property
     def instance(self) -> int | None:
+        """The instance number, or None where the tag holds none that could be one (text, inf, NaN, or a
+        number beyond the 32 bits DICOM gives it)."""
         try:
-            return int(float(self.instance_number))
-        except ValueError:
+            number = int(float(self.instance_number))
+        except (ValueError, OverflowError):
             return None
+        return number if 0 <= number < 2**31 else None
 
 
 def read_dicom_header(path: str | os.PathLike) -> DicomHeader | None:

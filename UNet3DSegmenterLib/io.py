@@ -12,9 +12,12 @@ caller gives one; written, it keeps the array and drops the geometry.
 from __future__ import annotations
 
 import errno
+import gzip
+import logging
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import threading
@@ -34,8 +37,10 @@ from .errors import UserError
 from .integrity import check_whole, shortfall
 from .volume import Volume, float3
 
-# ITK prints warnings (e.g. "no DICOM series found") straight to stderr; errors are ours to word.
+# ITK prints warnings (e.g. "no DICOM series found") straight to stderr, and nibabel logs its repairs of
+# headers ("setting 0 dims to 1"); errors are ours to word.
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
+logging.getLogger("nibabel").setLevel(logging.ERROR)
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha", ".npy")
 FORMATS = ".nii.gz, .nii, .nrrd, .mha, .npy"
@@ -151,7 +156,8 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True,
     if path.is_file():
         check_whole(path)
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        with _native_messages_held():
+            image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
         raise UserError(
@@ -167,6 +173,7 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True,
         volume = from_sitk(image)
     except ValueError as error:
         raise UserError(f"{path}: unsupported image layout ({error}): a 3D volume is needed") from None
+    _check_geometry(volume, path)
     if check_finite:
         _check_finite(volume.array if not volume_suffix(path).startswith(".nii") else _nifti_data(path), path)
     return volume
@@ -221,9 +228,44 @@ def _nifti_data(path: Path) -> np.ndarray:
 
 
 def _check_finite(array: np.ndarray, path: Path) -> None:
+    """Refuse NaN and infinite values, and values beyond float32's range, which the engine computes in
+    (they would turn into infinities, then NaN, on the way)."""
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise UserError(f"{path} contains {count} NaN or infinite voxel values: fix or mask them first")
+    if np.issubdtype(array.dtype, np.floating) and array.dtype.itemsize > 4 and array.size:
+        largest = float(max(-array.min(), array.max()))
+        if largest > float(np.finfo(np.float32).max):
+            raise UserError(f"{path} holds values as large as {largest:.3g}, beyond the {np.finfo(np.float32).max:.3g} "
+                            "that single-precision computation holds: rescale the image")
+
+
+def _nifti_voxel_size(path: Path) -> tuple[float, ...] | None:
+    """pixdim[1:4] as the file stores it (nibabel and ITK both replace a 0 with 1), or None when unreadable."""
+    try:
+        with open(path, "rb") as file:
+            compressed = file.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as file:
+            header = file.read(348)
+    except (OSError, EOFError):
+        return None
+    if len(header) < 348:
+        return None
+    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    return struct.unpack(f"{endian}3f", header[80:92])
+
+
+def _check_geometry(volume: Volume, path: Path) -> None:
+    """Refuse a grid that cannot be what the file means: a zero voxel size (ITK's NIfTI reader quietly makes it
+    1 mm) or a skewed, non-orthonormal direction (which a spacing and a rotation cannot hold)."""
+    zooms = _nifti_voxel_size(path) if volume_suffix(path).startswith(".nii") else None
+    if zooms is not None and not all(np.isfinite(zoom) and zoom > 0 for zoom in zooms):
+        raise UserError(f"{path} has a voxel size of {tuple(float(zoom) for zoom in zooms)} mm in its header "
+                        "(pixdim): every size must be positive; fix the header")
+    direction = volume.direction
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise UserError(f"{path} has a skewed grid (its axes are not at right angles: direction "
+                        f"{np.round(direction, 4).tolist()}): resample it onto a rectangular grid first")
 
 
 def _is_flat(image: sitk.Image) -> bool:

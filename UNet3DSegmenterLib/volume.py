@@ -103,6 +103,15 @@ class Volume:
         spacing = ", ".join(f"{s:g}" for s in self.spacing)
         return f"shape (z, y, x) {self.shape}, spacing (x, y, z) ({spacing}) mm"
 
+    def describe_grid_beside(self, other: Volume) -> str:
+        """:meth:`describe_grid`, with the origin and direction when shape and spacing alone would read the
+        same for ``other``: a message about two grids must show where they differ."""
+        if self.describe_grid() != other.describe_grid():
+            return self.describe_grid()
+        origin = ", ".join(f"{value:g}" for value in self.origin)
+        direction = ", ".join(f"{value:g}" for value in self.direction.flatten())
+        return f"{self.describe_grid()}, origin ({origin}) mm, direction ({direction})"
+
     # Slicer's IJK-to-RAS matrix: the only place RAS appears in the engine.
     def ijk_to_ras(self) -> np.ndarray:
         """The 4x4 IJK-to-RAS matrix Slicer uses for this grid (array order stays k, j, i)."""

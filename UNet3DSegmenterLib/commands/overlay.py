@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
         labels = read_volume(path)
         check_label_map(labels, str(path))
         if not labels.same_grid(image, tolerance=1e-3):
-            raise UserError(f"the {role} {path} ({labels.describe_grid()}) is not on the grid of the image "
-                            f"{args.image} ({image.describe_grid()}): give the label map made for this image")
+            raise UserError(f"the {role} {path} ({labels.describe_grid_beside(image)}) is not on the grid of the "
+                            f"image {args.image} ({image.describe_grid_beside(labels)}): give the label map made for this image")
         labelmaps[role] = labels
     colors = _checkpoint_colors(args.checkpoint) if args.checkpoint else None
     path = save_overlay(image, labelmaps.get("reference"), labelmaps["prediction"], args.output, colors)
