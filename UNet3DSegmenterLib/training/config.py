@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import types
 import typing
@@ -194,7 +195,23 @@ class TrainingConfig:
             (self.val_every >= 1, f"val_every must be at least 1, got {self.val_every}"),
             (0 <= self.overlap < 1, f"overlap must be in [0, 1), got {self.overlap}"),
             (0 <= self.foreground_fraction <= 1, f"foreground fraction must be in [0, 1], got {self.foreground_fraction}"),
-            (self.lr is None or self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.lr is None or 0 < self.lr < math.inf, f"learning rate must be positive, got {self.lr}"),
+            (self.weight_decay is None or 0 <= self.weight_decay < math.inf,
+             f"weight decay must be zero or more, got {self.weight_decay}"),
+            (self.spacing is None or all(0 < s < math.inf for s in self.spacing),
+             f"--spacing must be three positive sizes in mm, got {self.spacing}"),
+            (self.patch_size is None or min(self.patch_size) >= 1, f"patch size must be three positive sizes in "
+             f"voxels, got {self.patch_size}"),
+            (self.max_patch_size >= 1, f"max patch size must be at least 1 voxel, got {self.max_patch_size}"),
+            (self.max_patch_voxels >= 1, f"max patch voxels must be at least 1, got {self.max_patch_voxels}"),
+            (0 <= self.seed < 2**32, f"seed must be a whole number in 0..{2**32 - 1}, got {self.seed}"),
+            (self.workers is None or self.workers >= 0, f"workers must be 0 or more, got {self.workers}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.warmup_epochs >= 0, f"warm-up epochs must be 0 or more, got {self.warmup_epochs}"),
+            (0 <= self.grad_clip < math.inf, f"gradient clip must be 0 (off) or more, got {self.grad_clip}"),
+            (self.patience is None or self.patience >= 1, f"patience must be at least 1 epoch, got {self.patience}"),
+            (self.dice_threshold is None or 0 <= self.dice_threshold <= 1,
+             f"Dice threshold must be in [0, 1], got {self.dice_threshold}"),
             (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
             (self.input_spacing is None or min(self.input_spacing) > 0,
              f"input spacing must be positive, got {self.input_spacing}"),
@@ -222,6 +239,8 @@ class TrainingConfig:
             if not ok:
                 raise UserError(message)
         self._check_split_options()
+        if self.output.exists() and not self.output.is_dir():
+            raise UserError(f"--output {self.output} is a file: give a folder for the run's checkpoints and logs")
 
     def _check_split_options(self) -> None:
         """--split, --split-file, --folds and --val-fraction each choose the sets: refuse combinations in
@@ -278,8 +297,11 @@ class TrainingConfig:
         """A configuration from :meth:`to_json`'s data; unknown keys are refused, missing keys take defaults."""
         if not isinstance(record, dict):
             raise UserError(f"{source} must hold a JSON object of training options")
-        if record.get("format", CONFIG_FORMAT) > CONFIG_FORMAT:
-            raise UserError(f"{source} was written by a newer version (format {record['format']}): update")
+        version = record.get("format", CONFIG_FORMAT)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise UserError(f"{source}: \"format\" is {version!r}, not a format number such as {CONFIG_FORMAT}")
+        if version > CONFIG_FORMAT:
+            raise UserError(f"{source} was written by a newer version (format {version}): update")
         names = {item.name for item in dataclasses.fields(cls)}
         unknown = sorted(set(record) - names - {"format"})
         if unknown:

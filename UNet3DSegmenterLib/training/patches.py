@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..atomic import atomic_path
 from ..datalist import Case, folder_pair, load_case
+from ..errors import UserError
 from ..paths import safe_file_name
 from ..preprocess import Preprocessing, normalize, resample_for_model, resample_to_grid
 from ..volume import float3, int3
@@ -68,6 +69,10 @@ def prepare_case(case: Case, preprocessing: Preprocessing, label_values: Sequenc
     names = label_names if label_names is not None else {int(value): str(value) for value in label_values}
     image, labels = load_case(case, names, resample_labels)
     channels = image.array if image.array.ndim == 4 else image.array[None]
+    if len(channels) != preprocessing.channels:
+        raise UserError(f"case {case.name}: the image {case.image} has {len(channels)} channel(s) where the model "
+                        f"takes {preprocessing.channels} (as the first training case has): give every case the "
+                        "same channels")
     image = resample_for_model(image.with_array(channels.astype(np.float32, copy=False)), preprocessing, "linear")
     if not labels.same_grid(image):
         labels = resample_to_grid(labels, image, "nearest")

@@ -40,6 +40,7 @@ from ..checkpoint import Checkpoint, save_checkpoint
 from ..datalist import load_datalist
 from ..errors import UserError
 from ..inference.fast import reuse_freed_memory
+from ..paths import check_outputs
 from ..progress import TrainingEvent
 from ..runtime import training_dtype
 from .augment import Augmenter
@@ -110,6 +111,10 @@ class _Run:
     def run(self) -> TrainingResult:
         config = self.config
         datalist = load_datalist(config.data, config.input_spacing)
+        # Resuming reads last.pt, last.state.pt and split.json to write them on: those are the run's own.
+        check_outputs([path for name, path in self.paths.items() if not config.resume or name not in
+                       ("last.pt", "last.state.pt", "split.json")],
+                      [config.init, *(file for case in datalist.cases for file in (case.image, case.label))])
         self.split = self._split([case.name for case in datalist.cases])
         train_cases, validation_cases = datalist.subset(self.split.train), datalist.subset(self.split.validation)
         self.test_files = datalist.subset(self.split.test)
