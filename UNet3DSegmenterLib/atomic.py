@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -35,6 +37,25 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+WRITE_STOPPED = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+"""The system's reasons for a write that stopped part-way: no space, file too large, quota."""
+
+
+def write_stopped(path: str | os.PathLike, detail: str) -> UserError:
+    """One line for a write that stopped part-way: the disk (or a quota, or a file size limit) took no more.
+
+    The atomic write has removed the partial file, so nothing lies under ``path``; the free space is
+    given because a full disk is the usual cause.
+    """
+    path = Path(path)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 1e6:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return UserError(f"cannot write {path}: the write stopped part-way ({detail}; {free} there): the disk is "
+                     "full or a file size limit was reached; nothing was written, free some space or write elsewhere")
+
+
 def remove_stale_partials(paths: Iterable[str | os.PathLike]) -> None:
     """Remove the temporary files that an interrupted earlier write of ``paths`` left (a killed process
     renames nothing and cleans nothing up); the next write of the same paths clears them."""
@@ -63,5 +84,7 @@ def write_json(result: dict, path: str | os.PathLike) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(path, text)
     except OSError as error:
+        if error.errno in WRITE_STOPPED:
+            raise write_stopped(path, error.strerror or str(error)) from None
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     return path

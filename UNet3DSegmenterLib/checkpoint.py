@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_path
+from .atomic import WRITE_STOPPED, atomic_path, write_stopped
 from .checkpoint_checks import check_record
 from .errors import UserError
 from .labels import Label
@@ -278,8 +278,15 @@ def save_checkpoint(checkpoint: Checkpoint | Ensemble, path: str | os.PathLike) 
     """Write ``checkpoint`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:
-        torch.save(checkpoint.to_dict(), temporary)
+    try:
+        with atomic_path(path) as temporary:
+            torch.save(checkpoint.to_dict(), temporary)
+    except OSError as error:
+        if error.errno in WRITE_STOPPED:
+            raise write_stopped(path, error.strerror or str(error)) from None
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    except RuntimeError as error:  # PyTorch's writer reports a short write as its own error
+        raise write_stopped(path, f"PyTorch: {str(error).strip().splitlines()[-1][:120]}") from None
     return path
 
 

@@ -11,7 +11,6 @@ caller gives one; written, it keeps the array and drops the geometry.
 
 from __future__ import annotations
 
-import errno
 import gzip
 import logging
 import os
@@ -32,7 +31,7 @@ import nibabel
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_path
+from .atomic import WRITE_STOPPED, atomic_path, write_stopped
 from .errors import UserError
 from .integrity import check_whole, shortfall
 from .volume import Volume, float3
@@ -151,6 +150,8 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True,
     path = Path(path)
     if not path.exists():
         raise UserError(f"input not found: {path}: check the path")
+    if not (path.is_file() or path.is_dir()):  # /dev/zero under a volume's name would be read for ever
+        raise UserError(f"{path} is not a regular file (a device, pipe or socket): give a volume file")
     if volume_suffix(path) == ".npy":
         return _read_npy(path, spacing, check_finite)
     if path.is_file():
@@ -367,35 +368,22 @@ def _check_written(temporary: Path, volume: Volume, path: Path) -> None:
             shape = tuple(reversed(reader.GetSize())) if volume.channels == 1 else \
                 (reader.GetNumberOfComponents(), *reversed(reader.GetSize()))
     except (RuntimeError, OSError, ValueError):
-        raise _short_write(path, f"{size} bytes written, not a readable header") from None
+        raise write_stopped(path, f"{size} bytes written, not a readable header") from None
     if shape != volume.array.shape:
         raise UserError(f"cannot write {path}: it reads back with shape {shape} instead of {volume.array.shape}")
     missing = shortfall(temporary)
     if missing is not None:
-        raise _short_write(path, missing)
-
-
-_WRITE_STOPPED = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        raise write_stopped(path, missing)
 
 
 def _write_error(path: Path, temporary: Path, error: Exception) -> UserError:
     """One line for a writer's failure: a write cut short (a file begun but not finished, or the
     system's 'no space' or 'file too large') says so, rather than the writer's own guess at a cause."""
     begun = temporary.is_file() and temporary.stat().st_size > 0
-    if begun or (isinstance(error, OSError) and error.errno in _WRITE_STOPPED):
-        return _short_write(path, f"{temporary.stat().st_size if begun else 0} bytes written")
+    if begun or (isinstance(error, OSError) and error.errno in WRITE_STOPPED):
+        return write_stopped(path, f"{temporary.stat().st_size if begun else 0} bytes written")
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip()
     return UserError(f"cannot write {path}: {(reason.splitlines() or ['unknown reason'])[-1][:160]}")
-
-
-def _short_write(path: Path, detail: str) -> UserError:
-    """A write that stopped part-way: the disk (or a quota, or a file size limit) would take no more."""
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 1e6:.0f} MB free"
-    except OSError:
-        free = "free space unknown"
-    return UserError(f"cannot write {path}: the write stopped part-way ({detail}; {free} there): the disk is "
-                     "full or a file size limit was reached; nothing was written, free some space or write elsewhere")
 
 
 _NATIVE_STDERR = threading.Lock()

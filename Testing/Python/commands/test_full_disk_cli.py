@@ -77,3 +77,9 @@ def test_predict_probabilities_on_a_full_disk_leave_no_empty_file(image, model_p
     result = run_cli_with_file_size_limit("predict", "-c", model_path, "-i", image, "-o", tmp_path / "seg.nrrd",
                                           "--probabilities", probabilities)
     assert_short_write_refused(result, probabilities)
+
+
+def test_ensemble_on_a_full_disk_says_so(model_path, tmp_path):
+    """PyTorch's writer reports a short write as an error of its own ('unexpected pos')."""
+    output = tmp_path / "ensemble.pt"
+    assert_short_write_refused(run_cli_with_file_size_limit("ensemble", model_path, model_path, "-o", output), output)

@@ -63,6 +63,12 @@ def test_nifti_with_zero_voxel_size_is_refused(tmp_path):
     assert not (tmp_path / "out.nrrd").exists()
 
 
+@pytest.mark.parametrize("name", ["zero.nii", "zero.nrrd", "zero.npy"])
+def test_a_device_under_a_volume_name_is_refused(tmp_path, name):
+    (tmp_path / name).symlink_to("/dev/zero")
+    refused(run_cli("convert", tmp_path / name, tmp_path / "out.nii.gz"), name, "not a regular file")
+
+
 def test_skewed_grid_is_refused(tmp_path):
     image = sitk.GetImageFromArray(image_array())
     image.SetDirection((1, 0.3, 0, 0, 1, 0, 0, 0, 1))
