@@ -19,13 +19,13 @@ ITK's NIfTI writer reports a full disk only on stderr.
 from __future__ import annotations
 
 import bz2
+import math
 import os
 import zlib
 from pathlib import Path
 from typing import IO
 
 import nibabel
-import numpy as np
 
 from .errors import UserError
 
@@ -84,9 +84,11 @@ def _truncated(path: Path, detail: str) -> UserError:
 def _check_nifti(path: Path) -> None:
     try:
         header: nibabel.Nifti1Header = nibabel.load(path).header  # type: ignore[assignment]
-        expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        shape = [int(size) for size in header.get_data_shape()]
+        expected = int(header.get_data_offset()) + math.prod(shape) * header.get_data_dtype().itemsize
     except Exception:  # an unreadable header: ITK's reader says what is wrong
         return
+    _check_memory(path, expected)
     with open(path, "rb") as file:
         compressed = file.read(2) == _GZIP_MAGIC
     size = _gzip_size(path) if compressed else path.stat().st_size
@@ -134,6 +136,7 @@ def _check_metaimage(path: Path) -> None:
         except (KeyError, ValueError):
             return
         expected = _expected_bytes(sizes, channels * item)
+        _check_memory(path, expected)
         compressed = header.get("CompressedData", "False").lower() == "true"
         if header.get("ElementDataFile") == "LOCAL":
             size = _zlib_size(file) if compressed else os.fstat(file.fileno()).st_size - file.tell()
@@ -145,9 +148,20 @@ def _check_metaimage(path: Path) -> None:
         raise _Short(f"{size} bytes of image data where the header needs {expected}")
 
 
+def _check_memory(path: Path, expected: int) -> None:
+    """Refuse, before inflating anything, data that could not be held in this machine's memory."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # a system that does not say
+        return
+    if expected > memory:
+        raise UserError(f"{path} declares {expected / 1e9:.3g} GB of image data, more than this machine's "
+                        f"{memory / 1e9:.3g} GB of memory: it cannot be read here (or its header is damaged)")
+
+
 def _expected_bytes(sizes: list[int], item_bytes: int) -> int:
     """The bytes of data a header declares; absurd sizes (negative, huge) count as damage."""
-    voxels = int(np.prod(sizes, dtype=object)) if sizes else 0
+    voxels = math.prod(sizes) if sizes else 0
     if not sizes or min(sizes) < 1 or max(sizes) > MAX_SIZE or voxels > MAX_VOXELS:
         raise _Short(f"its header declares a size of {' x '.join(map(str, sizes)) or 'nothing'} voxels, "
                      f"which no scan has (at most {MAX_SIZE} along an axis, {MAX_VOXELS} in all)")
@@ -216,6 +230,7 @@ def _check_nrrd(path: Path) -> None:
     except (KeyError, ValueError):
         return
     expected = _expected_bytes(sizes, item)
+    _check_memory(path, expected)
     detached = header.get("data file") or header.get("datafile")
     data, offset = (_data_file(path, detached, "data file"), 0) if detached else (path, data_offset)
     encoding = header.get("encoding", "raw").lower()

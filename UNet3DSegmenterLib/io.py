@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import re
 import shutil
@@ -184,7 +185,7 @@ def check_input_spacing(spacing: Sequence[float] | None, inputs: Sequence[str | 
     """Refuse an ``--input-spacing`` that nothing would use (no .npy among ``inputs``) or that is not positive."""
     if spacing is None:
         return
-    if len(spacing) != 3 or min(spacing) <= 0:
+    if len(spacing) != 3 or not all(0 < value < math.inf for value in spacing):
         raise UserError(f"--input-spacing must be three positive numbers X Y Z in mm, got {' '.join(map(str, spacing))}")
     if not any(volume_suffix(path) == ".npy" for path in inputs):
         raise UserError(f"--input-spacing gives the spacing of .npy arrays, and {Path(inputs[0]) if inputs else 'the input'} "

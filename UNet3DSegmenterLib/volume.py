@@ -14,6 +14,7 @@ Slicer's RAS and IJK matrices are converted here and nowhere else (:meth:`Volume
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,7 +63,7 @@ class Volume:
         self.spacing = float3(self.spacing)
         self.origin = float3(self.origin)
         self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
-        if min(self.spacing) <= 0:
+        if not all(0 < value < math.inf for value in self.spacing):
             raise ValueError(f"spacing must be positive, got {self.spacing}")
 
     @property

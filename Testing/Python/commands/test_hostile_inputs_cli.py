@@ -84,6 +84,20 @@ def test_float64_values_beyond_float32_are_refused_before_they_become_nan(model_
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--batch-size", "0"], "batch size must be at least 1"),
+    (["--batch-size", "-1"], "batch size must be at least 1"),
+    (["--overlap", "nan"], "overlap must be"),
+    (["--input-spacing", "nan", "1", "1"], "--input-spacing must be three positive numbers"),
+    (["--input-spacing", "0", "1", "1"], "--input-spacing must be three positive numbers"),
+])
+def test_predict_options_out_of_range_are_refused(model_path, tmp_path, options, message):
+    np.save(tmp_path / "array.npy", image_array())
+    refused(run_cli("predict", "-c", model_path, "-i", tmp_path / "array.npy", "-o", tmp_path / "seg.nii.gz",
+                    *options), message)
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
 def test_evaluate_refuses_an_image_given_as_the_prediction(tmp_path):
     ct = np.random.default_rng(0).integers(0, 3000, SHAPE).astype(np.int16)
     write_volume(Volume(ct), tmp_path / "ct.nii.gz")

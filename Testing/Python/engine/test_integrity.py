@@ -108,6 +108,22 @@ def test_small_nrrd_declaring_gigabytes_is_refused_before_it_is_read(tmp_path, e
         read_volume(path)
 
 
+def test_header_declaring_more_than_this_machines_memory_is_refused_before_inflating(tmp_path):
+    import math
+    import os
+
+    from UNet3DSegmenterLib.integrity import MAX_VOXELS
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    edge = math.ceil((2 * memory / 8) ** (1 / 3))
+    if edge**3 > MAX_VOXELS:
+        pytest.skip(f"this machine's {memory / 1e9:.0f} GB hold more than any scan needs")
+    path = tmp_path / "large.nrrd"
+    path.write_bytes(nrrd_header(f"{edge} {edge} {edge}", "gzip", kind="double") + gzip.compress(b"\0" * 100_000))
+    with pytest.raises(UserError, match="more than this machine's .* GB of memory"):
+        read_volume(path)
+
+
 @pytest.mark.parametrize("sizes", ["0 10 10", "-5 10 10", "100000000 100000000 100000000"])
 def test_nrrd_with_absurd_sizes_is_refused(tmp_path, sizes):
     path = tmp_path / "odd.nrrd"
