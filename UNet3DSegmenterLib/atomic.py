@@ -57,12 +57,19 @@ def write_stopped(path: str | os.PathLike, detail: str) -> UserError:
 
 
 def remove_stale_partials(paths: Iterable[str | os.PathLike]) -> None:
-    """Remove the temporary files that an interrupted earlier write of ``paths`` left (a killed process
-    renames nothing and cleans nothing up); the next write of the same paths clears them."""
+    """Remove what an interrupted earlier write of ``paths`` left (a killed process renames nothing and
+    cleans nothing up): the temporary files of :func:`atomic_path` and the staging folders of a DICOM
+    series. The next command that writes the same paths calls this first."""
     for path in map(Path, paths):
-        if path.parent.is_dir():
-            for stale in path.parent.glob(f".{glob.escape(path.name)}.????????.partial*"):
+        if not path.parent.is_dir():
+            continue
+        name = glob.escape(path.name)
+        for stale in path.parent.glob(f".{name}.????????.partial*"):
+            if stale.is_file():
                 stale.unlink(missing_ok=True)
+        for stale in path.parent.glob(f".{name}.partial-*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:

@@ -140,3 +140,13 @@ def test_a_folder_predict_clears_what_a_killed_run_left(model_path, tmp_path):
     result = run_cli("predict", "-c", model_path, "-i", tmp_path / "in", "-o", output)
     assert result.returncode == 0, result.stderr
     assert sorted(path.name for path in output.iterdir()) == [".notes", "a.nrrd", "b.nrrd"]
+
+
+def test_convert_to_dicom_clears_the_staging_folder_a_killed_run_left(tmp_path):
+    image = write_volume(Volume(image_array().astype(np.int16)), tmp_path / "image.nrrd")
+    stale = tmp_path / ".series.partial-k1ll3d00"
+    stale.mkdir()
+    (stale / "IM0001.dcm").write_bytes(b"half a slice")
+    result = run_cli("convert", image, tmp_path / "series")
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["image.nrrd", "series"]

@@ -76,7 +76,11 @@ def test_images_with_different_channels_are_refused_naming_the_case(phantoms, tm
 
 def test_resume_refuses_options_that_contradict_the_run(phantoms, tmp_path, capsys):
     run = tmp_path / "run"
+    run.mkdir()
+    leftover = run / ".last.pt.0123abcd.partial"  # what a run killed while saving leaves
+    leftover.write_bytes(b"half a checkpoint")
     assert main(["train", "--data", str(phantoms), "--output", str(run), *QUICK]) == 0
+    assert not leftover.exists()
     before = (run / "last.pt").read_bytes()
     capsys.readouterr()
     line = refused(capsys, "--data", phantoms, "--output", run, *QUICK, "--resume", "--epochs", "2", "--arch", "vnet")
