@@ -31,6 +31,7 @@ from .errors import UserError
 
 _CHUNK = 1 << 22
 _GZIP_MAGIC = b"\x1f\x8b"
+_NIFTI_HEADER_BYTES = 348
 MAX_VOXELS = 1 << 34
 """More voxels than any scanner makes (16 G: 2048^3 is 8.6 G), so a header asking for more is damaged."""
 MAX_SIZE = 1 << 20
@@ -82,15 +83,22 @@ def _truncated(path: Path, detail: str) -> UserError:
 
 
 def _check_nifti(path: Path) -> None:
+    with open(path, "rb") as file:
+        compressed = file.read(2) == _GZIP_MAGIC
     try:
         header: nibabel.Nifti1Header = nibabel.load(path).header  # type: ignore[assignment]
         shape = [int(size) for size in header.get_data_shape()]
         expected = int(header.get_data_offset()) + math.prod(shape) * header.get_data_dtype().itemsize
-    except Exception:  # an unreadable header: ITK's reader says what is wrong
+    except Exception:  # an unreadable header: cut inside it, or no NIfTI (then ITK's reader says what is wrong)
+        if compressed:
+            _gzip_size(path)  # a damaged or cut stream says so
+            return
+        with open(path, "rb") as file:
+            start = file.read(_NIFTI_HEADER_BYTES)
+        if len(start) < _NIFTI_HEADER_BYTES and start[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c"):
+            raise _Short(f"{len(start)} bytes, less than a NIfTI header") from None
         return
     _check_memory(path, expected)
-    with open(path, "rb") as file:
-        compressed = file.read(2) == _GZIP_MAGIC
     size = _gzip_size(path) if compressed else path.stat().st_size
     if size < expected:
         raise _Short(f"{size} bytes of image data where the header needs {expected}")

@@ -221,9 +221,12 @@ def _nifti_data(path: Path) -> np.ndarray:
     """The stored values of a NIfTI file as nibabel sees them: ITK's reader turns NaN into 0."""
     image: Any  # a Nifti1Image; nibabel's annotation is its base class
     try:
-        image = nibabel.load(path)
-    except nibabel.filebasedimages.ImageFileError:  # a plain NIfTI under a .nii.gz name, which ITK reads
-        image = nibabel.Nifti1Image.from_bytes(path.read_bytes())
+        try:
+            image = nibabel.load(path)
+        except nibabel.filebasedimages.ImageFileError:  # a plain NIfTI under a .nii.gz name, which ITK reads
+            image = nibabel.Nifti1Image.from_bytes(path.read_bytes())
+    except Exception:  # a header nibabel cannot read, which ITK read: ITK's values stand
+        return np.zeros(0)
     if not np.issubdtype(image.get_data_dtype(), np.floating):
         return np.zeros(0)
     return np.asanyarray(image.dataobj)
