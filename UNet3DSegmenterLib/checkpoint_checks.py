@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .choices import NORMS
+from .choices import MAX_PATCH_SIZE, MAX_RESIZE, NORMS
 from .models import ARCHITECTURES, build_model
 
 if TYPE_CHECKING:
@@ -25,9 +25,7 @@ if TYPE_CHECKING:
 # Bounds no trained network here comes near; a record beyond them is damaged.
 _INTEGER_ARGUMENTS = {"in_channels": (1, 64), "out_channels": (1, 1024), "depth": (2, 8), "base_width": (1, 1024)}
 _MAX_WIDTH = 8192
-_MAX_PATCH = 1024
 _MAX_LABEL_VALUE = 65535  # labelmaps are written as uint8 or uint16
-_MAX_RESIZE = 4096
 
 
 def check_record(checkpoint: Checkpoint) -> None:
@@ -76,9 +74,9 @@ def _check_labels(checkpoint: Checkpoint) -> None:
 def _check_inference(checkpoint: Checkpoint) -> None:
     depth = checkpoint.architecture_args.get("depth", 2)
     divisor = 2 ** (depth - 1)
-    if any(size < divisor or size > _MAX_PATCH or size % divisor for size in checkpoint.patch_size):
+    if any(size < divisor or size > MAX_PATCH_SIZE or size % divisor for size in checkpoint.patch_size):
         raise ValueError(f"patch size {checkpoint.patch_size} must be three multiples of {divisor} (the network's "
-                         f"depth {depth}) up to {_MAX_PATCH}")
+                         f"depth {depth}) up to {MAX_PATCH_SIZE}")
     if not 0 <= checkpoint.overlap < 1:
         raise ValueError(f"window overlap {checkpoint.overlap} must lie in [0, 1)")
 
@@ -87,8 +85,8 @@ def _check_preprocessing(checkpoint: Checkpoint) -> None:
     preprocessing = checkpoint.preprocessing
     if preprocessing.spacing is not None and not all(math.isfinite(s) and s > 0 for s in preprocessing.spacing):
         raise ValueError(f"preprocessing spacing {preprocessing.spacing} must be three positive numbers in mm")
-    if preprocessing.size is not None and max(preprocessing.size) > _MAX_RESIZE:
-        raise ValueError(f"preprocessing resize {preprocessing.size} exceeds {_MAX_RESIZE} voxels along an axis")
+    if preprocessing.size is not None and max(preprocessing.size) > MAX_RESIZE:
+        raise ValueError(f"preprocessing resize {preprocessing.size} exceeds {MAX_RESIZE} voxels along an axis")
     numbers = [preprocessing.mean, preprocessing.std, *(preprocessing.clip or ())]
     if not all(math.isfinite(number) for number in numbers) or preprocessing.std <= 0:
         raise ValueError(f"preprocessing numbers (mean {preprocessing.mean}, std {preprocessing.std}, clip "

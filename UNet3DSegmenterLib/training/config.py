@@ -32,7 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..choices import ARCHITECTURES, DEVICES, LOSSES, NORMALIZATIONS, NORMS, OPTIMIZERS, PRECISIONS, SCHEDULES
+from ..choices import (
+    ARCHITECTURES,
+    DEVICES,
+    LOSSES,
+    MAX_PATCH_SIZE,
+    MAX_RESIZE,
+    NORMALIZATIONS,
+    NORMS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+)
 from ..errors import UserError
 from .splits import compile_group_by
 
@@ -200,8 +211,8 @@ class TrainingConfig:
              f"weight decay must be zero or more, got {self.weight_decay}"),
             (self.spacing is None or all(0 < s < math.inf for s in self.spacing),
              f"--spacing must be three positive sizes in mm, got {self.spacing}"),
-            (self.patch_size is None or min(self.patch_size) >= 1, f"patch size must be three positive sizes in "
-             f"voxels, got {self.patch_size}"),
+            (self.patch_size is None or 1 <= min(self.patch_size) <= max(self.patch_size) <= MAX_PATCH_SIZE,
+             f"patch size must be three sizes of 1 to {MAX_PATCH_SIZE} voxels, got {self.patch_size}"),
             (self.max_patch_size >= 1, f"max patch size must be at least 1 voxel, got {self.max_patch_size}"),
             (self.max_patch_voxels >= 1, f"max patch voxels must be at least 1, got {self.max_patch_voxels}"),
             (0 <= self.seed < 2**32, f"seed must be a whole number in 0..{2**32 - 1}, got {self.seed}"),
@@ -213,7 +224,7 @@ class TrainingConfig:
             (self.dice_threshold is None or 0 <= self.dice_threshold <= 1,
              f"Dice threshold must be in [0, 1], got {self.dice_threshold}"),
             (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.input_spacing is None or min(self.input_spacing) > 0,
+            (self.input_spacing is None or all(0 < s < math.inf for s in self.input_spacing),
              f"input spacing must be positive, got {self.input_spacing}"),
             (self.fold is None or self.folds is not None, "--fold I needs --folds K"),
             (self.folds is None or self.folds >= 2, f"--folds must be at least 2, got {self.folds}"),
@@ -221,17 +232,18 @@ class TrainingConfig:
              f"--fold must be in 0..{(self.folds or 0) - 1}, got {self.fold}"),
             (self.depth is None or self.depth >= 2, f"depth must be at least 2, got {self.depth}"),
             (self.base_width is None or self.base_width >= 1, f"base width must be at least 1, got {self.base_width}"),
-            (self.resize is None or min(self.resize) >= 1, f"resize needs three sizes of at least 1 voxel, got "
-             f"{self.resize}"),
+            (self.resize is None or 1 <= min(self.resize) <= max(self.resize) <= MAX_RESIZE,
+             f"resize needs three sizes of 1 to {MAX_RESIZE} voxels, got {self.resize}"),
             (self.resize is None or self.spacing is None, "give --resize or --spacing, not both: resizing decides "
              "each case's spacing"),
-            (self.window is None or self.window[0] < self.window[1], f"window must be LOW HIGH with LOW below HIGH, "
-             f"got {self.window}"),
+            (self.window is None or -math.inf < self.window[0] < self.window[1] < math.inf,
+             f"window must be LOW HIGH with LOW below HIGH, got {self.window}"),
             (self.window is None or self.normalization in ("auto", "window"), f"--window scales intensities to "
              f"[0, 1] itself: leave out --normalization {self.normalization}"),
             (self.normalization != "window" or self.window is not None, "the window normalisation needs --window "
              "LOW HIGH"),
-            (self.class_weights is None or (min(self.class_weights) >= 0 and max(self.class_weights[1:] or [0]) > 0),
+            (self.class_weights is None or (all(0 <= weight < math.inf for weight in self.class_weights)
+                                           and max(self.class_weights[1:] or [0]) > 0),
              f"class weights must be zero or more, with at least one foreground class above zero, got "
              f"{self.class_weights}"),
         ]

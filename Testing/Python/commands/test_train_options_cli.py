@@ -41,6 +41,11 @@ def refused(capsys, *args) -> str:
     (["--lr", "inf"], "learning rate must be positive"),
     (["--dropout", "1"], "dropout must be in [0, 1)"),
     (["--patience", "0"], "patience must be at least 1"),
+    (["--resize", "100000", "100000", "100000"], "resize needs three sizes of 1 to 4096"),
+    (["--patch-size", "4096", "4096", "4096"], "patch size must be three sizes of 1 to 1024"),
+    (["--window", "nan", "inf"], "window must be LOW HIGH"),
+    (["--class-weights", "1", "1", "nan"], "class weights must be zero or more"),
+    (["--input-spacing", "nan", "1", "1"], "input spacing must be positive"),
 ])
 def test_impossible_option_is_refused_before_any_work(phantoms, tmp_path, capsys, options, message):
     assert message in refused(capsys, "--data", phantoms, "--output", tmp_path / "run", *options)
