@@ -238,6 +238,30 @@ def training_output_that_is_a_file(folder):
     return ["train", "--data", folder, "--output", folder / "notes.txt"], "notes.txt"
 
 
+def predict_two_cases_onto_one_output(folder):
+    """A DICOM series folder 'a' and a file 'a.nii.gz' both make the output a.nii.gz."""
+    from UNet3DSegmenterLib.io import write_dicom_series
+
+    write_dicom_series(Volume(np.zeros(SHAPE, np.int16)), folder / "cases" / "a")
+    image(folder / "cases", "a.nii.gz")
+    return ["predict", "-c", model(folder), "-i", folder / "cases", "-o", folder / "out"], "a.nii.gz"
+
+
+def training_case_that_is_a_device(folder):
+    (folder / "zero.nii").symlink_to("/dev/zero")
+    (folder / "list.json").write_text(json.dumps([{"image": "zero.nii", "label": labelmap(folder).name}]))
+    return ["train", "--data", folder / "list.json", "--output", folder / "run", "--val-fraction", "0"], "zero.nii"
+
+
+def dicom_option_for_a_file_output(folder):
+    return ["convert", image(folder), folder / "out.nii.gz", "--modality", "CT"], "out.nii.gz"
+
+
+def input_spacing_for_a_file_that_has_one(folder):
+    return ["predict", "-c", model(folder), "-i", image(folder), "-o", folder / "seg.nii.gz",
+            "--input-spacing", "1", "1", "1"], "image.nii.gz"
+
+
 CASES: list[Callable[[Path], tuple[list, str]]] = [
     predict_onto_its_input, predict_onto_a_symlink_of_its_input, predict_onto_a_hard_link_of_its_input,
     predict_a_folder_into_itself, probabilities_onto_the_labelmap, predict_to_a_picture_name,
@@ -248,7 +272,8 @@ CASES: list[Callable[[Path], tuple[list, str]]] = [
     nifti_with_zero_voxel_size, skewed_grid, values_beyond_single_precision, a_device_named_as_a_volume,
     checkpoint_with_a_changed_base_width, checkpoint_with_a_changed_depth, ct_image_as_the_prediction,
     labelmap_3_mm_off, overlay_labelmap_3_mm_off, a_flat_array, datalist_that_is_no_list,
-    run_json_with_a_text_format, training_output_that_is_a_file,
+    run_json_with_a_text_format, training_output_that_is_a_file, predict_two_cases_onto_one_output,
+    training_case_that_is_a_device, dicom_option_for_a_file_output, input_spacing_for_a_file_that_has_one,
 ]
 
 
