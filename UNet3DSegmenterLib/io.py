@@ -363,18 +363,18 @@ def _check_written(temporary: Path, volume: Volume, path: Path) -> None:
     size = temporary.stat().st_size
     try:
         if volume_suffix(temporary) == ".npy":
-            shape = np.load(temporary, mmap_mode="r").shape
+            shape, expected = np.load(temporary, mmap_mode="r").shape, volume.array.shape
         else:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(temporary))
             with _native_messages_held():
                 reader.ReadImageInformation()
-            shape = tuple(reversed(reader.GetSize())) if volume.channels == 1 else \
-                (reader.GetNumberOfComponents(), *reversed(reader.GetSize()))
+            shape = (reader.GetNumberOfComponents(), *reversed(reader.GetSize()))
+            expected = (volume.channels, *volume.shape)
     except (RuntimeError, OSError, ValueError):
         raise write_stopped(path, f"{size} bytes written, not a readable header") from None
-    if shape != volume.array.shape:
-        raise UserError(f"cannot write {path}: it reads back with shape {shape} instead of {volume.array.shape}")
+    if tuple(shape) != tuple(expected):
+        raise UserError(f"cannot write {path}: it reads back with shape {shape} instead of {expected}")
     missing = shortfall(temporary)
     if missing is not None:
         raise write_stopped(path, missing)
@@ -390,39 +390,63 @@ def _write_error(path: Path, temporary: Path, error: Exception) -> UserError:
     return UserError(f"cannot write {path}: {(reason.splitlines() or ['unknown reason'])[-1][:160]}")
 
 
-_NATIVE_STDERR = threading.Lock()
-_NATIVE_NOISE = re.compile(r"^\*\* ERROR|^MetaImage:|^ITK ERROR|^WARNING: In ")
+_NATIVE_NOISE = re.compile(r"^(\*\* ERROR|Meta\w*:|ITK ERROR|WARNING: In |ERROR: In |\w+ required and not defined)")
+
+
+class _NativeStderr:
+    """Where fd 2 points while ITK's readers and writers run: a temporary file, shared by the threads that
+    hold it at once (predict reads one case while it writes another), given back when the last one is done."""
+
+    lock = threading.Lock()
+    holders = 0
+    saved: int | None = None
+    held: Any = None
+
+    @classmethod
+    def enter(cls) -> None:
+        with cls.lock:
+            if cls.holders == 0:
+                try:
+                    held = tempfile.TemporaryFile()
+                    sys.stderr.flush()
+                    cls.saved, cls.held = os.dup(2), held
+                    os.dup2(held.fileno(), 2)
+                except (OSError, ValueError):  # nowhere to hold it: let it through
+                    cls.saved = cls.held = None
+            cls.holders += 1
+
+    @classmethod
+    def leave(cls) -> None:
+        with cls.lock:
+            cls.holders -= 1
+            if cls.holders or cls.saved is None:
+                return
+            sys.stderr.flush()
+            os.dup2(cls.saved, 2)
+            os.close(cls.saved)
+            cls.held.seek(0)
+            text = cls.held.read().decode("utf-8", "replace")
+            cls.held.close()
+            cls.saved = cls.held = None
+        kept = "".join(line for line in text.splitlines(keepends=True) if not _NATIVE_NOISE.match(line))
+        if kept:
+            os.write(2, kept.encode())
 
 
 @contextmanager
 def _native_messages_held() -> Iterator[None]:
-    """Hold what ITK's C and C++ code prints to the process's stderr while a file is written.
+    """Hold what ITK's C and C++ code prints to the process's stderr while a file is read or written.
 
     Its NIfTI and MetaImage writers print their failures there ('** ERROR: NWAD: wrote only 0 of
-    ... bytes'), which would stand beside the one line the command prints. Lines of theirs are
-    dropped; anything else printed meanwhile (another thread's progress) is passed on afterwards.
+    ... bytes'), and the MetaImage reader its complaints about a header, which would stand beside the
+    one line the command prints. Lines of theirs are dropped; anything else printed meanwhile (another
+    thread's progress) is passed on afterwards.
     """
-    with _NATIVE_STDERR:
-        try:
-            held = tempfile.TemporaryFile()
-            sys.stderr.flush()
-            saved = os.dup(2)
-        except (OSError, ValueError):
-            yield  # nowhere to hold it: let it through
-            return
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            text = held.read().decode("utf-8", "replace")
-            held.close()
-            kept = "".join(line for line in text.splitlines(keepends=True) if not _NATIVE_NOISE.match(line))
-            if kept:
-                os.write(2, kept.encode())
+    _NativeStderr.enter()
+    try:
+        yield
+    finally:
+        _NativeStderr.leave()
 
 
 def is_series_folder_name(path: str | os.PathLike) -> bool:

@@ -238,6 +238,12 @@ def training_output_that_is_a_file(folder):
     return ["train", "--data", folder, "--output", folder / "notes.txt"], "notes.txt"
 
 
+def mha_header_that_itk_cannot_parse(folder):
+    """ITK's MetaImage reader prints its own complaints on stderr besides raising."""
+    (folder / "odd.mha").write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementDataFile = LOCAL\n")
+    return ["convert", folder / "odd.mha", folder / "out.nii.gz"], "odd.mha"
+
+
 def predict_two_cases_onto_one_output(folder):
     """A DICOM series folder 'a' and a file 'a.nii.gz' both make the output a.nii.gz."""
     from UNet3DSegmenterLib.io import write_dicom_series
@@ -274,6 +280,7 @@ CASES: list[Callable[[Path], tuple[list, str]]] = [
     labelmap_3_mm_off, overlay_labelmap_3_mm_off, a_flat_array, datalist_that_is_no_list,
     run_json_with_a_text_format, training_output_that_is_a_file, predict_two_cases_onto_one_output,
     training_case_that_is_a_device, dicom_option_for_a_file_output, input_spacing_for_a_file_that_has_one,
+    mha_header_that_itk_cannot_parse,
 ]
 
 
