@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import errno
-import glob
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
@@ -56,20 +56,28 @@ def write_stopped(path: str | os.PathLike, detail: str) -> UserError:
                      "full or a file size limit was reached; nothing was written, free some space or write elsewhere")
 
 
+_STALE_FILE = re.compile(r"\.(.+)\.[0-9a-f]{8}\.partial")  # atomic_path's temporary files
+_STALE_FOLDER = re.compile(r"\.(.+)\.partial-")  # a DICOM series' staging folder (io.write_dicom_series)
+
+
 def remove_stale_partials(paths: Iterable[str | os.PathLike]) -> None:
     """Remove what an interrupted earlier write of ``paths`` left (a killed process renames nothing and
     cleans nothing up): the temporary files of :func:`atomic_path` and the staging folders of a DICOM
-    series. The next command that writes the same paths calls this first."""
+    series. The next command that writes the same paths calls this first; each folder is listed once."""
+    names_by_folder: dict[Path, set[str]] = {}
     for path in map(Path, paths):
-        if not path.parent.is_dir():
+        names_by_folder.setdefault(path.parent, set()).add(path.name)
+    for folder, names in names_by_folder.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # not there yet: nothing to clean
             continue
-        name = glob.escape(path.name)
-        for stale in path.parent.glob(f".{name}.????????.partial*"):
-            if stale.is_file():
-                stale.unlink(missing_ok=True)
-        for stale in path.parent.glob(f".{name}.partial-*"):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
+        for entry in entries:
+            file, staging = _STALE_FILE.match(entry.name), _STALE_FOLDER.match(entry.name)
+            if file and file.group(1) in names and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+            elif staging and staging.group(1) in names and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
