@@ -100,7 +100,10 @@ def is_dicom_folder(folder: str | os.PathLike) -> bool:
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True for a DICOM file as the standard stores it: 128 bytes of preamble, then 'DICM'."""
+    """True for a DICOM file as the standard stores it: 128 bytes of preamble, then 'DICM'. Only regular
+    files are opened: reading a named pipe would wait for ever."""
+    if not Path(path).is_file():
+        return False
     try:
         with open(path, "rb") as file:
             return file.read(132)[128:] == b"DICM"

@@ -81,3 +81,16 @@ def test_hostile_tags_never_place_files_outside_the_output(tmp_path, capsys):
     assert len([path for path in written if path.is_relative_to(tmp_path / "sorted")]) == 3
     assert len(written) == 6  # the three inputs and their three copies, nothing elsewhere
     assert all(".." not in path.parts and not path.name.startswith(".") for path in written)
+
+
+def test_a_named_pipe_among_the_files_is_skipped_not_waited_on(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    scanner_export(tmp_path / "export")
+    os.mkfifo(tmp_path / "export" / "pipe")
+    result = subprocess.run([sys.executable, "-m", "UNet3DSegmenterLib", "dicom-sort", str(tmp_path / "export"),
+                             str(tmp_path / "sorted")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "copied 6 files" in result.stdout and "pipe" in result.stdout
