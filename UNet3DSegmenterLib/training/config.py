@@ -251,8 +251,9 @@ class TrainingConfig:
             if not ok:
                 raise UserError(message)
         self._check_split_options()
-        if self.output.exists() and not self.output.is_dir():
-            raise UserError(f"--output {self.output} is a file: give a folder for the run's checkpoints and logs")
+        for flag, folder in (("--output", self.output), ("--cache-dir", self.cache_dir)):
+            if folder is not None and folder.exists() and not folder.is_dir():
+                raise UserError(f"{flag} {folder} is a file: give a folder")
 
     def _check_split_options(self) -> None:
         """--split, --split-file, --folds and --val-fraction each choose the sets: refuse combinations in

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..atomic import atomic_path
+from ..atomic import WRITE_STOPPED, atomic_path, write_stopped
 from ..datalist import Case, folder_pair, load_case
 from ..errors import UserError
 from ..paths import safe_file_name
@@ -136,10 +136,16 @@ def _cached(cache_dir, case: Case, preprocessing: Preprocessing, label_values, c
     image_file, target_file = (stem.with_name(stem.name + suffix) for suffix in (".image.npy", ".target.npy"))
     if not (image_file.exists() and target_file.exists()):
         prepared = prepare_case(case, preprocessing, label_values, crop_foreground, resample_labels, label_names)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        for file, array in ((image_file, prepared.image), (target_file, prepared.target)):
-            with atomic_path(file, ".npy") as temporary:  # the target last: its presence means both are whole
-                np.save(temporary, array)
+        try:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            for file, array in ((image_file, prepared.image), (target_file, prepared.target)):
+                with atomic_path(file, ".npy") as temporary:  # the target last: its presence means both are whole
+                    np.save(temporary, array)
+        except OSError as error:
+            if error.errno in WRITE_STOPPED:
+                raise write_stopped(image_file, error.strerror or str(error)) from None
+            raise UserError(f"cannot keep prepared cases in {stem.parent}: {error.strerror or error}; "
+                            "choose another --cache-dir") from None
         return prepared
     image, target = np.load(image_file, mmap_mode="r"), np.load(target_file, mmap_mode="r")
     return PreparedCase(case.name, image, target, _class_locations(np.asarray(target), len(label_values), case.name))

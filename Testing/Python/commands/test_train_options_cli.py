@@ -52,10 +52,21 @@ def test_impossible_option_is_refused_before_any_work(phantoms, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
-def test_output_that_is_a_file_is_refused(phantoms, tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--output", "--cache-dir"])
+def test_a_folder_option_that_is_a_file_is_refused(phantoms, tmp_path, capsys, flag):
     (tmp_path / "notes.txt").write_text("mine")
-    line = refused(capsys, "--data", phantoms, "--output", tmp_path / "notes.txt")
+    options = [flag, tmp_path / "notes.txt"] + (["--output", tmp_path / "run"] if flag != "--output" else [])
+    line = refused(capsys, "--data", phantoms, *options)
     assert "notes.txt is a file" in line and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_unwritable_cache_folder_is_one_line(phantoms, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "sub").write_text("a file where the cache wants a folder")
+    line = refused(capsys, "--data", phantoms, "--output", tmp_path / "run", "--cache-dir", cache / "sub" / "deeper",
+                   *QUICK)
+    assert "cannot keep prepared cases in" in line
 
 
 @pytest.mark.parametrize("version", ["2", 2.5, None, True, 99])
