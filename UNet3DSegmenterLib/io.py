@@ -409,13 +409,20 @@ class _NativeStderr:
     def enter(cls) -> None:
         with cls.lock:
             if cls.holders == 0:
+                cls.saved = cls.held = None  # unless fd 2 can be held below: then messages go through
                 try:
                     held = tempfile.TemporaryFile()
-                    sys.stderr.flush()
-                    cls.saved, cls.held = os.dup(2), held
-                    os.dup2(held.fileno(), 2)
-                except (OSError, ValueError):  # nowhere to hold it: let it through
-                    cls.saved = cls.held = None
+                    _flush_stderr()
+                    saved = os.dup(2)
+                except OSError:
+                    pass
+                else:
+                    try:
+                        os.dup2(held.fileno(), 2)
+                        cls.saved, cls.held = saved, held
+                    except OSError:
+                        os.close(saved)
+                        held.close()
             cls.holders += 1
 
     @classmethod
@@ -424,7 +431,7 @@ class _NativeStderr:
             cls.holders -= 1
             if cls.holders or cls.saved is None:
                 return
-            sys.stderr.flush()
+            _flush_stderr()
             os.dup2(cls.saved, 2)
             os.close(cls.saved)
             cls.held.seek(0)
@@ -434,6 +441,14 @@ class _NativeStderr:
         kept = "".join(line for line in text.splitlines(keepends=True) if not _NATIVE_NOISE.match(line))
         if kept:
             os.write(2, kept.encode())
+
+
+def _flush_stderr() -> None:
+    """Flush Python's stderr before fd 2 changes hands; an application may have none, or its own kind."""
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 @contextmanager
