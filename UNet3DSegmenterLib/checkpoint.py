@@ -50,7 +50,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_path
+from .atomic import WRITE_STOPPED, atomic_path, write_stopped
+from .checkpoint_checks import check_record
 from .errors import UserError
 from .fingerprint import TrainingFingerprint
 from .labels import Label
@@ -300,8 +301,15 @@ def save_checkpoint(checkpoint: Checkpoint | Ensemble, path: str | os.PathLike) 
     """Write ``checkpoint`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:
-        torch.save(checkpoint.to_dict(), temporary)
+    try:
+        with atomic_path(path) as temporary:
+            torch.save(checkpoint.to_dict(), temporary)
+    except OSError as error:
+        if error.errno in WRITE_STOPPED:
+            raise write_stopped(path, error.strerror or str(error)) from None
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    except RuntimeError as error:  # PyTorch's writer reports a short write as its own error
+        raise write_stopped(path, f"PyTorch: {str(error).strip().splitlines()[-1][:120]}") from None
     return path
 
 
@@ -378,6 +386,12 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def checkpoint_paths(sources: Sequence[str | os.PathLike]) -> list[Path]:
+    """The checkpoint files that ``sources`` (files, or folders as :func:`checkpoint_files` reads them) stand for."""
+    return [file for source in map(Path, sources)
+            for file in (checkpoint_files(source) if source.is_dir() else [source])]
+
+
 def _load_file(path: Path) -> Checkpoint | Ensemble:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}: check the path")
@@ -439,7 +453,8 @@ def _from_record(record, path: Path, part: str = "") -> Checkpoint:
             training=dict(record.get("training") or {}),
             fingerprint=TrainingFingerprint.from_dict(record["fingerprint"]) if record.get("fingerprint") else None,
         )
-        checkpoint.build_model()  # the weights must fit the architecture
+        check_record(checkpoint)  # as a whole, before a network is built from it
+        checkpoint.build_model()  # the weights must load
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0][:160]
         raise UserError(f"{path}{part} is an inconsistent checkpoint ({type(error).__name__}: {reason})") from None

@@ -36,6 +36,13 @@ NORMALIZATIONS = ("auto", "zscore", "ct", "window", "none")
 'zscore' otherwise; 'window' clips to a given window and scales it to [0, 1]."""
 
 
+MAX_PATCH_SIZE = 1024
+"""The largest patch edge in voxels a network is trained or run on; more is a typing slip, not a plan."""
+
+MAX_RESIZE = 4096
+"""The largest edge in voxels of a fixed grid that inputs are resized to."""
+
+
 def check_choice(value: str, allowed: tuple[str, ...], what: str) -> str:
     """``value`` when it is one of ``allowed``; otherwise ValueError naming the choices."""
     if value not in allowed:

@@ -231,8 +231,8 @@ def load_case(case: Case, label_names: dict[int, str] | None = None,
     if not image.same_grid(labels):
         if not resample_labels:
             raise UserError(
-                f"case {case.name}: image and labels lie on different grids (image {image.describe_grid()}, "
-                f"labels {labels.describe_grid()}): fix the files, or ask to resample the labels onto the image "
+                f"case {case.name}: image and labels lie on different grids (image {image.describe_grid_beside(labels)}"
+                f"; labels {labels.describe_grid_beside(image)}): fix the files, or ask to resample the labels onto the image "
                 "(--resample-labels)")
         labels = resample_to_grid(labels, image, "nearest")
     return image, labels.with_array(integer_labels(labels.array, case, label_names))

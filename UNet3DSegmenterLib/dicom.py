@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import filecmp
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import SimpleITK as sitk
 from .atomic import atomic_path
 from .errors import UserError
 from .io import instance_file_name, is_dicom_file
+from .paths import safe_file_name
 
 SortProgress = Callable[[str, int, int], None]
 """Called as ``progress(stage, done, total)``; stage is 'reading' or 'copying' (or 'moving')."""
@@ -68,10 +68,13 @@ class DicomHeader:
 
     @property
     def instance(self) -> int | None:
+        """The instance number, or None where the tag holds none that could be one (text, inf, NaN, or a
+        number beyond the 32 bits DICOM gives it)."""
         try:
-            return int(float(self.instance_number))
-        except ValueError:
+            number = int(float(self.instance_number))
+        except (ValueError, OverflowError):
             return None
+        return number if 0 <= number < 2**31 else None
 
 
 def read_dicom_header(path: str | os.PathLike) -> DicomHeader | None:
@@ -288,8 +291,7 @@ def _free_target(target: Path, source: Path) -> Path | None:
 
 def _readable(*parts: str, fallback: str) -> str:
     """A folder or file name from tag values: letters, digits and . + - kept, the rest '_', at most 64 characters."""
-    text = re.sub(r"[^\w.+-]+|_+", "_", "_".join(part for part in parts if part))
-    return text.strip("._-")[:64].rstrip("._-") or fallback
+    return safe_file_name("_".join(part for part in parts if part), fallback, limit=64)
 
 
 def _count(number: int, singular: str, plural: str | None = None) -> str:

@@ -11,13 +11,20 @@ caller gives one; written, it keeps the array and drops the geometry.
 
 from __future__ import annotations
 
+import gzip
+import logging
+import math
 import os
 import re
 import shutil
+import struct
+import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +32,15 @@ import nibabel
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_path
+from .atomic import WRITE_STOPPED, atomic_path, write_stopped
 from .errors import UserError
-from .integrity import check_whole
+from .integrity import check_whole, shortfall
 from .volume import Volume, float3
 
-# ITK prints warnings (e.g. "no DICOM series found") straight to stderr; errors are ours to word.
+# ITK prints warnings (e.g. "no DICOM series found") straight to stderr, and nibabel logs its repairs of
+# headers ("setting 0 dims to 1"); errors are ours to word.
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
+logging.getLogger("nibabel").setLevel(logging.ERROR)
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha", ".npy")
 FORMATS = ".nii.gz, .nii, .nrrd, .mha, .npy"
@@ -68,6 +77,12 @@ def list_volumes(folder: str | os.PathLike) -> list[Path]:
     return sorted(list_volume_files(folder) + series, key=lambda path: (case_name(path), path.name))
 
 
+def volume_files(source: str | os.PathLike) -> list[Path]:
+    """The volumes a path stands for: itself, or the volumes of a folder that is not one DICOM series."""
+    source = Path(source)
+    return list_volumes(source) if source.is_dir() and not is_dicom_folder(source) else [source]
+
+
 def volumes_by_case(folder: str | os.PathLike) -> dict[str, Path]:
     """The volumes of :func:`list_volumes` by case name; two volumes with one case name are refused."""
     volumes: dict[str, Path] = {}
@@ -85,7 +100,10 @@ def is_dicom_folder(folder: str | os.PathLike) -> bool:
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True for a DICOM file as the standard stores it: 128 bytes of preamble, then 'DICM'."""
+    """True for a DICOM file as the standard stores it: 128 bytes of preamble, then 'DICM'. Only regular
+    files are opened: reading a named pipe would wait for ever."""
+    if not Path(path).is_file():
+        return False
     try:
         with open(path, "rb") as file:
             return file.read(132)[128:] == b"DICM"
@@ -136,12 +154,15 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True,
     path = Path(path)
     if not path.exists():
         raise UserError(f"input not found: {path}: check the path")
+    if not (path.is_file() or path.is_dir()):  # /dev/zero under a volume's name would be read for ever
+        raise UserError(f"{path} is not a regular file (a device, pipe or socket): give a volume file")
     if volume_suffix(path) == ".npy":
         return _read_npy(path, spacing, check_finite)
     if path.is_file():
         check_whole(path)
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        with _native_messages_held():
+            image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown reason"
         raise UserError(
@@ -157,6 +178,7 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True,
         volume = from_sitk(image)
     except ValueError as error:
         raise UserError(f"{path}: unsupported image layout ({error}): a 3D volume is needed") from None
+    _check_geometry(volume, path)
     if check_finite:
         _check_finite(volume.array if not volume_suffix(path).startswith(".nii") else _nifti_data(path), path)
     return volume
@@ -166,7 +188,7 @@ def check_input_spacing(spacing: Sequence[float] | None, inputs: Sequence[str | 
     """Refuse an ``--input-spacing`` that nothing would use (no .npy among ``inputs``) or that is not positive."""
     if spacing is None:
         return
-    if len(spacing) != 3 or min(spacing) <= 0:
+    if len(spacing) != 3 or not all(0 < value < math.inf for value in spacing):
         raise UserError(f"--input-spacing must be three positive numbers X Y Z in mm, got {' '.join(map(str, spacing))}")
     if not any(volume_suffix(path) == ".npy" for path in inputs):
         raise UserError(f"--input-spacing gives the spacing of .npy arrays, and {Path(inputs[0]) if inputs else 'the input'} "
@@ -202,18 +224,56 @@ def _nifti_data(path: Path) -> np.ndarray:
     """The stored values of a NIfTI file as nibabel sees them: ITK's reader turns NaN into 0."""
     image: Any  # a Nifti1Image; nibabel's annotation is its base class
     try:
-        image = nibabel.load(path)
-    except nibabel.filebasedimages.ImageFileError:  # a plain NIfTI under a .nii.gz name, which ITK reads
-        image = nibabel.Nifti1Image.from_bytes(path.read_bytes())
+        try:
+            image = nibabel.load(path)
+        except nibabel.filebasedimages.ImageFileError:  # a plain NIfTI under a .nii.gz name, which ITK reads
+            image = nibabel.Nifti1Image.from_bytes(path.read_bytes())
+    except Exception:  # a header nibabel cannot read, which ITK read: ITK's values stand
+        return np.zeros(0)
     if not np.issubdtype(image.get_data_dtype(), np.floating):
         return np.zeros(0)
     return np.asanyarray(image.dataobj)
 
 
 def _check_finite(array: np.ndarray, path: Path) -> None:
+    """Refuse NaN and infinite values, and values beyond float32's range, which the engine computes in
+    (they would turn into infinities, then NaN, on the way)."""
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise UserError(f"{path} contains {count} NaN or infinite voxel values: fix or mask them first")
+    if np.issubdtype(array.dtype, np.floating) and array.dtype.itemsize > 4 and array.size:
+        largest = float(max(-array.min(), array.max()))
+        if largest > float(np.finfo(np.float32).max):
+            raise UserError(f"{path} holds values as large as {largest:.3g}, beyond the {np.finfo(np.float32).max:.3g} "
+                            "that single-precision computation holds: rescale the image")
+
+
+def _nifti_voxel_size(path: Path) -> tuple[float, ...] | None:
+    """pixdim[1:4] as the file stores it (nibabel and ITK both replace a 0 with 1), or None when unreadable."""
+    try:
+        with open(path, "rb") as file:
+            compressed = file.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as file:
+            header = file.read(348)
+    except (OSError, EOFError):
+        return None
+    if len(header) < 348:
+        return None
+    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    return struct.unpack(f"{endian}3f", header[80:92])
+
+
+def _check_geometry(volume: Volume, path: Path) -> None:
+    """Refuse a grid that cannot be what the file means: a zero voxel size (ITK's NIfTI reader quietly makes it
+    1 mm) or a skewed, non-orthonormal direction (which a spacing and a rotation cannot hold)."""
+    zooms = _nifti_voxel_size(path) if volume_suffix(path).startswith(".nii") else None
+    if zooms is not None and not all(np.isfinite(zoom) and zoom > 0 for zoom in zooms):
+        raise UserError(f"{path} has a voxel size of {tuple(float(zoom) for zoom in zooms)} mm in its header "
+                        "(pixdim): every size must be positive; fix the header")
+    direction = volume.direction
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise UserError(f"{path} has a skewed grid (its axes are not at right angles: direction "
+                        f"{np.round(direction, 4).tolist()}): resample it onto a rectangular grid first")
 
 
 def _is_flat(image: sitk.Image) -> bool:
@@ -283,15 +343,128 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
     _check_writable_folder(path.parent)
     try:
         with atomic_path(path, suffix) as temporary:
-            if suffix == ".npy":
-                np.save(temporary, volume.array)
-            else:
-                sitk.WriteImage(to_sitk(volume), str(temporary), compress)
-    except RuntimeError as error:
-        raise UserError(f"cannot write {path}: {str(error).strip().splitlines()[-1][:160]}") from None
+            try:
+                with _native_messages_held():
+                    if suffix == ".npy":
+                        np.save(temporary, volume.array)
+                    else:
+                        sitk.WriteImage(to_sitk(volume), str(temporary), compress)
+            except (RuntimeError, OSError) as error:
+                raise _write_error(path, temporary, error) from None
+            _check_written(temporary, volume, path)
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     return path
+
+
+def _check_written(temporary: Path, volume: Volume, path: Path) -> None:
+    """Read back the header, and check the data's size, of a file just written, before it takes its name.
+
+    ITK's NIfTI writer reports a short write (a full disk) only on stderr and carries on, and a full
+    disk can leave an empty compressed file: without this check the command would say it wrote them.
+    """
+    size = temporary.stat().st_size
+    try:
+        if volume_suffix(temporary) == ".npy":
+            shape, expected = np.load(temporary, mmap_mode="r").shape, volume.array.shape
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(temporary))
+            with _native_messages_held():
+                reader.ReadImageInformation()
+            shape = (reader.GetNumberOfComponents(), *reversed(reader.GetSize()))
+            expected = (volume.channels, *volume.shape)
+    except (RuntimeError, OSError, ValueError):
+        raise write_stopped(path, f"{size} bytes written, not a readable header") from None
+    if tuple(shape) != tuple(expected):
+        raise UserError(f"cannot write {path}: it reads back with shape {shape} instead of {expected}")
+    missing = shortfall(temporary)
+    if missing is not None:
+        raise write_stopped(path, missing)
+
+
+def _write_error(path: Path, temporary: Path, error: Exception) -> UserError:
+    """One line for a writer's failure: a write cut short (a file begun but not finished, or the
+    system's 'no space' or 'file too large') says so, rather than the writer's own guess at a cause."""
+    begun = temporary.is_file() and temporary.stat().st_size > 0
+    if begun or (isinstance(error, OSError) and error.errno in WRITE_STOPPED):
+        return write_stopped(path, f"{temporary.stat().st_size if begun else 0} bytes written")
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip()
+    return UserError(f"cannot write {path}: {(reason.splitlines() or ['unknown reason'])[-1][:160]}")
+
+
+_NATIVE_NOISE = re.compile(r"^(\*\* ERROR|Meta\w*:|ITK ERROR|WARNING: In |ERROR: In |\w+ required and not defined)")
+
+
+class _NativeStderr:
+    """Where fd 2 points while ITK's readers and writers run: a temporary file, shared by the threads that
+    hold it at once (predict reads one case while it writes another), given back when the last one is done."""
+
+    lock = threading.Lock()
+    holders = 0
+    saved: int | None = None
+    held: Any = None
+
+    @classmethod
+    def enter(cls) -> None:
+        with cls.lock:
+            if cls.holders == 0:
+                cls.saved = cls.held = None  # unless fd 2 can be held below: then messages go through
+                try:
+                    held = tempfile.TemporaryFile()
+                    _flush_stderr()
+                    saved = os.dup(2)
+                except OSError:
+                    pass
+                else:
+                    try:
+                        os.dup2(held.fileno(), 2)
+                        cls.saved, cls.held = saved, held
+                    except OSError:
+                        os.close(saved)
+                        held.close()
+            cls.holders += 1
+
+    @classmethod
+    def leave(cls) -> None:
+        with cls.lock:
+            cls.holders -= 1
+            if cls.holders or cls.saved is None:
+                return
+            _flush_stderr()
+            os.dup2(cls.saved, 2)
+            os.close(cls.saved)
+            cls.held.seek(0)
+            text = cls.held.read().decode("utf-8", "replace")
+            cls.held.close()
+            cls.saved = cls.held = None
+        kept = "".join(line for line in text.splitlines(keepends=True) if not _NATIVE_NOISE.match(line))
+        if kept:
+            os.write(2, kept.encode())
+
+
+def _flush_stderr() -> None:
+    """Flush Python's stderr before fd 2 changes hands; an application may have none, or its own kind."""
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+@contextmanager
+def _native_messages_held() -> Iterator[None]:
+    """Hold what ITK's C and C++ code prints to the process's stderr while a file is read or written.
+
+    Its NIfTI and MetaImage writers print their failures there ('** ERROR: NWAD: wrote only 0 of
+    ... bytes'), and the MetaImage reader its complaints about a header, which would stand beside the
+    one line the command prints. Lines of theirs are dropped; anything else printed meanwhile (another
+    thread's progress) is passed on afterwards.
+    """
+    _NativeStderr.enter()
+    try:
+        yield
+    finally:
+        _NativeStderr.leave()
 
 
 def is_series_folder_name(path: str | os.PathLike) -> bool:
@@ -369,13 +542,16 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, modality: str 
                           "0020|1041": _decimals(float(np.dot(position, normal)))}
             for tag, value in {**series_tags, **slice_tags}.items():
                 slice_image.SetMetaData(tag, value)
-            writer.SetFileName(str(staging / instance_file_name(k + 1, image.GetDepth())))
-            writer.Execute(slice_image)
+            slice_file = staging / instance_file_name(k + 1, image.GetDepth())
+            writer.SetFileName(str(slice_file))
+            try:
+                with _native_messages_held():
+                    writer.Execute(slice_image)
+            except (RuntimeError, OSError) as error:
+                raise _write_error(folder, slice_file, error) from None
         os.rename(staging, folder)
-    except RuntimeError as error:
-        raise UserError(f"cannot write {folder}: {str(error).strip().splitlines()[-1][:160]}") from None
     except OSError as error:
-        raise UserError(f"cannot write {folder}: {error.strerror or error}") from None
+        raise _write_error(folder, staging, error) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder

@@ -187,8 +187,14 @@ def _distance_to(surface: np.ndarray, spacing_zyx: tuple[float, float, float]) -
     return np.maximum(sitk.GetArrayFromImage(distance).astype(np.float64), 0.0)
 
 
+MAX_LABELS = 1000
+"""More distinct labels than any segmentation has (whole-body atlases have a few hundred): such a map is an image."""
+
+
 def check_label_map(volume: Volume, name: str) -> None:
-    """UserError naming ``name`` unless ``volume`` is a single-channel map of integer labels."""
+    """UserError naming ``name`` unless ``volume`` is a single-channel map of integer labels, none negative
+    and at most :data:`MAX_LABELS` of them (a CT image given as a label map would otherwise be scored as
+    thousands of 'labels')."""
     if volume.channels != 1:
         raise UserError(f"{name} has {volume.channels} channels: a single-channel label map is needed")
     array = volume.array
@@ -196,24 +202,21 @@ def check_label_map(volume: Volume, name: str) -> None:
         raise UserError(
             f"{name} holds non-integer values (a probability map?): a label map of integer labels is needed"
         )
+    if array.size and array.min() < 0:
+        raise UserError(f"{name} holds negative values (down to {array.min():g}): it looks like an image, "
+                        "not a label map of labels 0, 1, 2, ...")
+    count = len(np.unique(array)) if array.size and array.dtype.itemsize > 1 else 0  # a byte holds 256 at most
+    if count > MAX_LABELS:
+        raise UserError(f"{name} holds {count} different values, more than the {MAX_LABELS} labels a label map "
+                        "has: it looks like an image; give the label map")
 
 
 def _check_same_grid(prediction: Volume, reference: Volume, prediction_name: str, reference_name: str) -> None:
     if prediction.same_grid(reference):
         return
-    # Shape and spacing say enough when they differ; otherwise the difference is in the placement.
-    placement = prediction.describe_grid() == reference.describe_grid()
     raise UserError(
         f"{prediction_name} and {reference_name} are on different voxel grids "
-        f"({prediction_name}: {_grid_text(prediction, placement)}; "
-        f"{reference_name}: {_grid_text(reference, placement)}): "
+        f"({prediction_name}: {prediction.describe_grid_beside(reference)}; "
+        f"{reference_name}: {reference.describe_grid_beside(prediction)}): "
         "resample the prediction onto the reference image first"
     )
-
-
-def _grid_text(volume: Volume, placement: bool) -> str:
-    if not placement:
-        return volume.describe_grid()
-    origin = ", ".join(f"{value:g}" for value in volume.origin)
-    direction = ", ".join(f"{value:g}" for value in volume.direction.flatten())
-    return f"{volume.describe_grid()}, origin ({origin}) mm, direction ({direction})"

@@ -14,6 +14,7 @@ Slicer's RAS and IJK matrices are converted here and nowhere else (:meth:`Volume
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,7 +69,7 @@ class Volume:
         self.spacing = float3(self.spacing)
         self.origin = float3(self.origin)
         self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
-        if min(self.spacing) <= 0:
+        if not all(0 < value < math.inf for value in self.spacing):
             raise ValueError(f"spacing must be positive, got {self.spacing}")
 
     @property
@@ -108,6 +109,15 @@ class Volume:
     def describe_grid(self) -> str:
         spacing = ", ".join(f"{s:g}" for s in self.spacing)
         return f"shape (z, y, x) {self.shape}, spacing (x, y, z) ({spacing}) mm"
+
+    def describe_grid_beside(self, other: Volume) -> str:
+        """:meth:`describe_grid`, with the origin and direction when shape and spacing alone would read the
+        same for ``other``: a message about two grids must show where they differ."""
+        if self.describe_grid() != other.describe_grid():
+            return self.describe_grid()
+        origin = ", ".join(f"{value:g}" for value in self.origin)
+        direction = ", ".join(f"{value:g}" for value in self.direction.flatten())
+        return f"{self.describe_grid()}, origin ({origin}) mm, direction ({direction})"
 
     # Slicer's IJK-to-RAS matrix: the only place RAS appears in the engine.
     def ijk_to_ras(self) -> np.ndarray:

@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import remove_stale_partials
     from ..io import (
         case_name,
         check_input_spacing,
@@ -50,9 +51,12 @@ def run(args: argparse.Namespace) -> int:
         write_dicom_series,
         write_volume,
     )
+    from ..paths import check_outputs
     from ..volume import Volume
 
     check_input_spacing(args.input_spacing, [args.input])
+    check_outputs([args.output], [args.input])
+    remove_stale_partials([args.output])
     to_dicom = is_series_folder_name(args.output)
     dicom_options = [f"--{name.replace('_', '-')}" for name in ("modality", "patient_name", "patient_id",
                                                                 "series_description") if getattr(args, name) is not None]

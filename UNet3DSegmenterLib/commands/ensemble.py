@@ -22,11 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_ensemble, save_checkpoint
+    from ..checkpoint import checkpoint_paths, load_ensemble, save_checkpoint
+    from ..paths import check_outputs
 
     output: Path = args.output
     if output.suffix != ".pt" or output.is_dir():
         raise UserError(f"--output {output}: give a file name ending in .pt")
+    check_outputs([output], checkpoint_paths(args.checkpoints))
     ensemble = load_ensemble(args.checkpoints)
     ensemble.training = {"from": ", ".join(str(path) for path in args.checkpoints)}
     try:

@@ -6,6 +6,8 @@ import argparse
 
 from ..atomic import write_json
 from ..evaluation import evaluate, format_table
+from ..io import volume_files
+from ..paths import check_outputs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``evaluate`` subcommand: print the table, optionally write JSON; returns the exit status."""
+    check_outputs([args.json], [file for source in (args.prediction, args.reference) for file in volume_files(source)])
     result = evaluate(args.prediction, args.reference)
     if args.json:
         write_json(result, args.json)

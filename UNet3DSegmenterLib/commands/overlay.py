@@ -29,12 +29,14 @@ def run(args: argparse.Namespace) -> int:
     """Read the volumes, check that they share the image's grid, and draw the picture."""
     from ..io import read_volume
     from ..metrics import check_label_map
+    from ..paths import check_outputs
     from ..plots import save_overlay
 
     if args.output.suffix.lower() != ".png":
         raise UserError(f"{args.output}: the overlay is a PNG picture; give an output file ending in .png")
     if args.output.is_dir():
         raise UserError(f"{args.output} is a folder: give the picture's file name, e.g. {args.output / 'overlay.png'}")
+    check_outputs([args.output], [args.image, args.prediction, args.reference, args.checkpoint])
     image = read_volume(args.image)
     labelmaps = {}
     for role, path in (("prediction", args.prediction), ("reference", args.reference)):
@@ -43,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
         labels = read_volume(path)
         check_label_map(labels, str(path))
         if not labels.same_grid(image, tolerance=1e-3):
-            raise UserError(f"the {role} {path} ({labels.describe_grid()}) is not on the grid of the image "
-                            f"{args.image} ({image.describe_grid()}): give the label map made for this image")
+            raise UserError(f"the {role} {path} ({labels.describe_grid_beside(image)}) is not on the grid of the "
+                            f"image {args.image} ({image.describe_grid_beside(labels)}): give the label map made for this image")
         labelmaps[role] = labels
     colors = _checkpoint_colors(args.checkpoint) if args.checkpoint else None
     path = save_overlay(image, labelmaps.get("reference"), labelmaps["prediction"], args.output, colors)

@@ -8,9 +8,19 @@ import os
 import sys
 from pathlib import Path
 
+from ..atomic import remove_stale_partials
 from ..choices import DEVICES, PRECISIONS
 from ..errors import UserError
-from ..io import FORMATS, case_name, check_input_spacing, is_dicom_folder, list_volumes, volume_suffix
+from ..io import (
+    FORMATS,
+    case_name,
+    check_input_spacing,
+    is_dicom_folder,
+    is_series_folder_name,
+    list_volumes,
+    volume_suffix,
+)
+from ..paths import check_outputs
 from ..progress import ProgressBar, emit_json
 
 
@@ -57,6 +67,10 @@ def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
             raise UserError(f"the input is a folder, so --probabilities must be a folder, not {probabilities}")
         return [(path, output / _output_name(path), probabilities / _output_name(path) if probabilities else None)
                 for path in volumes]
+    for option, path in (("--output", output), ("--probabilities", probabilities)):
+        if path is not None and not volume_suffix(path) and not is_series_folder_name(path):
+            raise UserError(f"{option} {path}: use a file name ending in {FORMATS}, or a folder name without "
+                            "an extension")
     if output.is_dir() or not volume_suffix(output):
         name = _output_name(source)
         output = output / name
@@ -80,13 +94,17 @@ def _check_writable(paths: list[Path]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Segment every case the options name; exit status 2 when some cases of a folder failed."""
+    from ..checkpoint import checkpoint_paths
     from ..inference.predictor import Predictor, predict_files
     from ..roi import RegionOfInterest
 
     roi = RegionOfInterest.from_values(args.roi) if args.roi is not None else None
     cases = _plan(args)
     check_input_spacing(args.input_spacing, [source for source, _, _ in cases])
-    _check_writable([output for _, output, _ in cases] + [p for _, _, p in cases if p is not None])
+    outputs = [output for _, output, _ in cases] + [p for _, _, p in cases if p is not None]
+    check_outputs(outputs, [source for source, _, _ in cases] + checkpoint_paths(args.checkpoint))
+    _check_writable(outputs)
+    remove_stale_partials(outputs)
     predictor = Predictor(args.checkpoint, device=args.device, overlap=args.overlap, batch_size=args.batch_size,
                           tta=args.tta, largest_component=args.largest_component, precision=args.precision)
     names = [case_name(source) for source, _, _ in cases]

@@ -87,6 +87,8 @@ class Predictor:
         self.overlap = self.checkpoint.overlap if overlap is None else float(overlap)
         if not 0 <= self.overlap < 1:
             raise UserError(f"overlap must be at least 0 and below 1, got {self.overlap}")
+        if batch_size is not None and batch_size < 1:
+            raise UserError(f"batch size must be at least 1 window, got {batch_size}")
         self.batch_size = batch_size or (4 if self.device.type == "cuda" else 2)
         self.tta = tta
         self.largest_component = largest_component

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 import shutil
 
 import numpy as np
 
+from ..paths import safe_file_name
 from .install import asValueError, engine
 from .scene import (
     CHECKPOINT_ATTRIBUTE,
@@ -93,7 +93,7 @@ def exportTrainingPairs(pairs, folder, labels=None) -> pathlib.Path:
         with asValueError():
             writeVolume = engine().write_volume
             for index, (volumeNode, segmentationNode) in enumerate(pairs):
-                case = f"case_{index:03d}_{_safeName(volumeNode.GetName())}"
+                case = f"case_{index:03d}_{safe_file_name(volumeNode.GetName(), fallback='volume')}"
                 volume = volumeFromNode(volumeNode)
                 labelmap = values[labelmapFromSegmentation(segmentationNode, volumeNode, names)]
                 labelmap = labelmap.astype(np.uint8 if labelmap.max(initial=0) < 256 else np.uint16)
@@ -158,7 +158,3 @@ def lastModified(segmentationNode) -> int:
         representation = segment.GetRepresentation(source)
         times += [segment.GetMTime()] + ([representation.GetMTime()] if representation is not None else [])
     return max(times)
-
-
-def _safeName(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "volume"

@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import types
 import typing
@@ -31,7 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..choices import ARCHITECTURES, DEVICES, LOSSES, NORMALIZATIONS, NORMS, OPTIMIZERS, PRECISIONS, SCHEDULES
+from ..choices import (
+    ARCHITECTURES,
+    DEVICES,
+    LOSSES,
+    MAX_PATCH_SIZE,
+    MAX_RESIZE,
+    NORMALIZATIONS,
+    NORMS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+)
 from ..errors import UserError
 from .splits import compile_group_by
 
@@ -200,9 +212,25 @@ class TrainingConfig:
             (self.val_every >= 1, f"val_every must be at least 1, got {self.val_every}"),
             (0 <= self.overlap < 1, f"overlap must be in [0, 1), got {self.overlap}"),
             (0 <= self.foreground_fraction <= 1, f"foreground fraction must be in [0, 1], got {self.foreground_fraction}"),
-            (self.lr is None or self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.lr is None or 0 < self.lr < math.inf, f"learning rate must be positive, got {self.lr}"),
+            (self.weight_decay is None or 0 <= self.weight_decay < math.inf,
+             f"weight decay must be zero or more, got {self.weight_decay}"),
+            (self.spacing is None or all(0 < s < math.inf for s in self.spacing),
+             f"--spacing must be three positive sizes in mm, got {self.spacing}"),
+            (self.patch_size is None or 1 <= min(self.patch_size) <= max(self.patch_size) <= MAX_PATCH_SIZE,
+             f"patch size must be three sizes of 1 to {MAX_PATCH_SIZE} voxels, got {self.patch_size}"),
+            (self.max_patch_size >= 1, f"max patch size must be at least 1 voxel, got {self.max_patch_size}"),
+            (self.max_patch_voxels >= 1, f"max patch voxels must be at least 1, got {self.max_patch_voxels}"),
+            (0 <= self.seed < 2**32, f"seed must be a whole number in 0..{2**32 - 1}, got {self.seed}"),
+            (self.workers is None or self.workers >= 0, f"workers must be 0 or more, got {self.workers}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.warmup_epochs >= 0, f"warm-up epochs must be 0 or more, got {self.warmup_epochs}"),
+            (0 <= self.grad_clip < math.inf, f"gradient clip must be 0 (off) or more, got {self.grad_clip}"),
+            (self.patience is None or self.patience >= 1, f"patience must be at least 1 epoch, got {self.patience}"),
+            (self.dice_threshold is None or 0 <= self.dice_threshold <= 1,
+             f"Dice threshold must be in [0, 1], got {self.dice_threshold}"),
             (0 <= self.val_fraction < 1, f"validation fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.input_spacing is None or min(self.input_spacing) > 0,
+            (self.input_spacing is None or all(0 < s < math.inf for s in self.input_spacing),
              f"input spacing must be positive, got {self.input_spacing}"),
             (not (self.resume and self.overwrite), "give --resume (continue the run) or --overwrite (replace it), "
              "not both"),
@@ -212,17 +240,18 @@ class TrainingConfig:
              f"--fold must be in 0..{(self.folds or 0) - 1}, got {self.fold}"),
             (self.depth is None or self.depth >= 2, f"depth must be at least 2, got {self.depth}"),
             (self.base_width is None or self.base_width >= 1, f"base width must be at least 1, got {self.base_width}"),
-            (self.resize is None or min(self.resize) >= 1, f"resize needs three sizes of at least 1 voxel, got "
-             f"{self.resize}"),
+            (self.resize is None or 1 <= min(self.resize) <= max(self.resize) <= MAX_RESIZE,
+             f"resize needs three sizes of 1 to {MAX_RESIZE} voxels, got {self.resize}"),
             (self.resize is None or self.spacing is None, "give --resize or --spacing, not both: resizing decides "
              "each case's spacing"),
-            (self.window is None or self.window[0] < self.window[1], f"window must be LOW HIGH with LOW below HIGH, "
-             f"got {self.window}"),
+            (self.window is None or -math.inf < self.window[0] < self.window[1] < math.inf,
+             f"window must be LOW HIGH with LOW below HIGH, got {self.window}"),
             (self.window is None or self.normalization in ("auto", "window"), f"--window scales intensities to "
              f"[0, 1] itself: leave out --normalization {self.normalization}"),
             (self.normalization != "window" or self.window is not None, "the window normalisation needs --window "
              "LOW HIGH"),
-            (self.class_weights is None or (min(self.class_weights) >= 0 and max(self.class_weights[1:] or [0]) > 0),
+            (self.class_weights is None or (all(0 <= weight < math.inf for weight in self.class_weights)
+                                           and max(self.class_weights[1:] or [0]) > 0),
              f"class weights must be zero or more, with at least one foreground class above zero, got "
              f"{self.class_weights}"),
         ]
@@ -230,6 +259,9 @@ class TrainingConfig:
             if not ok:
                 raise UserError(message)
         self._check_split_options()
+        for flag, folder in (("--output", self.output), ("--cache-dir", self.cache_dir)):
+            if folder is not None and folder.exists() and not folder.is_dir():
+                raise UserError(f"{flag} {folder} is a file: give a folder")
 
     def _check_split_options(self) -> None:
         """--split, --split-file, --folds and --val-fraction each choose the sets: refuse combinations in
@@ -300,8 +332,11 @@ class TrainingConfig:
         """A configuration from :meth:`to_json`'s data; unknown keys are refused, missing keys take defaults."""
         if not isinstance(record, dict):
             raise UserError(f"{source} must hold a JSON object of training options")
-        if record.get("format", CONFIG_FORMAT) > CONFIG_FORMAT:
-            raise UserError(f"{source} was written by a newer version (format {record['format']}): update")
+        version = record.get("format", CONFIG_FORMAT)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise UserError(f"{source}: \"format\" is {version!r}, not a format number such as {CONFIG_FORMAT}")
+        if version > CONFIG_FORMAT:
+            raise UserError(f"{source} was written by a newer version (format {version}): update")
         names = {item.name for item in dataclasses.fields(cls)}
         unknown = sorted(set(record) - names - {"format"})
         if unknown:

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..atomic import atomic_path
+from ..atomic import WRITE_STOPPED, atomic_path, write_stopped
 from ..datalist import Case, folder_pair, load_case
+from ..errors import UserError
+from ..paths import safe_file_name
 from ..preprocess import Preprocessing, normalize, resample_for_model, resample_to_grid
 from ..volume import float3, int3
 
@@ -67,6 +69,10 @@ def prepare_case(case: Case, preprocessing: Preprocessing, label_values: Sequenc
     names = label_names if label_names is not None else {int(value): str(value) for value in label_values}
     image, labels = load_case(case, names, resample_labels)
     channels = image.array if image.array.ndim == 4 else image.array[None]
+    if len(channels) != preprocessing.channels:
+        raise UserError(f"case {case.name}: the image {case.image} has {len(channels)} channel(s) where the model "
+                        f"takes {preprocessing.channels} (as the first training case has): give every case the "
+                        "same channels")
     image = resample_for_model(image.with_array(channels.astype(np.float32, copy=False)), preprocessing, "linear")
     if not labels.same_grid(image):
         labels = resample_to_grid(labels, image, "nearest")
@@ -126,14 +132,20 @@ def _cached(cache_dir, case: Case, preprocessing: Preprocessing, label_values, c
         [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in (case.image, case.label)
     ] + [preprocessing.to_dict(), list(map(int, label_values)), crop_foreground, resample_labels]
         + ([list(case.spacing)] if case.spacing else [])).encode())
-    stem = Path(cache_dir) / f"{case.name}-{key.hexdigest()[:16]}"
+    stem = Path(cache_dir) / f"{safe_file_name(case.name)}-{key.hexdigest()[:16]}"
     image_file, target_file = (stem.with_name(stem.name + suffix) for suffix in (".image.npy", ".target.npy"))
     if not (image_file.exists() and target_file.exists()):
         prepared = prepare_case(case, preprocessing, label_values, crop_foreground, resample_labels, label_names)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        for file, array in ((image_file, prepared.image), (target_file, prepared.target)):
-            with atomic_path(file, ".npy") as temporary:  # the target last: its presence means both are whole
-                np.save(temporary, array)
+        try:
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            for file, array in ((image_file, prepared.image), (target_file, prepared.target)):
+                with atomic_path(file, ".npy") as temporary:  # the target last: its presence means both are whole
+                    np.save(temporary, array)
+        except OSError as error:
+            if error.errno in WRITE_STOPPED:
+                raise write_stopped(image_file, error.strerror or str(error)) from None
+            raise UserError(f"cannot keep prepared cases in {stem.parent}: {error.strerror or error}; "
+                            "choose another --cache-dir") from None
         return prepared
     image, target = np.load(image_file, mmap_mode="r"), np.load(target_file, mmap_mode="r")
     return PreparedCase(case.name, image, target, _class_locations(np.asarray(target), len(label_values), case.name))

@@ -100,6 +100,7 @@ def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_fr
     lr, weight_decay = _optimiser_defaults(config)
     if resume_from is not None:
         previous = load_single_checkpoint(resume_from, "resuming")
+        _check_resume_options(config, previous, resume_from)
         return TrainingPlan(previous.labels, previous.preprocessing, previous.patch_size, previous.architecture,
                             previous.architecture_args, lr, weight_decay, config.loss, config.class_weights,
                             median_spacing=_median_resized_spacing(train_cases, previous.preprocessing),
@@ -258,6 +259,29 @@ def plan_patch_size(median_shape: Sequence[int], divisor: int, max_size: int = 1
                     for size, median in zip(patch, median_shape)]
         patch[coverage.index(max(coverage))] -= divisor
     return int3(patch)
+
+
+def _check_resume_options(config, previous: Checkpoint, path: Path) -> None:
+    """A resumed run keeps its network and preprocessing: refuse options that ask for others, rather than
+    ignore them and let the user believe they took effect."""
+    arguments, preprocessing = previous.architecture_args, previous.preprocessing
+    asked = [
+        ("--arch", config.architecture, previous.architecture),
+        ("--depth", config.depth, arguments.get("depth")),
+        ("--base-width", config.base_width, arguments.get("base_width")),
+        ("--norm", None if config.norm == "instance" else config.norm, arguments.get("norm")),
+        ("--dropout", config.dropout or None, arguments.get("dropout")),
+        ("--spacing", config.spacing and float3(config.spacing), preprocessing.spacing),
+        ("--resize", config.resize and int3(config.resize), preprocessing.size),
+        ("--patch-size", config.patch_size and int3(config.patch_size), previous.patch_size),
+        ("--window", config.window and tuple(map(float, config.window)), preprocessing.clip),
+    ]
+    for flag, given, recorded in asked:
+        if given is not None and given != recorded:
+            shown = " ".join(map(str, given)) if isinstance(given, tuple) else given
+            raise UserError(f"--resume continues the run in {path.parent} as it was set up ({flag[2:]} {recorded}), "
+                            f"but {flag} {shown} asks for another: leave {flag} out, or start a new run in another "
+                            "--output")
 
 
 def _checked_patch_size(patch_size, divisor: int) -> tuple[int, int, int]:

@@ -35,11 +35,12 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, write_json
+from ..atomic import atomic_path, remove_stale_partials, write_json
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..datalist import load_datalist
 from ..errors import UserError
 from ..inference.fast import reuse_freed_memory
+from ..paths import check_outputs
 from ..progress import TrainingEvent
 from ..runtime import training_dtype
 from .augment import Augmenter
@@ -111,6 +112,12 @@ class _Run:
     def run(self) -> TrainingResult:
         config = self.config
         datalist = load_datalist(config.data, config.input_spacing)
+        # Resuming reads last.pt, last.state.pt and split.json to write them on: those are the run's own.
+        check_outputs([path for name, path in self.paths.items() if not config.resume or name not in
+                       ("last.pt", "last.state.pt", "split.json")],
+                      [config.init, *(file for case in datalist.cases for file in (case.image, case.label))])
+        if self.distributed.main:  # the one process that writes them
+            remove_stale_partials(self.paths.values())
         self.split = self._split([case.name for case in datalist.cases])
         train_cases, validation_cases = datalist.subset(self.split.train), datalist.subset(self.split.validation)
         self.test_files = datalist.subset(self.split.test)

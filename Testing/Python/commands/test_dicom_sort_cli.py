@@ -47,3 +47,50 @@ def test_folder_without_dicom_is_one_line(tmp_path, capsys):
     assert main(["dicom-sort", str(tmp_path / "photos"), str(tmp_path / "sorted")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"error: found no DICOM image in {tmp_path / 'photos'} (1 file looked at): check the folder"]
+
+
+def retag(path, tags: dict[str, str]) -> None:
+    """Rewrite one DICOM file with some of its tags replaced, as a careless or hostile exporter might."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.LoadPrivateTagsOn()
+    image = reader.Execute()
+    for key in reader.GetMetaDataKeys():
+        image.SetMetaData(key, reader.GetMetaData(key))
+    for key, value in tags.items():
+        image.SetMetaData(key, value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    writer.Execute(image)
+
+
+def test_hostile_tags_never_place_files_outside_the_output(tmp_path, capsys):
+    """Names from tags become file names only once made safe; an instance number of inf is no number."""
+    series = write_dicom_series(Volume(np.zeros((3, 4, 5), np.int16)), tmp_path / "export" / "series", modality="CT")
+    files = sorted(series.iterdir())
+    retag(files[0], {"0010|0010": "../../../escaped", "0010|0020": "/tmp/absolute", "0008|103e": "..",
+                     "0020|0013": "inf"})
+    for path in files[1:]:
+        retag(path, {"0010|0010": "../../../escaped", "0010|0020": "/tmp/absolute", "0008|103e": "..",
+                     "0020|0013": "nan" if path == files[1] else "1e30"})
+    assert main(["dicom-sort", str(tmp_path / "export"), str(tmp_path / "sorted")]) == 0, capsys.readouterr().err
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert len([path for path in written if path.is_relative_to(tmp_path / "sorted")]) == 3
+    assert len(written) == 6  # the three inputs and their three copies, nothing elsewhere
+    assert all(".." not in path.parts and not path.name.startswith(".") for path in written)
+
+
+def test_a_named_pipe_among_the_files_is_skipped_not_waited_on(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    scanner_export(tmp_path / "export")
+    os.mkfifo(tmp_path / "export" / "pipe")
+    result = subprocess.run([sys.executable, "-m", "UNet3DSegmenterLib", "dicom-sort", str(tmp_path / "export"),
+                             str(tmp_path / "sorted")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "copied 6 files" in result.stdout and "pipe" in result.stdout

@@ -85,7 +85,7 @@ def test_missing_input(model_path, tmp_path):
 def test_corrupt_input_leaves_no_output(model_path, tmp_path):
     (tmp_path / "bad.nii.gz").write_bytes(b"\x1f\x8b garbage")
     result = run_cli("predict", "-c", model_path, "-i", tmp_path / "bad.nii.gz", "-o", tmp_path / "o.nii.gz")
-    assert_one_line_error(result, "cannot read", "bad.nii.gz")
+    assert_one_line_error(result, "bad.nii.gz is truncated or corrupt (damaged compressed data")
     assert not (tmp_path / "o.nii.gz").exists()
 
 

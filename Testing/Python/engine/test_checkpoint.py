@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import pickle
 import subprocess
@@ -135,10 +136,10 @@ def test_failed_save_keeps_the_previous_checkpoint_whole(tmp_path, monkeypatch):
 
     def crash(obj, file, *args, **kwargs):
         open(file, "wb").write(b"partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="last.pt: the write stopped part-way .*disk is full"):
         save_checkpoint(small_checkpoint(epochs=2), path)
     assert load_checkpoint(path).training == {"epochs": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -53,10 +53,10 @@ def test_truncated_or_damaged_file_is_refused(tmp_path, suffix, damage):
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".seg.nrrd"])
-def test_truncated_nrrd_is_refused_by_itk_in_one_line(tmp_path, suffix):
+def test_truncated_nrrd_is_refused_in_one_line(tmp_path, suffix):
     path = write_volume(noisy_volume(), tmp_path / f"case{suffix}")
     cut(path, 0.5)
-    with pytest.raises(UserError, match="cannot read") as error:
+    with pytest.raises(UserError, match="truncated or corrupt") as error:
         read_volume(path)
     assert "\n" not in str(error.value)
 
@@ -92,3 +92,79 @@ def test_gzip_file_of_several_members_is_whole(tmp_path):
     data = write_volume(volume, tmp_path / "case.nii").read_bytes()
     (tmp_path / "members.nii.gz").write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:]))
     np.testing.assert_array_equal(read_volume(tmp_path / "members.nii.gz").array, volume.array)
+
+
+def nrrd_header(sizes: str, encoding: str = "raw", extra: str = "", kind: str = "float") -> bytes:
+    return (f"NRRD0004\ntype: {kind}\ndimension: 3\nsizes: {sizes}\nencoding: {encoding}\n{extra}"
+            "space directions: (1,0,0) (0,1,0) (0,0,1)\nendian: little\n\n").encode()
+
+
+@pytest.mark.parametrize("encoding, data", [("raw", b"\0" * 4000), ("gzip", gzip.compress(b"\0" * 4_000_000))])
+def test_small_nrrd_declaring_gigabytes_is_refused_before_it_is_read(tmp_path, encoding, data):
+    """800^3 floats are 2 GB: ITK would set them aside before noticing that the file holds a few KB."""
+    path = tmp_path / "bomb.nrrd"
+    path.write_bytes(nrrd_header("800 800 800", encoding) + data)
+    with pytest.raises(UserError, match=r"bomb.nrrd is truncated or corrupt .* where the header needs 2048000000"):
+        read_volume(path)
+
+
+def test_header_declaring_more_than_this_machines_memory_is_refused_before_inflating(tmp_path):
+    import math
+    import os
+
+    from UNet3DSegmenterLib.integrity import MAX_VOXELS
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    edge = math.ceil((2 * memory / 8) ** (1 / 3))
+    if edge**3 > MAX_VOXELS:
+        pytest.skip(f"this machine's {memory / 1e9:.0f} GB hold more than any scan needs")
+    path = tmp_path / "large.nrrd"
+    path.write_bytes(nrrd_header(f"{edge} {edge} {edge}", "gzip", kind="double") + gzip.compress(b"\0" * 100_000))
+    with pytest.raises(UserError, match="more than this machine's .* GB of memory"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("sizes", ["0 10 10", "-5 10 10", "100000000 100000000 100000000"])
+def test_nrrd_with_absurd_sizes_is_refused(tmp_path, sizes):
+    path = tmp_path / "odd.nrrd"
+    path.write_bytes(nrrd_header(sizes) + b"\0" * 4000)
+    with pytest.raises(UserError, match="which no scan has"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("name", ["/dev/zero", "../outside.raw", "LIST"])
+def test_header_naming_a_data_file_outside_its_folder_is_refused(tmp_path, name):
+    (tmp_path / "outside.raw").write_bytes(b"\0" * 64000)
+    (tmp_path / "in").mkdir()
+    mha = tmp_path / "in" / "detached.mha"
+    mha.write_text("ObjectType = Image\nNDims = 3\nDimSize = 40 40 10\nElementType = MET_FLOAT\n"
+                   f"ElementDataFile = {name}\n")
+    nrrd = tmp_path / "in" / "detached.nrrd"
+    nrrd.write_bytes(nrrd_header("40 40 10", extra=f"data file: {name}\n"))
+    for path in (mha, nrrd):
+        with pytest.raises(UserError, match="not a file beside it"):
+            read_volume(path)
+
+
+def test_header_naming_a_data_file_beside_it_is_read(tmp_path):
+    array = np.arange(4000, dtype=np.float32).reshape(10, 20, 20)
+    (tmp_path / "data.raw").write_bytes(array.tobytes())
+    (tmp_path / "detached.mha").write_text("ObjectType = Image\nNDims = 3\nDimSize = 20 20 10\n"
+                                           "ElementType = MET_FLOAT\nElementDataFile = data.raw\n")
+    np.testing.assert_array_equal(read_volume(tmp_path / "detached.mha").array, array)
+
+
+def test_compressed_mha_that_inflates_beyond_memory_is_read_in_bounded_pieces(tmp_path):
+    """The check itself must not inflate a small file all at once."""
+    import tracemalloc
+    import zlib
+
+    path = tmp_path / "zeros.mha"
+    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 200 200 200\nElementType = MET_FLOAT\n"
+                     b"CompressedData = True\nElementDataFile = LOCAL\n" + zlib.compress(b"\0" * 200 ** 3 * 4)[:-20])
+    tracemalloc.start()
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        check_whole(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 << 20

@@ -137,3 +137,12 @@ def test_export_never_replaces_a_folder_it_did_not_write(slicer_scene, logic, tm
     with pytest.raises(ValueError, match="did not export"):
         logic.exportTrainingPairs([phantom_pair(logic, seed=5)[:2]], tmp_path / "data")
     assert (tmp_path / "data" / "notes.txt").read_text() == "mine"
+
+
+def test_node_names_never_place_files_outside_the_export(slicer_scene, logic, tmp_path):
+    volumeNode, segmentationNode, _ = phantom_pair(logic, seed=5)
+    volumeNode.SetName("../../escaped")
+    folder = logic.exportTrainingPairs([(volumeNode, segmentationNode)], tmp_path / "export" / "data")
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert written and all(path.is_relative_to(folder) for path in written), written
+    assert [path.name for path in (folder / "images").iterdir()] == ["case_000_escaped.nii.gz"]
