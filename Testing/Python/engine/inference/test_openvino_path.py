@@ -58,6 +58,19 @@ def test_openvino_computes_the_network_as_pytorch_does_in_float32(architecture, 
     torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_each_batch_shape_is_compiled_for_itself_from_one_conversion(monkeypatch):
+    model = network("unet3d", "batch")
+    forward = OpenVINOForward(model, torch.float32)
+    conversions = []
+    convert = OpenVINOForward._convert
+    monkeypatch.setattr(OpenVINOForward, "_convert", lambda self, batch: conversions.append(1) or convert(self, batch))
+    for shape in [(2, 1, 16, 16, 16), (1, 1, 16, 16, 16), (1, 1, 16, 24, 32), (2, 1, 16, 16, 16)]:
+        batch = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.inference_mode():
+            torch.testing.assert_close(forward(batch), model(batch), rtol=1e-4, atol=1e-4)
+    assert len(forward._requests) == 3 and conversions == [1]
+
+
 def test_a_network_is_converted_once_and_read_back_later(offered, monkeypatch):
     model = network("unet3d", "instance")
     first = OpenVINOForward(model, torch.float32)(batch())
@@ -90,7 +103,7 @@ def test_the_calibration_measures_it_beside_the_others(offered):
 
 
 def test_a_network_openvino_cannot_read_is_left_to_the_other_paths(offered, monkeypatch):
-    def unreadable(self, openvino, batch):
+    def unreadable(self, batch):
         raise ValueError("an operation OpenVINO does not know")
 
     monkeypatch.setattr(OpenVINOForward, "_convert", unreadable)
