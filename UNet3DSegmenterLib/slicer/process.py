@@ -227,13 +227,28 @@ class EngineProcess:
         return f"the engine stopped with exit status {code} and no message"
 
 
+ENGINE_FOLDER_VARIABLE = "UNET3D_SEGMENTER_ENGINE_FOLDER"
+# Slicer's PythonSlicer launcher puts Slicer's own paths, site-packages included, before the PYTHONPATH it
+# inherits, so `-m UNet3DSegmenterLib` could run a pip-installed copy of the engine; this puts the module's
+# folder first on sys.path inside the child, whatever the launcher did, then runs the engine's command line.
+_ENGINE_BOOTSTRAP = ("import os, runpy, sys; sys.path.insert(0, os.environ['" + ENGINE_FOLDER_VARIABLE + "']); "
+                     "runpy.run_module('UNet3DSegmenterLib', run_name='__main__', alter_sys=True)")
+
+
+def engineCommand(python, *arguments) -> list:
+    """The command line that runs ``unet3d-segmenter ARGUMENTS`` with the engine of the folder that
+    :func:`childEnvironment` names (run it with that environment)."""
+    return [python, "-c", _ENGINE_BOOTSTRAP, *arguments]
+
+
 def childEnvironment(moduleFolder) -> dict:
-    """The environment for an engine child process: ``moduleFolder`` (which holds UNet3DSegmenterLib) first
-    on the Python path, so that the child runs this module's engine, and unbuffered output, so that
-    progress arrives as it happens."""
+    """The environment for an engine child process: ``moduleFolder`` (which holds UNet3DSegmenterLib) named
+    for :func:`engineCommand` and first on PYTHONPATH, so that the child runs this module's engine, and
+    unbuffered output, so that progress arrives as it happens."""
     environment = dict(os.environ)
     paths = [str(moduleFolder)] + [path for path in environment.get("PYTHONPATH", "").split(os.pathsep) if path]
     environment["PYTHONPATH"] = os.pathsep.join(paths)
+    environment[ENGINE_FOLDER_VARIABLE] = str(moduleFolder)
     environment["PYTHONUNBUFFERED"] = "1"
     return environment
 

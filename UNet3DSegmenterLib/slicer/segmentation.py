@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..choices import DEVICES
 from .install import asValueError, engine, oneLine
-from .process import EngineProcess
+from .process import EngineProcess, engineCommand
 from .scene import regionFromRoiNode, storeSegmentation, volumeFromNode
 
 log = logging.getLogger("UNet3DSegmenter")
@@ -119,8 +119,8 @@ def startInBackground(job: SegmentationJob, python: str, environment: dict, onPr
     except Exception:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    arguments = [python, "-m", "UNet3DSegmenterLib", "predict", "--checkpoint", checkpointPath, "--input", inputPath,
-                 "--output", outputPath, "--device", job.device, "--overlap", job.overlap, "--progress-json"]
+    arguments = engineCommand(python, "predict", "--checkpoint", checkpointPath, "--input", inputPath,
+                              "--output", outputPath, "--device", job.device, "--overlap", job.overlap, "--progress-json")
     arguments += ["--tta"] if job.tta else []
     arguments += ["--largest-component"] if job.largestComponent else []
     if job.region is not None:

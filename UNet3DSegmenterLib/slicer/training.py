@@ -22,7 +22,7 @@ import vtk
 
 from .export import checkPairs, exportTrainingPairs, trainingLabels
 from .install import asValueError, engine
-from .process import EngineProcess
+from .process import EngineProcess, engineCommand
 from .segmentation import loadCheckpoint
 
 CHART_ROLE = "UNet3DSegmenter.Chart"
@@ -219,7 +219,7 @@ def startInBackground(job: TrainingJob, python: str, environment: dict, onProgre
         if onFinished is not None:
             onFinished(checkpoint)
 
-    arguments = [python, "-m", "UNet3DSegmenterLib", "train", "--config", configPath, *how, "--progress-json"]
+    arguments = engineCommand(python, "train", "--config", configPath, *how, "--progress-json")
     process = EngineProcess(arguments, onProgress=report, onFinished=finished, onError=onError,
                             onCancelled=onCancelled, environment=environment,
                             stopFile=job.outputFolder / STOP_FILE, cancelGraceSeconds=STOP_GRACE_SECONDS)

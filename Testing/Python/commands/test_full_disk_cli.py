@@ -14,12 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from UNet3DSegmenterLib.checkpoint import Checkpoint, Label, save_checkpoint
 from UNet3DSegmenterLib.io import write_volume
-from UNet3DSegmenterLib.models import build_model
-from UNet3DSegmenterLib.preprocess import Preprocessing
 from UNet3DSegmenterLib.volume import Volume
 
 LIMIT = 6000  # bytes: more than any header, less than any of the outputs below
@@ -55,15 +51,6 @@ def test_convert_on_a_full_disk_says_so(image, tmp_path, name):
     before = image.read_bytes()
     assert_short_write_refused(run_cli_with_file_size_limit("convert", image, tmp_path / name), tmp_path / name)
     assert image.read_bytes() == before
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model("unet3d", dict(in_channels=1, out_channels=2, depth=2, base_width=2))
-    checkpoint = Checkpoint.from_model(model, [Label(0, "background"), Label(1, "organ")],
-                                       Preprocessing(spacing=(1.0, 1.0, 1.0)), (16, 16, 16))
-    return save_checkpoint(checkpoint, tmp_path_factory.mktemp("model") / "model.pt")
 
 
 def test_predict_on_a_full_disk_writes_nothing_and_fails(image, model_path, tmp_path):

@@ -9,23 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 
-from UNet3DSegmenterLib.checkpoint import Checkpoint, Label, save_checkpoint
 from UNet3DSegmenterLib.io import write_volume
-from UNet3DSegmenterLib.models import build_model
-from UNet3DSegmenterLib.preprocess import Preprocessing
 from UNet3DSegmenterLib.volume import Volume
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model("unet3d", dict(in_channels=1, out_channels=2, depth=2, base_width=2))
-    checkpoint = Checkpoint.from_model(model, [Label(0, "background"), Label(1, "organ")],
-                                       Preprocessing(spacing=(1.0, 1.0, 1.0)), (16, 16, 16))
-    return save_checkpoint(checkpoint, tmp_path_factory.mktemp("model") / "model.pt")
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:

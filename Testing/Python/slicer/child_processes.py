@@ -40,14 +40,19 @@ def python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def write_launcher(folder: pathlib.Path) -> pathlib.Path:
+def write_launcher(folder: pathlib.Path, slicerPaths: list[pathlib.Path] | None = None) -> pathlib.Path:
     """A stand-in for Slicer's ``PythonSlicer``: it runs the real interpreter as its own child, with the
     same arguments, and exits with its status. Like the real launcher it passes no signal on: a SIGTERM
-    ends the launcher alone, at once, and leaves the interpreter running."""
+    ends the launcher alone, at once, and leaves the interpreter running; and, like ctkAppLauncher's
+    environment building, it puts Slicer's own paths (``slicerPaths``, e.g. its site-packages) before
+    the PYTHONPATH it inherits."""
     path = pathlib.Path(folder) / "PythonSlicer"
+    first = [str(slicerPath) for slicerPath in slicerPaths or []]
     path.write_text(f"#!{sys.executable}\n"
-                    "import subprocess, sys\n"
-                    f"sys.exit(subprocess.call([{sys.executable!r}, *sys.argv[1:]]))\n")
+                    "import os, subprocess, sys\n"
+                    f"paths = {first!r} + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]\n"
+                    "environment = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))\n"
+                    f"sys.exit(subprocess.call([{sys.executable!r}, *sys.argv[1:]], env=environment))\n")
     path.chmod(0o755)
     return path
 

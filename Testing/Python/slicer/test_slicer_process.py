@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from child_processes import Recorder, alive, eventually, python, write_launcher
 
-from UNet3DSegmenterLib.slicer.process import EngineProcess, stopAll
+from UNet3DSegmenterLib.slicer.process import EngineProcess, childEnvironment, engineCommand, stopAll
+
+REPOSITORY = Path(__file__).resolve().parents[3]
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="process-group checks are written for POSIX")
 
@@ -156,3 +160,21 @@ def test_json_lines_become_events_and_other_output_is_only_logged(caplog):
 def test_a_program_that_cannot_start_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="cannot start"):
         EngineProcess([str(tmp_path / "no-such-python")]).start()
+
+
+def test_the_child_runs_this_modules_engine_even_when_the_launcher_puts_another_first(tmp_path):
+    """PythonSlicer puts Slicer's site-packages before the PYTHONPATH it inherits: a pip-installed copy of
+    the engine there would win over the module's own for `-m UNet3DSegmenterLib`."""
+    decoy = tmp_path / "site-packages" / "UNet3DSegmenterLib"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("")
+    (decoy / "__main__.py").write_text("import sys\nprint('an installed copy of the engine')\nsys.exit(3)\n")
+    launcher = write_launcher(tmp_path, slicerPaths=[tmp_path / "site-packages"])
+    environment = childEnvironment(REPOSITORY)
+    naive = subprocess.run([launcher, "-m", "UNet3DSegmenterLib", "info", "--help"], env=environment, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert naive.returncode == 3, "the stand-in puts Slicer's paths first, as the real launcher does"
+    engine = subprocess.run(engineCommand(launcher, "info", "--help"), env=environment, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert engine.returncode == 0, engine.stderr
+    assert "describe a checkpoint" in engine.stdout and "installed copy" not in engine.stdout
