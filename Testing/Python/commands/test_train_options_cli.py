@@ -113,4 +113,6 @@ def test_fine_tuning_into_the_folder_of_its_own_checkpoint_is_refused(phantoms, 
     capsys.readouterr()
     before = (run / "last.pt").read_bytes()
     line = refused(capsys, "--data", phantoms, "--output", run, *QUICK, "--init", run / "last.pt")
-    assert "last.pt is an input" in line and (run / "last.pt").read_bytes() == before
+    assert "already holds a model" in line and (run / "last.pt").read_bytes() == before
+    line = refused(capsys, "--data", phantoms, "--output", run, *QUICK, "--init", run / "last.pt", "--overwrite")
+    assert "last.pt" in line and (run / "last.pt").read_bytes() == before
