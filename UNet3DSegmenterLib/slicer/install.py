@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
 import sys
 
 import slicer
@@ -167,8 +168,11 @@ def _pipInstall(requirements: list[str]) -> None:
 
 def openVINOOffer() -> str | None:
     """Why installing the optional OpenVINO runtime would speed Segment up here, in words for the panel;
-    None where it is installed, the engine cannot run yet, or the processor computes bfloat16
-    natively (PyTorch's own path is as fast there). Imports torch."""
+    None where it is installed, the engine cannot run yet, the processor computes bfloat16 natively
+    (PyTorch's own path is as fast there), or the opt-in OpenVINO path is not turned on
+    (``UNET3D_SEGMENTER_OPENVINO=1``, see the engine's inference/openvino_path.py). Imports torch."""
+    if os.environ.get("UNET3D_SEGMENTER_OPENVINO") != "1":
+        return None
     if importlib.util.find_spec("openvino") is not None or engineProblem() is not None:
         return None
     from ..runtime import cpu_supports_bf16

@@ -94,7 +94,7 @@ def run_as(kind: str, *arguments: str, tmp_path: Path) -> subprocess.CompletedPr
     if not needed <= FLAGS:
         pytest.skip(f"this processor cannot play {kind}: it lacks {', '.join(sorted(needed - FLAGS))}")
     child_environment = {**os.environ, **environment, "UNET3D_SEGMENTER_CACHE": str(tmp_path / f"cache-{kind}"),
-                         "UNET3D_SEGMENTER_NO_OPENVINO": "1"}  # PyTorch's own paths (OpenVINO ignores these limits)
+                         "UNET3D_SEGMENTER_OPENVINO": "0"}  # PyTorch's own paths
     return subprocess.run([sys.executable, *arguments], env=child_environment, capture_output=True, text=True,
                           timeout=300, cwd=REPOSITORY)  # `-m UNet3DSegmenterLib` is this working tree's
 

@@ -31,7 +31,7 @@ BUNDLED = REPOSITORY / "Resources" / "Models" / "hippocampus.pt"
 @pytest.fixture(autouse=True)
 def offered(monkeypatch, tmp_path):
     """OpenVINO offered (the suite at large turns it off), with a cache folder of this test's own."""
-    monkeypatch.delenv(openvino_path.OFF_ENVIRONMENT, raising=False)
+    monkeypatch.setenv(openvino_path.ON_ENVIRONMENT, "1")
     monkeypatch.setenv("UNET3D_SEGMENTER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(calibration, "_chosen", {})
     return tmp_path / "cache"
@@ -87,9 +87,9 @@ def test_a_network_is_converted_once_and_read_back_later(offered, monkeypatch):
         OpenVINOForward(network("unet3d", "instance", seed=1), torch.float32)(batch())
 
 
-def test_the_path_is_offered_where_openvino_is_installed_and_not_when_turned_off(monkeypatch):
+def test_the_path_is_offered_where_openvino_is_installed_and_turned_on(monkeypatch):
     assert "openvino" in inference_paths(network("unet3d", "batch"), CPU, torch.float32)
-    monkeypatch.setenv(openvino_path.OFF_ENVIRONMENT, "1")
+    monkeypatch.setenv(openvino_path.ON_ENVIRONMENT, "0")
     assert not openvino_available()
     assert "openvino" not in inference_paths(network("unet3d", "batch"), CPU, torch.float32)
 
