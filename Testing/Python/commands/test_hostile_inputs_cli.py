@@ -4,29 +4,16 @@ nothing written; and a folder that an interrupted run left behind is cleaned on 
 from __future__ import annotations
 
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from cli_runs import refused, run_cli
 
 from UNet3DSegmenterLib.io import write_volume
 from UNet3DSegmenterLib.volume import Volume
 
 SHAPE = (10, 12, 14)
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "UNet3DSegmenterLib", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
-
-
-def refused(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(fragment in lines[0] for fragment in fragments), lines[0]
-    return lines[0]
 
 
 def image_array(seed: int = 0) -> np.ndarray:

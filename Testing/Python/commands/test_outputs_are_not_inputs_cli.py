@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from cli_runs import refused, run_cli
 
 from UNet3DSegmenterLib.io import write_volume
 from UNet3DSegmenterLib.volume import Volume
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "UNet3DSegmenterLib", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
-
-
-def assert_refused(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert all(fragment in lines[0] for fragment in fragments), lines[0]
 
 
 def fingerprints(folder: Path) -> dict[str, str]:
@@ -39,7 +27,7 @@ def write_image(path: Path, labels: bool = False) -> Path:
 def test_predict_onto_its_own_input_is_refused(model_path, tmp_path):
     image = write_image(tmp_path / "image.nii.gz")
     before = fingerprints(tmp_path)
-    assert_refused(run_cli("predict", "-c", model_path, "-i", image, "-o", image), str(image), "is an input")
+    refused(run_cli("predict", "-c", model_path, "-i", image, "-o", image), str(image), "is an input")
     assert fingerprints(tmp_path) == before
 
 
@@ -47,7 +35,7 @@ def test_predict_into_the_input_folder_is_refused(model_path, tmp_path):
     for name in ("a", "b"):
         write_image(tmp_path / "cases" / f"{name}.nrrd")
     before = fingerprints(tmp_path)
-    assert_refused(run_cli("predict", "-c", model_path, "-i", tmp_path / "cases", "-o", tmp_path / "cases"),
+    refused(run_cli("predict", "-c", model_path, "-i", tmp_path / "cases", "-o", tmp_path / "cases"),
                    "is an input")
     assert fingerprints(tmp_path) == before
 
@@ -58,7 +46,7 @@ def test_predict_onto_a_symlink_or_hard_link_of_its_input_is_refused(model_path,
     os.link(image, tmp_path / "hard.nii.gz")
     before = fingerprints(tmp_path)
     for output in ("link.nii.gz", "hard.nii.gz"):
-        assert_refused(run_cli("predict", "-c", model_path, "-i", image, "-o", tmp_path / output), "is an input")
+        refused(run_cli("predict", "-c", model_path, "-i", image, "-o", tmp_path / output), "is an input")
     assert fingerprints(tmp_path) == before
 
 
@@ -66,21 +54,21 @@ def test_predict_onto_its_checkpoint_is_refused(model_path, tmp_path):
     image = write_image(tmp_path / "image.nii.gz")
     (tmp_path / "seg.nii.gz").symlink_to(model_path)
     before = model_path.read_bytes()
-    assert_refused(run_cli("predict", "-c", model_path.parent, "-i", image, "-o", tmp_path / "seg.nii.gz"),
+    refused(run_cli("predict", "-c", model_path.parent, "-i", image, "-o", tmp_path / "seg.nii.gz"),
                    "is an input", str(model_path))
     assert model_path.read_bytes() == before
 
 
 def test_probabilities_onto_the_labelmap_are_refused(model_path, tmp_path):
     image = write_image(tmp_path / "image.nii.gz")
-    assert_refused(run_cli("predict", "-c", model_path, "-i", image, "-o", tmp_path / "seg.nii.gz",
+    refused(run_cli("predict", "-c", model_path, "-i", image, "-o", tmp_path / "seg.nii.gz",
                            "--probabilities", tmp_path / "seg.nii.gz"), "two outputs are the same file")
     assert not (tmp_path / "seg.nii.gz").exists()
 
 
 def test_predict_output_with_a_foreign_extension_is_refused(model_path, tmp_path):
     image = write_image(tmp_path / "image.nii.gz")
-    assert_refused(run_cli("predict", "-c", model_path, "-i", image, "-o", tmp_path / "seg.png"), "seg.png")
+    refused(run_cli("predict", "-c", model_path, "-i", image, "-o", tmp_path / "seg.png"), "seg.png")
     assert not (tmp_path / "seg.png").exists()
 
 
@@ -88,7 +76,7 @@ def test_evaluate_json_onto_the_reference_is_refused(tmp_path):
     reference = write_image(tmp_path / "reference.nii.gz", labels=True)
     prediction = write_image(tmp_path / "prediction.nii.gz", labels=True)
     before = fingerprints(tmp_path)
-    assert_refused(run_cli("evaluate", "--prediction", prediction, "--reference", reference, "--json", reference),
+    refused(run_cli("evaluate", "--prediction", prediction, "--reference", reference, "--json", reference),
                    "is an input")
     assert fingerprints(tmp_path) == before
 
@@ -105,8 +93,8 @@ def test_evaluate_json_beside_the_cases_of_a_folder_is_allowed(tmp_path):
 def test_convert_onto_its_input_is_refused(tmp_path):
     image = write_image(tmp_path / "image.nrrd")
     before = fingerprints(tmp_path)
-    assert_refused(run_cli("convert", image, image), "is an input")
-    assert_refused(run_cli("convert", image, tmp_path / "." / "image.nrrd"), "is an input")
+    refused(run_cli("convert", image, image), "is an input")
+    refused(run_cli("convert", image, tmp_path / "." / "image.nrrd"), "is an input")
     assert fingerprints(tmp_path) == before
 
 
@@ -115,11 +103,11 @@ def test_overlay_onto_an_input_is_refused(tmp_path):
     labels = write_image(tmp_path / "labels.nii.gz", labels=True)
     (tmp_path / "picture.png").symlink_to(labels)
     before = fingerprints(tmp_path)
-    assert_refused(run_cli("overlay", "-i", image, "-p", labels, "-o", tmp_path / "picture.png"), "is an input")
+    refused(run_cli("overlay", "-i", image, "-p", labels, "-o", tmp_path / "picture.png"), "is an input")
     assert fingerprints(tmp_path) == before
 
 
 def test_ensemble_onto_a_member_is_refused(model_path):
     before = model_path.read_bytes()
-    assert_refused(run_cli("ensemble", model_path, model_path, "-o", model_path), "is an input")
+    refused(run_cli("ensemble", model_path, model_path, "-o", model_path), "is an input")
     assert model_path.read_bytes() == before
