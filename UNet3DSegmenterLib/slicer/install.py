@@ -171,13 +171,12 @@ def openVINOOffer() -> str | None:
     None where it is installed, the engine cannot run yet, the processor computes bfloat16 natively
     (PyTorch's own path is as fast there), or the opt-in OpenVINO path is not turned on
     (``UNET3D_SEGMENTER_OPENVINO=1``, see the engine's inference/openvino_path.py). Imports torch."""
-    if os.environ.get("UNET3D_SEGMENTER_OPENVINO") != "1":
-        return None
     if importlib.util.find_spec("openvino") is not None or engineProblem() is not None:
         return None
+    from ..inference.openvino_path import ON_ENVIRONMENT
     from ..runtime import cpu_supports_bf16
 
-    if cpu_supports_bf16():
+    if os.environ.get(ON_ENVIRONMENT) != "1" or cpu_supports_bf16():
         return None
     return ("This processor has no native bfloat16, so PyTorch segments in float32 here. The optional OpenVINO "
             f"runtime ({OPENVINO_REQUIREMENT}, about 60 MB, its usage telemetry left out) is often several times "
