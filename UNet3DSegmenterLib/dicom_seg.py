@@ -36,9 +36,10 @@ import numpy as np
 from .atomic import atomic_path, write_stopped
 from .errors import UserError
 from .labels import Label
-from .volume import Volume
+from .volume import Volume, float3
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
+SEG_SUFFIX = ".dcm"
 INSTALL_HINT = 'DICOM SEG needs highdicom: pip install "UNet3DSegmenter[dicom-seg]" (or pip install highdicom)'
 _MANUFACTURER = "UNet3DSegmenter"
 
@@ -74,6 +75,11 @@ def segment_codes(name: str) -> tuple[Any, Any, bool]:
         (_KNOWN_STRUCTURES[word] for word in reversed(words) if word in _KNOWN_STRUCTURES), None)
     category, kind = known or _GENERIC
     return getattr(codes.SCT, category), getattr(codes.SCT, kind), known is not None
+
+
+def is_dicom_seg_name(path: str | os.PathLike) -> bool:
+    """True for an output name that asks for a DICOM SEG file: one ending in .dcm."""
+    return Path(path).name.lower().endswith(SEG_SUFFIX)
 
 
 def is_dicom_seg_file(path: str | os.PathLike) -> bool:
@@ -141,7 +147,7 @@ def _volume_from_affine(array: np.ndarray, affine: np.ndarray) -> Volume:
     columns = [affine[:3, column] for column in (2, 1, 0)]  # x, y, z
     spacing = [float(np.linalg.norm(column)) for column in columns]
     direction = np.stack([column / size for column, size in zip(columns, spacing)], axis=1)
-    return Volume(array, spacing, affine[:3, 3], direction)
+    return Volume(array, float3(spacing), float3(affine[:3, 3]), direction)
 
 
 def _algorithm(hd, model: str) -> Any:

@@ -4,22 +4,17 @@ folders)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from pathlib import Path
 
 from ..atomic import remove_stale_partials
+from ..batch import OUTPUT_FORMATS, Case, SeriesFilter, find_cases, parse_shard, share
 from ..choices import DEVICES, PRECISIONS
+from ..dicom_seg import is_dicom_seg_name
 from ..errors import UserError
-from ..io import (
-    FORMATS,
-    case_name,
-    check_input_spacing,
-    is_dicom_folder,
-    is_series_folder_name,
-    list_volumes,
-    volume_suffix,
-)
+from ..io import FORMATS, case_name, check_input_spacing, is_dicom_folder, is_series_folder_name, volume_suffix
 from ..paths import check_outputs
 from ..progress import ProgressBar, emit_json
 
@@ -33,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a volume file (.nii.gz, .nrrd, .mha, .npy), a DICOM series folder, or a folder of "
                              "volumes (files or DICOM series folders)")
     parser.add_argument("--output", "-o", required=True, type=Path,
-                        help="labelmap file, or a folder when the input is a folder of volumes")
+                        help="labelmap file (a .dcm name: a DICOM SEG, for DICOM series inputs), or a folder when the "
+                             "input is a folder or a tree of series (outputs mirror the input's tree)")
     parser.add_argument("--input-spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
                         help="voxel spacing in mm of .npy inputs (default 1 1 1; other formats record their own)")
     parser.add_argument("--roi", type=float, nargs=6, metavar=("R1", "A1", "S1", "R2", "A2", "S2"), default=None,
@@ -48,41 +44,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="compute precision (auto: bf16 on CPUs with native bf16, fp16 on CUDA)")
+    many = parser.add_argument_group("trees of DICOM series and many machines")
+    many.add_argument("--output-format", choices=tuple(OUTPUT_FORMATS), default=None,
+                      help="format of outputs named by the tool (default: the input's, NIfTI for DICOM series); "
+                           "dicom-seg writes DICOM SEG files that reference their series")
+    many.add_argument("--series-filter", action="append", metavar="KEY=PATTERN", default=None,
+                      help="segment only the series whose modality or series description matches a shell pattern "
+                           "(any case): modality=CT, 'description=*portal*'; give it again for both")
+    many.add_argument("--shard", default=None, metavar="I/N",
+                      help="do share I (0..N-1) of N of the cases, as one task of a Slurm array job; under torchrun "
+                           "the shares follow the processes' ranks by themselves")
     parser.add_argument("--progress-json", action="store_true",
                         help="print progress as one JSON object per line on stdout (for the Slicer module)")
 
 
-def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
-    """(input, output, probabilities) for each case, with every path checked before any work."""
+def _plan(args: argparse.Namespace) -> list[Case]:
+    """Every case with its outputs, each path checked before any work; a folder or tree as batch.py finds it."""
     source, output, probabilities = args.input, args.output, args.probabilities
     if not source.exists():
         raise UserError(f"input not found: {source}: check the path")
     if source.is_dir() and not is_dicom_folder(source):
-        volumes = list_volumes(source)
-        if not volumes:
-            raise UserError(f"{source} holds no volume files ({FORMATS}) and no DICOM series")
-        if volume_suffix(output):
-            raise UserError(f"the input {source} is a folder, so --output must be a folder, not {output}")
-        if probabilities is not None and volume_suffix(probabilities):
-            raise UserError(f"the input is a folder, so --probabilities must be a folder, not {probabilities}")
-        return [(path, output / _output_name(path), probabilities / _output_name(path) if probabilities else None)
-                for path in volumes]
+        for option, path in (("--output", output), ("--probabilities", probabilities)):
+            if path is not None and _names_a_file(path):
+                raise UserError(f"the input {source} is a folder, so {option} must be a folder, not {path}")
+        return find_cases(source, output, probabilities, args.output_format, SeriesFilter.parse(args.series_filter))
+    if args.series_filter:
+        raise UserError(f"--series-filter picks series of a folder or tree, and {source} is one volume: leave it out")
     for option, path in (("--output", output), ("--probabilities", probabilities)):
-        if path is not None and not volume_suffix(path) and not is_series_folder_name(path):
-            raise UserError(f"{option} {path}: use a file name ending in {FORMATS}, or a folder name without "
-                            "an extension")
-    if output.is_dir() or not volume_suffix(output):
-        name = _output_name(source)
+        if path is not None and not _names_a_file(path) and not is_series_folder_name(path):
+            raise UserError(f"{option} {path}: use a file name ending in {FORMATS} (or .dcm for a DICOM SEG), "
+                            "or a folder name without an extension")
+    if output.is_dir() or not _names_a_file(output):
+        name = case_name(source) + (OUTPUT_FORMATS[args.output_format] if args.output_format else
+                                    volume_suffix(source) or ".nii.gz")
         output = output / name
-        probabilities = probabilities / name if probabilities and not volume_suffix(probabilities) else probabilities
-    if probabilities is not None and not volume_suffix(probabilities):
-        raise UserError(f"--probabilities {probabilities}: use a file name ending in .nii.gz, .nrrd or .mha")
-    return [(source, output, probabilities)]
+        probabilities = probabilities / name if probabilities and not _names_a_file(probabilities) else probabilities
+    if probabilities is not None and not _names_a_file(probabilities):
+        raise UserError(f"--probabilities {probabilities}: use a file name ending in .nii.gz, .nrrd, .mha or .dcm")
+    _check_format(output, args.output_format)
+    for path in (output, probabilities):
+        if path is not None and is_dicom_seg_name(path) and not source.is_dir():
+            raise UserError(f"{path}: a DICOM SEG references the DICOM series it segments, and {source} is not a "
+                            "DICOM series: write .nii.gz, .nrrd or .mha instead")
+    return [Case(source, output, probabilities, case_name(source))]
 
 
-def _output_name(source: Path) -> str:
-    """A case's output file name: its own (same format), or the case's name + .nii.gz for a DICOM series."""
-    return case_name(source) + (volume_suffix(source) or ".nii.gz")
+def _names_a_file(path: Path) -> bool:
+    return bool(volume_suffix(path)) or is_dicom_seg_name(path)
+
+
+def _check_format(output: Path, output_format: str | None) -> None:
+    """Refuse an --output-format that the output's own extension contradicts."""
+    name = output.name.lower()
+    if output_format and not (name.endswith(OUTPUT_FORMATS[output_format])
+                              or (output_format == "nifti" and name.endswith(".nii"))):
+        raise UserError(f"--output-format {output_format} and --output {output} disagree: give a file name ending in "
+                        f"{OUTPUT_FORMATS[output_format]}, or a folder")
 
 
 def _check_writable(paths: list[Path]) -> None:
@@ -93,21 +110,67 @@ def _check_writable(paths: list[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Segment every case the options name; exit status 2 when some cases of a folder failed."""
+    """Segment every case the options name (this process's share of them); exit status 2 when some cases of a
+    folder failed."""
     from ..checkpoint import checkpoint_paths
-    from ..inference.predictor import Predictor, predict_files
+    from ..inference.predictor import Predictor
     from ..roi import RegionOfInterest
+    from ..training.distributed import Distributed
 
     roi = RegionOfInterest.from_values(args.roi) if args.roi is not None else None
-    cases = _plan(args)
-    check_input_spacing(args.input_spacing, [source for source, _, _ in cases])
-    outputs = [output for _, output, _ in cases] + [p for _, _, p in cases if p is not None]
-    check_outputs(outputs, [source for source, _, _ in cases] + checkpoint_paths(args.checkpoint))
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    every = _plan(args)
+    check_input_spacing(args.input_spacing, [case.source for case in every])
+    outputs = [path for case in every for path in case.outputs]
+    check_outputs(outputs, [case.source for case in every] + checkpoint_paths(args.checkpoint))
     _check_writable(outputs)
     remove_stale_partials(outputs)
-    predictor = Predictor(args.checkpoint, device=args.device, overlap=args.overlap, batch_size=args.batch_size,
-                          tta=args.tta, largest_component=args.largest_component, precision=args.precision)
-    names = [case_name(source) for source, _, _ in cases]
+    distributed = Distributed.start(args.device)
+    try:
+        cases = _my_cases(every, shard, distributed, folder=len(every) > 1 or every[0].source != args.input)
+        predictor = Predictor(args.checkpoint, device=str(distributed.device) if distributed.enabled else args.device,
+                              overlap=args.overlap, batch_size=args.batch_size, tta=args.tta,
+                              largest_component=args.largest_component, precision=args.precision)
+        failures = _predict(args, predictor, cases, roi, single=len(every) == 1)
+        failed = round(distributed.mean(len(failures)) * distributed.world_size)
+    finally:
+        distributed.stop()
+    if failed:
+        print(f"error: {failed} of {len(every)} cases failed" + (f": {', '.join(failures)}" if failures else "")
+              + (" (see each process's lines)" if distributed.enabled else ""), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _my_cases(every: list[Case], shard: tuple[int, int] | None, distributed, folder: bool) -> list[Case]:
+    """This process's share of the cases (``--shard``, or its rank under torchrun), less those already done."""
+    if shard is not None and distributed.enabled:
+        raise UserError("--shard and torchrun both share out the cases: use one of them")
+    if distributed.enabled and distributed.any(_fingerprint(every) != distributed.mean(_fingerprint(every))):
+        raise UserError("the processes of this run see different cases (a different input tree on some machine): "
+                        "give every machine the same input")
+    index, count = shard or (distributed.rank, distributed.world_size)
+    mine = share(every, index, count)
+    pending = [case for case in mine if not (folder and case.done)]
+    if len(pending) < len(mine):
+        print(f"skipped {len(mine) - len(pending)} cases already done (their outputs exist; delete them to redo)",
+              file=sys.stderr)
+    if count > 1:
+        print(f"share {index}/{count}: {len(mine)} of {len(every)} cases", file=sys.stderr)
+    return pending
+
+
+def _fingerprint(cases: list[Case]) -> int:
+    """A number that differs, almost surely, between two different lists of cases (exact in a float64)."""
+    digest = hashlib.sha1("\n".join(str(case.source) for case in cases).encode()).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
+def _predict(args: argparse.Namespace, predictor, cases: list[Case], roi, single: bool) -> list[str]:
+    """Run the cases, reporting each as it is written; returns the names of those that failed."""
+    from ..inference.predictor import predict_files
+
+    names = [case.name for case in cases]
     bars = {index: ProgressBar(f"[{index + 1}/{len(cases)}] {name}", "windows")  # silent until updated
             for index, name in enumerate(names)}
 
@@ -130,12 +193,13 @@ def run(args: argparse.Namespace) -> int:
         return report
 
     failures = []
-    for index, error in predict_files(predictor, cases, progress, spacing=args.input_spacing, roi=roi, warn=warn):
-        name, output = names[index], cases[index][1]
+    plan = [(case.source, case.output, case.probabilities) for case in cases]
+    for index, error in predict_files(predictor, plan, progress, spacing=args.input_spacing, roi=roi, warn=warn):
+        name, output = names[index], cases[index].output
         if bars[index].done != bars[index].total:
             bars[index].close()
         if error is not None:
-            if len(cases) == 1:
+            if single:
                 raise error
             failures.append(name)
             print(f"error: {name}: {error}", file=sys.stderr)
@@ -143,7 +207,4 @@ def run(args: argparse.Namespace) -> int:
             emit_json(event="written", case=name, output=str(output))
         else:
             print(f"wrote {output}", file=sys.stderr)
-    if failures:
-        print(f"error: {len(failures)} of {len(cases)} cases failed: {', '.join(failures)}", file=sys.stderr)
-        return 2
-    return 0
+    return failures

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class Predictor:
         self.tta = tta
         self.largest_component = largest_component
         self.precision = precision
+        self.model_name = _model_name(checkpoint)  # recorded in DICOM SEG outputs
         self._models = [member.build_model() for member in self.members]
         self._prepared: dict = {}
 
@@ -259,7 +261,7 @@ def predict_file(predictor: Predictor, input_path: Path, output_path: Path,
 
     result = predictor.predict(read_volume(input_path, spacing=spacing), probabilities=probabilities_path is not None,
                                progress=progress, cancel=cancel, roi=roi, warn=warn)
-    _write_outputs(result, output_path, probabilities_path)
+    _write_outputs(result, output_path, probabilities_path, _SegSource(input_path, predictor))
     return result
 
 
@@ -286,7 +288,7 @@ def predict_files(predictor: Predictor, cases: Sequence[tuple[Path, Path, Path |
             reuse_freed_memory():
         following = reader.submit(read_volume, cases[0][0]) if cases else None
         previous: tuple[int, Future | UserError] | None = None
-        for index, (_, output, probabilities) in enumerate(cases):
+        for index, (source, output, probabilities) in enumerate(cases):
             reading, following = following, (reader.submit(read_volume, cases[index + 1][0])
                                              if index + 1 < len(cases) else None)
             try:
@@ -294,7 +296,8 @@ def predict_files(predictor: Predictor, cases: Sequence[tuple[Path, Path, Path |
                 result = predictor.predict(reading.result(), probabilities=probabilities is not None,
                                            progress=progress(index) if progress else None, roi=roi,
                                            warn=warn(index) if warn else None)
-                outcome: Future | UserError = writer.submit(_write_outputs, result, output, probabilities)
+                outcome: Future | UserError = writer.submit(_write_outputs, result, output, probabilities,
+                                                              _SegSource(source, predictor))
             except UserError as error:
                 outcome = error
             if previous is not None:
@@ -314,10 +317,38 @@ def _written(index: int, outcome: Future | UserError) -> tuple[int, UserError | 
     return index, None
 
 
-def _write_outputs(result: Prediction, output_path: Path, probabilities_path: Path | None) -> None:
+def _model_name(checkpoint) -> str:
+    """The file name(s) a checkpoint came from ('' for one built in memory)."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return Path(checkpoint).name
+    if isinstance(checkpoint, Sequence):
+        return ", ".join(Path(item).name for item in checkpoint)
+    return ""
+
+
+@dataclass
+class _SegSource:
+    """What a DICOM SEG output needs beyond the labelmap: the series it references and the model's labels."""
+
+    series: Path
+    predictor: Predictor
+
+
+def _write_outputs(result: Prediction, output_path: Path, probabilities_path: Path | None,
+                   seg_source: _SegSource | None = None) -> None:
+    """Write the labelmap and the probabilities; a ``.dcm`` name is a DICOM SEG (FRACTIONAL for probabilities)."""
+    from ..dicom_seg import is_dicom_seg_name, write_dicom_seg
     from ..io import write_volume
 
-    write_volume(result.labelmap, output_path)
-    if probabilities_path is not None and result.probabilities is not None:
-        write_volume(result.probabilities.with_array(result.probabilities.array.astype(np.float32)),
-                     probabilities_path)
+    for path, probabilities in ((output_path, None), (probabilities_path, result.probabilities)):
+        if path is None or (path is probabilities_path and probabilities is None):
+            continue
+        if is_dicom_seg_name(path):
+            if seg_source is None:
+                raise UserError(f"cannot write {path}: a DICOM SEG needs the DICOM series it segments")
+            write_dicom_seg(result.labelmap, seg_source.series, seg_source.predictor.checkpoint.labels, path,
+                            seg_source.predictor.model_name, probabilities)
+        elif probabilities is None:
+            write_volume(result.labelmap, path)
+        else:
+            write_volume(probabilities.with_array(probabilities.array.astype(np.float32)), path)
