@@ -42,6 +42,7 @@ SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 SEG_SUFFIX = ".dcm"
 INSTALL_HINT = 'DICOM SEG needs highdicom: pip install "UNet3DSegmenter[dicom-seg]" (or pip install highdicom)'
 _MANUFACTURER = "UNet3DSegmenter"
+_MAX_FRACTION = 255  # a FRACTIONAL SEG stores probabilities in 0..255
 
 # A structure's name (lower case) -> SNOMED CT keywords of pydicom's code dictionary: (category, type).
 _ANATOMY = "AnatomicalStructure"
@@ -134,20 +135,24 @@ def series_files(folder: str | os.PathLike) -> list[Path]:
     return [Path(name) for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])]
 
 
-def _affine(volume: Volume) -> np.ndarray:
-    """highdicom's affine of a volume: LPS, the array's axes (slices, rows, columns) = our (z, y, x)."""
-    affine = np.eye(4)
-    for column, axis in enumerate((2, 1, 0)):
-        affine[:3, column] = volume.direction[:, axis] * volume.spacing[axis]
-    affine[:3, 3] = volume.origin
-    return affine
-
-
-def _volume_from_affine(array: np.ndarray, affine: np.ndarray) -> Volume:
-    columns = [affine[:3, column] for column in (2, 1, 0)]  # x, y, z
-    spacing = [float(np.linalg.norm(column)) for column in columns]
-    direction = np.stack([column / size for column, size in zip(columns, spacing)], axis=1)
-    return Volume(array, float3(spacing), float3(affine[:3, 3]), direction)
+def _slice_of_each(datasets: list, labelmap: Volume, source: Path) -> list[int]:
+    """The labelmap's slice (z index) at each source image, found from the image's position and orientation;
+    the frames of the SEG are the source images' own (highdicom takes their geometry from them)."""
+    to_index = np.linalg.inv(labelmap.index_to_physical())
+    slices = []
+    for dataset in datasets:
+        try:
+            position = [float(value) for value in dataset.ImagePositionPatient]
+            orientation = np.array([float(value) for value in dataset.ImageOrientationPatient])
+        except (AttributeError, TypeError, ValueError):
+            raise UserError(f"{source}: an image has no position or orientation, which a DICOM SEG needs") from None
+        x, y, z, _ = to_index @ np.array([*position, 1.0])
+        if (len(orientation) != 6 or not np.allclose(orientation, labelmap.direction[:, :2].T.reshape(-1), atol=1e-4)
+                or abs(x) > 1e-2 or abs(y) > 1e-2 or abs(z - round(z)) > 1e-2 or not 0 <= round(z) < labelmap.shape[0]):
+            raise UserError(f"{source}: an image does not lie on the segmented grid (a series of several stacks or "
+                            "orientations): it cannot be referenced by a DICOM SEG")
+        slices.append(int(round(z)))
+    return slices
 
 
 def _algorithm(hd, model: str) -> Any:
@@ -184,22 +189,19 @@ def write_dicom_seg(labelmap: Volume, source: str | os.PathLike, labels: Sequenc
     if not foreground:
         raise UserError(f"cannot write {path}: the model has no foreground label to make a segment of")
     descriptions = _segment_descriptions(hd, foreground, _algorithm(hd, model))
-    frame_of_reference = getattr(datasets[0], "FrameOfReferenceUID", None)
+    slices = _slice_of_each(datasets, labelmap, source)
     if probabilities is None:
         numbers = np.zeros(int(labelmap.array.max()) + 1, np.uint16)
         for number, label in enumerate(foreground, start=1):
             if label.value < len(numbers):
                 numbers[label.value] = number
-        pixels = hd.Volume(numbers[labelmap.array].astype(np.uint8 if len(foreground) < 256 else np.uint16),
-                           _affine(labelmap), "PATIENT", frame_of_reference)
+        pixels = numbers[labelmap.array[slices]].astype(np.uint8 if len(foreground) < 256 else np.uint16)
     else:
         index = [position for position, label in enumerate(labels) if label.value != 0]
-        stacked = np.moveaxis(np.clip(probabilities.array[index], 0, 1).astype(np.float32), 0, -1)
-        pixels = hd.Volume(stacked, _affine(labelmap), "PATIENT", frame_of_reference,
-                           channels={"SegmentNumber": list(range(1, len(foreground) + 1))})
+        pixels = np.moveaxis(np.clip(probabilities.array[index][:, slices], 0, 1).astype(np.float32), 0, -1)
     first = datasets[0]
     segmentation = hd.seg.Segmentation(
-        source_images=datasets, pixel_array=pixels,
+        source_images=datasets, pixel_array=pixels, max_fractional_value=_MAX_FRACTION,
         segmentation_type="BINARY" if probabilities is None else "FRACTIONAL",
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=_series_number(first),
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=_MANUFACTURER,
@@ -262,60 +264,154 @@ class DicomSegmentation:
 
 
 def read_dicom_seg(path: str | os.PathLike, grid: Volume | None = None) -> DicomSegmentation:
-    """Read a DICOM SEG file as a labelmap whose values are the segment numbers.
+    """Read a DICOM SEG file as a labelmap whose values are the segment numbers (pydicom alone).
 
-    Without ``grid`` the labelmap spans the frames the file holds; with one, it lies on that grid (the
-    SEG's frames must fall on its slices). A FRACTIONAL SEG reads as the labelmap of its most probable
-    segment at each voxel, background where the segments' probabilities add up to less than what is left.
+    Each frame goes to its place by its own position and orientation. Without ``grid`` the labelmap spans
+    the frames the file holds; with one, it lies on that grid, whose slices the frames must lie on. A
+    FRACTIONAL SEG reads as the labelmap of its most probable segment at each voxel, background where the
+    segments leave more probability than any of them holds.
     """
-    hd = _highdicom()
     path = Path(path)
-    segmentation = _read_segmentation(hd, path)
-    fractional = segmentation.SegmentationType == "FRACTIONAL"
-    try:
-        read = segmentation.get_volume(combine_segments=not fractional, relabel=False,
-                                       **({"rescale_fractional": True} if fractional else {}))
-    except (ValueError, RuntimeError) as error:
-        raise UserError(f"cannot read {path}: its frames do not make one volume ({str(error)[:160]})") from None
-    array = read.array
-    if fractional:
-        background = 1.0 - array.sum(axis=-1, keepdims=True)
-        array = np.argmax(np.concatenate([background, array], axis=-1), axis=-1)
-    volume = _volume_from_affine(np.ascontiguousarray(array.astype(np.uint16 if array.max() > 255 else np.uint8)),
-                                 read.affine)
-    labels = [Label(int(item.SegmentNumber), str(item.SegmentLabel),
-                    _rgb(item) or (0.5, 0.5, 0.5)) for item in segmentation.SegmentSequence]
-    return DicomSegmentation(volume if grid is None else place_on_grid(volume, grid, path), labels,
-                             str(segmentation.SegmentationType))
+    dataset = _read_dataset(path)
+    frames = _frames(dataset, path)
+    if grid is None:
+        grid = _grid_of(frames, dataset, path)
+    slices = _slices_on(grid, frames, path)
+    pixels = _pixels(dataset, path)
+    fractional = str(dataset.SegmentationType) == "FRACTIONAL"
+    labelmap = np.zeros(grid.shape, np.uint16 if len(dataset.SegmentSequence) > 255 else np.uint8)
+    best = np.zeros(grid.shape, np.float32)
+    total = np.zeros(grid.shape, np.float32) if fractional else None
+    scale = 1.0 / float(getattr(dataset, "MaximumFractionalValue", _MAX_FRACTION) or 1) if fractional else 1.0
+    for (segment, _, _), z, frame in zip(frames, slices, pixels):
+        values = frame.astype(np.float32) * scale
+        if total is not None:
+            total[z] += values
+        wins = values > best[z]
+        labelmap[z][wins], best[z][wins] = segment, values[wins]
+    if total is not None:
+        labelmap[best <= 1 - total] = 0  # background keeps what the segments leave
+    labels = [Label(int(item.SegmentNumber), str(getattr(item, "SegmentLabel", "")), _rgb(item) or (0.5, 0.5, 0.5))
+              for item in dataset.SegmentSequence]
+    return DicomSegmentation(grid.with_array(labelmap), labels, str(dataset.SegmentationType))
 
 
 def _rgb(item) -> tuple[float, float, float] | None:
-    from highdicom.color import CIELabColor
-
+    """A segment's recommended colour as RGB in 0..1 (DICOM stores CIELab), or None when it has none."""
     if "RecommendedDisplayCIELabValue" not in item:
+        return None
+    try:
+        from highdicom.color import CIELabColor
+    except ImportError:
         return None
     red, green, blue = CIELabColor.from_dicom_value(item.RecommendedDisplayCIELabValue).to_rgb()
     return red / 255, green / 255, blue / 255
 
 
-def _read_segmentation(hd, path: Path):
-    """The file as a highdicom Segmentation, once its declared size is checked against what it holds."""
-    import pydicom
-
+def _read_dataset(path: Path):
+    """The SEG file's dataset, once its declared size is checked against the pixel data it holds."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: check the path" if not path.exists() else f"{path} is not a file")
     if not is_dicom_seg_file(path):
         raise UserError(f"{path} is not a DICOM SEG file (no Segmentation storage class in its header)")
     try:
+        import pydicom
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    try:
         dataset = pydicom.dcmread(path)
         rows, columns, frames = int(dataset.Rows), int(dataset.Columns), int(getattr(dataset, "NumberOfFrames", 1))
-        bits = int(dataset.BitsAllocated)
-        data = len(dataset.PixelData)
+        bits, data = int(dataset.BitsAllocated), len(dataset.PixelData)
+        dataset.SegmentSequence, dataset.SegmentationType  # noqa: B018 (required: their absence is damage)
     except Exception as error:  # pydicom raises many kinds for a damaged file
         raise UserError(f"cannot read {path}: not a readable DICOM SEG ({str(error)[:160]})") from None
     _check_declared_size(path, rows, columns, frames, bits, data, dataset.file_meta.TransferSyntaxUID)
+    return dataset
+
+
+_Frame = tuple[int, np.ndarray, np.ndarray]  # segment number, position (LPS mm), orientation (row, column)
+
+
+def _frames(dataset, path: Path) -> list[_Frame]:
+    """Each frame's segment number, position and orientation (per frame, else shared)."""
+    shared = dataset.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in dataset else None
+    segments = {int(item.SegmentNumber) for item in dataset.SegmentSequence}
+    frames = []
     try:
-        return hd.seg.Segmentation.from_dataset(dataset, copy=False)
-    except Exception as error:
-        raise UserError(f"cannot read {path}: not a valid DICOM SEG ({str(error)[:160]})") from None
+        for item in dataset.PerFrameFunctionalGroupsSequence:
+            def group(name: str, item=item):
+                return (item if name in item or shared is None else shared)[name][0]
+
+            segment = int(group("SegmentIdentificationSequence").ReferencedSegmentNumber)
+            position = np.array([float(value) for value in group("PlanePositionSequence").ImagePositionPatient])
+            orientation = np.array([float(value) for value in
+                                    group("PlaneOrientationSequence").ImageOrientationPatient]).reshape(2, 3)
+            if segment not in segments or position.shape != (3,) or not np.isfinite(position).all():
+                raise ValueError(f"a frame of segment {segment} at {position.tolist()}")
+            frames.append((segment, position, orientation))
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as error:
+        raise UserError(f"cannot read {path}: its frames do not say where they lie ({str(error)[:120]})") from None
+    if len(frames) != int(getattr(dataset, "NumberOfFrames", 1)):
+        raise UserError(f"cannot read {path}: it describes {len(frames)} frames and holds {dataset.NumberOfFrames}")
+    return frames
+
+
+def _grid_of(frames: list[_Frame], dataset, path: Path) -> Volume:
+    """The smallest grid that holds every frame: the frames' orientation and pixel spacing, slices from the
+    first to the last frame at the declared spacing between slices where the frames keep to it."""
+    row, column = frames[0][2]
+    if any(not np.allclose(frame[2], frames[0][2], atol=1e-4) for frame in frames):
+        raise UserError(f"cannot read {path}: its frames lie in several orientations, which one volume cannot hold")
+    normal = np.cross(row, column)
+    heights = np.array([float(position @ normal) for _, position, _ in frames])
+    try:
+        measures = dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        row_spacing, column_spacing = (float(value) for value in measures.PixelSpacing)
+        declared = float(getattr(measures, "SpacingBetweenSlices", 0) or 0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise UserError(f"cannot read {path}: it declares no pixel spacing") from None
+    distinct = np.unique(np.round(heights - heights.min(), 3))
+    gaps = np.diff(distinct)
+    spacing = declared if declared > 0 and _on_lattice(distinct, declared) else float(gaps.min()) if len(gaps) else 1.0
+    if not _on_lattice(distinct, spacing):
+        raise UserError(f"cannot read {path}: its frames are not evenly spaced, which one volume cannot hold")
+    count = int(round(distinct[-1] / spacing)) + 1
+    from .integrity import MAX_SIZE, MAX_VOXELS
+
+    if count > MAX_SIZE or count * int(dataset.Rows) * int(dataset.Columns) > MAX_VOXELS:
+        raise UserError(f"cannot read {path}: its frames span {count} slices, which no scan has; the file is damaged")
+    origin = frames[int(np.argmin(heights))][1]
+    return Volume(np.zeros((count, int(dataset.Rows), int(dataset.Columns)), np.uint8),
+                  (column_spacing, row_spacing, spacing), float3(origin), np.stack([row, column, normal], axis=1))
+
+
+def _on_lattice(heights: np.ndarray, spacing: float) -> bool:
+    steps = heights / spacing
+    return bool(np.allclose(steps, np.round(steps), atol=1e-2))
+
+
+def _slices_on(grid: Volume, frames: list[_Frame], path: Path) -> list[int]:
+    """The grid slice of each frame; every frame must be one of the grid's slices, in its orientation."""
+    to_index = np.linalg.inv(grid.index_to_physical())
+    slices = []
+    for _, position, orientation in frames:
+        x, y, z, _ = to_index @ np.array([*position, 1.0])
+        if (not np.allclose(orientation, grid.direction[:, :2].T, atol=1e-3) or abs(x) > 1e-2 or abs(y) > 1e-2
+                or abs(z - round(z)) > 1e-2 or not 0 <= round(z) < grid.shape[0]):
+            raise UserError(f"{path} does not lie on the grid of the image it is compared with (a frame at "
+                            f"{np.round(position, 3).tolist()} mm is not one of its slices: "
+                            f"{grid.describe_grid()})")
+        slices.append(int(round(z)))
+    return slices
+
+
+def _pixels(dataset, path: Path) -> np.ndarray:
+    """The frames' pixels, (frames, rows, columns)."""
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # a codec missing or damaged data: pydicom's kinds vary
+        raise UserError(f"cannot read {path}: its pixel data do not decode ({str(error)[:160]})") from None
+    return pixels.reshape(-1, int(dataset.Rows), int(dataset.Columns))
 
 
 def _check_declared_size(path: Path, rows: int, columns: int, frames: int, bits: int, data: int,
@@ -332,24 +428,3 @@ def _check_declared_size(path: Path, rows: int, columns: int, frames: int, bits:
     if data < expected:
         raise UserError(f"cannot read {path}: it holds {data} bytes of pixel data where its header needs {expected}: "
                         "the file is cut short; copy it again")
-
-
-def place_on_grid(volume: Volume, grid: Volume, path: str | os.PathLike = "") -> Volume:
-    """``volume``'s labels on ``grid``, whose voxel lattice it must share (as a SEG's frames share their
-    source series'): each voxel goes to the grid voxel at its place, 0 elsewhere."""
-    to_grid = np.linalg.inv(grid.index_to_physical()) @ volume.index_to_physical()  # (x, y, z, 1) indices
-    rotation, offset = to_grid[:3, :3], to_grid[:3, 3]
-    if not (np.allclose(rotation, np.round(rotation), atol=1e-3) and np.allclose(offset, np.round(offset), atol=1e-2)
-            and np.allclose(np.abs(np.round(rotation)).sum(axis=0), 1)):
-        raise UserError(f"{path or 'the segmentation'} does not lie on the grid of the image it is compared with "
-                        f"({volume.describe_grid_beside(grid)})")
-    placed = np.zeros(grid.shape, volume.array.dtype)
-    xyz = np.indices(volume.shape[::-1]).reshape(3, -1)[:, ::1]  # (x, y, z) indices of every voxel
-    values = np.transpose(volume.array, (2, 1, 0)).reshape(-1)
-    target = (np.round(rotation) @ xyz + np.round(offset)[:, None]).astype(np.int64)
-    inside = np.all((target >= 0) & (target < np.array(grid.shape[::-1])[:, None]), axis=0)
-    if values[~inside].any():
-        raise UserError(f"{path or 'the segmentation'} reaches outside the image it is compared with "
-                        f"({volume.describe_grid_beside(grid)})")
-    placed[target[2, inside], target[1, inside], target[0, inside]] = values[inside]
-    return grid.with_array(placed)
