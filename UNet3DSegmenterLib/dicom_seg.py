@@ -241,6 +241,7 @@ def _save(segmentation, path: Path) -> None:
     import pydicom
 
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, ".dcm") as temporary:
             segmentation.save_as(temporary)
             try:

@@ -1,6 +1,6 @@
 """Scoring predicted label maps against reference label maps: per case, per class, and the mean.
 
-``evaluate`` takes two files, or two folders whose files are matched by case name (the file name
+``evaluate`` takes two files (a DICOM SEG file among them: see :func:`_read_pair`), or two folders whose files are matched by case name (the file name
 without its volume extension, so ``case_007.nii.gz`` pairs with ``case_007.nrrd``). Every reference
 case needs a prediction: a missing one is an error rather than a silently smaller average. Predictions
 without a reference are skipped and listed under ``"ignored_predictions"``.
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dicom_seg import is_dicom_seg_file, read_dicom_seg
 from .errors import UserError
 from .io import FORMATS, case_name, is_dicom_folder, read_volume, volumes_by_case
 from .metrics import METRIC_NAMES, found_labels, segmentation_metrics, voxel_accuracy
@@ -146,9 +147,21 @@ def _cases_in(folder: Path) -> dict[str, Path]:
 
 
 def _score_files(prediction_path: Path, reference_path: Path) -> tuple[dict[int, dict[str, float]], float]:
-    prediction, reference = read_volume(prediction_path), read_volume(reference_path)
+    prediction, reference = _read_pair(prediction_path, reference_path)
     return score_case(prediction, reference, prediction_name=str(prediction_path),
                       reference_name=str(reference_path))
+
+
+def _read_pair(prediction_path: Path, reference_path: Path) -> tuple[Volume, Volume]:
+    """Both label maps; a DICOM SEG beside another image is read onto that image's grid (its frames hold only
+    the slices it marks), and its segment numbers are the label values."""
+    if is_dicom_seg_file(reference_path) and not is_dicom_seg_file(prediction_path):
+        prediction = read_volume(prediction_path)
+        return prediction, read_dicom_seg(reference_path, grid=prediction).labelmap
+    if is_dicom_seg_file(prediction_path) and not is_dicom_seg_file(reference_path):
+        reference = read_volume(reference_path)
+        return read_dicom_seg(prediction_path, grid=reference).labelmap, reference
+    return read_volume(prediction_path), read_volume(reference_path)
 
 
 def _holds_cases(path: Path) -> bool:

@@ -33,6 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomic import WRITE_STOPPED, atomic_path, write_stopped
+from .dicom_seg import is_dicom_seg_file, read_dicom_seg
 from .errors import UserError
 from .integrity import check_whole, shortfall
 from .volume import Volume, float3
@@ -145,7 +146,8 @@ def to_sitk(volume: Volume) -> sitk.Image:
 
 def read_volume(path: str | os.PathLike, check_finite: bool = True,
                 spacing: Sequence[float] | None = None) -> Volume:
-    """Read a volume file (NIfTI, NRRD, MHA, NumPy .npy) or a DICOM series folder.
+    """Read a volume file (NIfTI, NRRD, MHA, NumPy .npy), a DICOM series folder, or a DICOM SEG file (as the
+    labelmap of its segment numbers on the grid its frames span; see :func:`dicom_seg.read_dicom_seg`).
 
     ``spacing`` (x, y, z) in mm is that of a ``.npy`` array, which records none (default 1 mm);
     files that record their own geometry keep it. Raises :class:`UserError` with a one-line
@@ -158,6 +160,8 @@ def read_volume(path: str | os.PathLike, check_finite: bool = True,
         raise UserError(f"{path} is not a regular file (a device, pipe or socket): give a volume file")
     if volume_suffix(path) == ".npy":
         return _read_npy(path, spacing, check_finite)
+    if is_dicom_seg_file(path):  # a segmentation object: its frames, on the grid they span
+        return read_dicom_seg(path).labelmap
     if path.is_file():
         check_whole(path)
     try:

@@ -1,6 +1,6 @@
 """``unet3d-segmenter convert``: one volume to another format, with its geometry and values.
 
-INPUT is a volume file or a folder holding one DICOM series; OUTPUT is a file whose extension picks
+INPUT is a volume file, a folder holding one DICOM series, or a DICOM SEG file; OUTPUT is a file whose extension picks
 the format, or a folder path without an extension for a DICOM series (see ``io.write_dicom_series``
 for its file names and tags). Integer data (labelmaps) keep their exact values in every format.
 """
@@ -20,6 +20,7 @@ examples:
   unet3d-segmenter convert labels.nii.gz labels.seg.nrrd            (a labelmap stays a labelmap)
   unet3d-segmenter convert ct.nii.gz ct_dicom --modality CT --patient-name "Doe^Jane"
   unet3d-segmenter convert volume.npy volume.nrrd --input-spacing 0.8 0.8 2.5
+  unet3d-segmenter convert result.dcm labels.nii.gz --grid ct_series/    (a DICOM SEG on its series' grid)
 """
 
 
@@ -27,12 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``convert`` subcommand's arguments."""
     parser.epilog = _EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("input", type=Path, help="a volume file (.nii.gz, .nii, .nrrd, .mha, .npy) or a DICOM series folder")
+    parser.add_argument("input", type=Path, help="a volume file (.nii.gz, .nii, .nrrd, .mha, .npy), a DICOM series folder, "
+                                                 "or a DICOM SEG file (.dcm; read as the labelmap of its segments)")
     parser.add_argument("output", type=Path,
                         help="a volume file (the extension picks the format; .npy keeps the array only) or a new "
                              "folder (no extension) for a DICOM series")
     parser.add_argument("--input-spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
                         help="voxel spacing in mm of a .npy input (default 1 1 1; other formats record their own)")
+    parser.add_argument("--grid", type=Path, default=None, metavar="IMAGE",
+                        help="a DICOM SEG input: write it on this image's grid (its source series, say) rather than "
+                             "on the slices its frames span")
     dicom = parser.add_argument_group("DICOM output")
     dicom.add_argument("--modality", choices=DICOM_MODALITIES, default=None,
                        help="the series' modality (default OT; CT or MR also choose CT or MR image storage)")
@@ -47,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
         case_name,
         check_input_spacing,
         is_series_folder_name,
-        read_volume,
         write_dicom_series,
         write_volume,
     )
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ..volume import Volume
 
     check_input_spacing(args.input_spacing, [args.input])
-    check_outputs([args.output], [args.input])
+    check_outputs([args.output], [args.input, args.grid])
     remove_stale_partials([args.output])
     to_dicom = is_series_folder_name(args.output)
     dicom_options = [f"--{name.replace('_', '-')}" for name in ("modality", "patient_name", "patient_id",
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if dicom_options and not to_dicom:
         raise UserError(f"{dicom_options[0]} is for DICOM output, and {args.output} is a file: "
                         "give a folder path without an extension, or leave the option out")
-    volume = read_volume(args.input, spacing=args.input_spacing)
+    volume = _read_input(args)
     if to_dicom:
         name = case_name(args.input)
         write_dicom_series(volume, args.output, args.modality or "OT", _or(args.patient_name, name),
@@ -76,6 +80,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {args.output} holds the array only; its spacing, origin and direction are not stored "
               "(give --input-spacing when reading it back)", file=sys.stderr)
     return 0
+
+
+def _read_input(args: argparse.Namespace):
+    from ..dicom_seg import is_dicom_seg_file, read_dicom_seg
+    from ..io import read_volume
+
+    if args.grid is None:
+        return read_volume(args.input, spacing=args.input_spacing)
+    if not is_dicom_seg_file(args.input):
+        raise UserError(f"--grid places a DICOM SEG, and {args.input} is not one: leave --grid out")
+    return read_dicom_seg(args.input, grid=read_volume(args.grid, check_finite=False)).labelmap
 
 
 def _or(value: str | None, default: str) -> str:

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prediction", required=True, metavar="PATH",
                         help="predicted label map, or a folder of them (matched to references by case name)")
     parser.add_argument("--reference", required=True, metavar="PATH",
-                        help="reference (ground-truth) label map, or a folder of them")
+                        help="reference (ground-truth) label map (a DICOM SEG .dcm file too), or a folder of them")
     parser.add_argument("--json", metavar="OUT", default=None,
                         help="also write the results to this JSON file (infinite distances, where a class "
                              "is missing on one side, are written as null)")
