@@ -268,6 +268,52 @@ def input_spacing_for_a_file_that_has_one(folder):
             "--input-spacing", "1", "1", "1"], "image.nii.gz"
 
 
+def seg_output_for_a_nifti_input(folder):
+    return ["predict", "-c", model(folder), "-i", image(folder), "-o", folder / "result.dcm"], "result.dcm"
+
+
+def dicom_seg(folder: Path, name: str, change: Callable | None = None) -> Path:
+    """A DICOM SEG of a small CT series in ``folder``, changed by ``change(dataset)`` (pydicom) when given."""
+    import pydicom
+    from dicom_series import write_ct_series
+
+    from UNet3DSegmenterLib.dicom_seg import write_dicom_seg
+
+    volume = write_ct_series(folder / "ct")
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[2:6, 5:9, 5:9] = 1
+    path = write_dicom_seg(volume.with_array(labels), folder / "ct", [Label(1, "liver")], folder / name)
+    if change is not None:
+        dataset = pydicom.dcmread(path)
+        change(dataset)
+        dataset.save_as(path)
+    return path
+
+
+def seg_cut_short_as_a_reference(folder):
+    seg = dicom_seg(folder, "cut.dcm")
+    seg.write_bytes(seg.read_bytes()[:-100])
+    return ["evaluate", "--prediction", labelmap(folder), "--reference", seg], "cut.dcm"
+
+
+def seg_declaring_a_billion_frames(folder):
+    seg = dicom_seg(folder, "huge.dcm", lambda dataset: setattr(dataset, "NumberOfFrames", 1_000_000_000))
+    return ["convert", seg, folder / "labels.nii.gz"], "huge.dcm"
+
+
+def seg_frames_kilometres_apart(folder):
+    def move_last_frame(dataset):
+        position = dataset.PerFrameFunctionalGroupsSequence[-1].PlanePositionSequence[0]
+        position.ImagePositionPatient = [0, 0, 2e7]
+    seg = dicom_seg(folder, "far.dcm", move_last_frame)
+    return ["convert", seg, folder / "labels.nii.gz"], "far.dcm"
+
+
+def seg_placed_on_another_grid(folder):
+    seg = dicom_seg(folder, "result.dcm")
+    return ["convert", seg, folder / "labels.nii.gz", "--grid", image(folder)], "result.dcm"
+
+
 CASES: list[Callable[[Path], tuple[list, str]]] = [
     predict_onto_its_input, predict_onto_a_symlink_of_its_input, predict_onto_a_hard_link_of_its_input,
     predict_a_folder_into_itself, probabilities_onto_the_labelmap, predict_to_a_picture_name,
@@ -280,7 +326,8 @@ CASES: list[Callable[[Path], tuple[list, str]]] = [
     labelmap_3_mm_off, overlay_labelmap_3_mm_off, a_flat_array, datalist_that_is_no_list,
     run_json_with_a_text_format, training_output_that_is_a_file, predict_two_cases_onto_one_output,
     training_case_that_is_a_device, dicom_option_for_a_file_output, input_spacing_for_a_file_that_has_one,
-    mha_header_that_itk_cannot_parse,
+    mha_header_that_itk_cannot_parse, seg_output_for_a_nifti_input, seg_cut_short_as_a_reference,
+    seg_declaring_a_billion_frames, seg_frames_kilometres_apart, seg_placed_on_another_grid,
 ]
 
 
