@@ -4,7 +4,8 @@ The core (top level) holds what both pipelines share; two subpackages hold the p
 command line::
 
     core:       volume (the Volume type), io (read/write NIfTI, NRRD, MHA, NumPy, DICOM series),
-                integrity (truncated files), dicom (sort DICOM files by their tags), preprocess,
+                integrity (truncated files), dicom (sort DICOM files by their tags), dicom_seg (DICOM
+                SEG out and in), batch (the cases of a tree, and a process's share), preprocess,
                 models, checkpoint, metrics, evaluation, datalist, labels, choices, runtime (device,
                 precision), progress, atomic, errors, phantom (generated data), plots, fingerprint
                 (what the training images were like), roi (segment inside a box)
@@ -46,6 +47,7 @@ _PUBLIC = {
     "Ensemble": "checkpoint", "load_ensemble": "checkpoint",
     "Label": "labels", "UserError": "errors", "Volume": "volume",
     "read_volume": "io", "write_volume": "io",
+    "read_dicom_seg": "dicom_seg", "write_dicom_seg": "dicom_seg", "find_cases": "batch", "SeriesFilter": "batch",
     "UNet3D": "models", "ResidualUNet3D": "models", "ResNet18UNet3D": "models", "VNet": "models",
     "build_model": "models",
     "Predictor": "inference.predictor", "Prediction": "inference.predictor",
@@ -59,9 +61,9 @@ _PUBLIC = {
 
 __all__ = [
     "Checkpoint", "Ensemble", "Label", "Prediction", "Predictor", "Preprocessing", "RegionOfInterest",
-    "ResNet18UNet3D", "ResidualUNet3D", "TrainingConfig", "TrainingFingerprint", "UNet3D", "UserError", "VNet", "Volume", "build_model", "cross_validate",
-    "get_dataloader", "load_checkpoint", "load_ensemble", "patchify", "read_volume", "save_checkpoint",
-    "sliding_window_inference", "train", "unpatchify", "write_volume",
+    "ResNet18UNet3D", "ResidualUNet3D", "SeriesFilter", "TrainingConfig", "TrainingFingerprint", "UNet3D", "UserError", "VNet", "Volume", "build_model", "cross_validate",
+    "find_cases", "get_dataloader", "load_checkpoint", "load_ensemble", "patchify", "read_dicom_seg", "read_volume",
+    "save_checkpoint", "sliding_window_inference", "train", "unpatchify", "write_dicom_seg", "write_volume",
 ]
 
 _moved.install(__name__)
@@ -83,7 +85,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and editors see
+    from .batch import SeriesFilter, find_cases
     from .checkpoint import Checkpoint, Ensemble, load_checkpoint, load_ensemble, save_checkpoint
+    from .dicom_seg import read_dicom_seg, write_dicom_seg
     from .errors import UserError
     from .fingerprint import TrainingFingerprint
     from .inference.predictor import Prediction, Predictor

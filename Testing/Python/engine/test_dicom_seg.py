@@ -195,3 +195,10 @@ def test_without_highdicom_the_refusal_says_how_to_install(tmp_path):
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(tmp_path / "x.dcm")], capture_output=True, text=True,
                             timeout=120)
     assert result.stdout.strip() == INSTALL_HINT
+
+
+def test_importing_the_module_loads_neither_highdicom_nor_pydicom():
+    script = ("import sys, UNet3DSegmenterLib.dicom_seg\n"
+              "print(sorted(name for name in ('highdicom', 'pydicom', 'torch') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
