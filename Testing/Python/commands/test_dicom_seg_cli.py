@@ -10,26 +10,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from cli_runs import refused, run_cli
 from dicom_series import ORIENTATIONS, dcmqi_labelmap, write_ct_series
 
-from UNet3DSegmenterLib.checkpoint import Checkpoint, Label, save_checkpoint
 from UNet3DSegmenterLib.commands.cli import main
 from UNet3DSegmenterLib.dicom_seg import read_dicom_seg
 from UNet3DSegmenterLib.io import read_volume, write_volume
-from UNet3DSegmenterLib.models import build_model
-from UNet3DSegmenterLib.preprocess import Preprocessing
-
-
-@pytest.fixture(scope="module")
-def organ_model(tmp_path_factory) -> Path:
-    """A tiny untrained three-class network (background, liver, spleen) whose output holds every class."""
-    torch.manual_seed(8)
-    model = build_model("unet3d", dict(in_channels=1, out_channels=3, depth=2, base_width=4))
-    labels = [Label(0, "background"), Label(1, "liver", (0.8, 0.3, 0.2)), Label(2, "spleen", (0.6, 0.2, 0.8))]
-    checkpoint = Checkpoint.from_model(model, labels, Preprocessing(spacing=(1.0, 1.0, 2.0)), (16, 16, 16))
-    return save_checkpoint(checkpoint, tmp_path_factory.mktemp("model") / "organs.pt")
 
 
 def predict(*args) -> None:

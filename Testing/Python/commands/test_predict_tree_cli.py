@@ -10,26 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from cli_runs import refused, run_cli
 from dicom_series import write_ct_series
 
 from UNet3DSegmenterLib.batch import SeriesFilter, find_cases, share
-from UNet3DSegmenterLib.checkpoint import Checkpoint, Label, save_checkpoint
+from UNet3DSegmenterLib.checkpoint import Label
 from UNet3DSegmenterLib.dicom import sort_dicom
 from UNet3DSegmenterLib.dicom_seg import read_dicom_seg, write_dicom_seg
 from UNet3DSegmenterLib.io import read_volume
-from UNet3DSegmenterLib.models import build_model
-from UNet3DSegmenterLib.preprocess import Preprocessing
-
-
-@pytest.fixture(scope="module")
-def organ_model(tmp_path_factory) -> Path:
-    torch.manual_seed(8)
-    model = build_model("unet3d", dict(in_channels=1, out_channels=3, depth=2, base_width=4))
-    labels = [Label(0, "background"), Label(1, "liver"), Label(2, "spleen")]
-    checkpoint = Checkpoint.from_model(model, labels, Preprocessing(spacing=(1.0, 1.0, 2.0)), (16, 16, 16))
-    return save_checkpoint(checkpoint, tmp_path_factory.mktemp("model") / "organs.pt")
 
 
 @pytest.fixture
