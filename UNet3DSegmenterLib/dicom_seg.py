@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path, write_stopped
+from .atomic import WRITE_STOPPED, atomic_path, write_stopped
 from .errors import UserError
 from .labels import Label
 from .volume import Volume, float3
@@ -200,15 +200,20 @@ def write_dicom_seg(labelmap: Volume, source: str | os.PathLike, labels: Sequenc
         index = [position for position, label in enumerate(labels) if label.value != 0]
         pixels = np.moveaxis(np.clip(probabilities.array[index][:, slices], 0, 1).astype(np.float32), 0, -1)
     first = datasets[0]
-    segmentation = hd.seg.Segmentation(
-        source_images=datasets, pixel_array=pixels, max_fractional_value=_MAX_FRACTION,
-        segmentation_type="BINARY" if probabilities is None else "FRACTIONAL",
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=_series_number(first),
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer=_MANUFACTURER,
-        manufacturer_model_name=_MANUFACTURER, software_versions=__version__,
-        device_serial_number="0", content_label="UNET3D", content_description=f"segmentation by {model}"[:64],
-        series_description=f"Segmentation {model}"[:64] if model else "Segmentation",
-    )
+    try:
+        segmentation = hd.seg.Segmentation(
+            source_images=datasets, pixel_array=pixels, max_fractional_value=_MAX_FRACTION,
+            segmentation_type="BINARY" if probabilities is None else "FRACTIONAL",
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=_series_number(first),
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=_MANUFACTURER,
+            manufacturer_model_name=_MANUFACTURER, software_versions=__version__,
+            device_serial_number="0", content_label="UNET3D", content_description=f"segmentation by {model}"[:64],
+            series_description=f"Segmentation {model}"[:64] if model else "Segmentation",
+        )
+    except (ValueError, TypeError, AttributeError) as error:  # what highdicom finds missing in the source
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot write {path}: the series in {source} lacks what a DICOM SEG must reference "
+                        f"({reason})") from None
     _save(segmentation, path)
     return path
 
@@ -252,6 +257,8 @@ def _save(segmentation, path: Path) -> None:
             if not complete:
                 raise write_stopped(path, f"{temporary.stat().st_size} bytes written, not a readable DICOM SEG")
     except OSError as error:
+        if error.errno in WRITE_STOPPED:
+            raise write_stopped(path, error.strerror or str(error)) from None
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
 
 

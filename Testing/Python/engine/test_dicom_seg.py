@@ -108,6 +108,15 @@ def test_an_empty_segment_is_kept_and_empty_frames_are_left_out(written):
     assert int(dataset.NumberOfFrames) == slices_with[1] + slices_with[2]
 
 
+def test_a_result_with_nothing_found_is_a_seg_of_empty_segments(tmp_path):
+    series = tmp_path / "ct"
+    volume = write_ct_series(series)
+    nothing = volume.with_array(np.zeros(volume.shape, np.uint8))
+    seg = write_dicom_seg(nothing, series, LABELS, tmp_path / "empty.dcm")
+    read = read_dicom_seg(seg, grid=volume)
+    assert not read.labelmap.array.any() and len(read.labels) == 3
+
+
 def test_probabilities_make_a_fractional_seg(tmp_path):
     series = tmp_path / "ct"
     volume = write_ct_series(series)
