@@ -3,8 +3,9 @@
 Runs the real command three times on the same folder of images with the same checkpoint: one process
 with PyTorch's default threads, one process with one thread, and ``torchrun --nproc-per-node 2``
 (one thread each, as torchrun sets). Each wall time is the whole command, start-up included, as a user
-sees it; the inference-path cache is warmed first, so that no run measures its paths. The outputs of
-the three runs are compared byte for byte.
+sees it, and the CPU seconds of its processes (less disturbed by other jobs on a shared machine); the
+inference-path cache is warmed first, so that no run measures its paths. The outputs of the runs are
+compared byte for byte, and where files differ, voxel by voxel.
 
     flock /work/cpu.lock .venv/bin/python bench/predict_processes.py \
         --checkpoint Resources/Models/hippocampus.pt --images ../shared/data/msd_hippocampus/images
@@ -16,11 +17,14 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
@@ -42,14 +46,15 @@ def main() -> None:
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                  *_predict(args.checkpoint, folder, work / "two")[1:]], {}),
         }
-        seconds = {name: _run(command, {**environment, **extra}) for name, (command, extra) in runs.items()}
-        identical = {name: _same_files(work / "one", work / output)
-                     for name, output in (("one process, 1 thread", "one_thread"),
-                                          ("torchrun, 2 processes (gloo), 1 thread each", "two"))}
+        timings = {name: _run(command, {**environment, **extra}) for name, (command, extra) in runs.items()}
+        comparisons = {f"{first} vs {second}": _compare(work / first, work / second)
+                       for first, second in (("two", "one_thread"), ("two", "one"), ("one_thread", "one"))}
     print(json.dumps({
         "cpu": _cpu_name(), "cores": os.cpu_count(), "checkpoint": str(args.checkpoint), "cases": len(cases),
-        "seconds": seconds, "cases_per_second": {name: len(cases) / value for name, value in seconds.items()},
-        "byte_identical_to_one_process": identical,
+        "wall_seconds": {name: wall for name, (wall, _) in timings.items()},
+        "cpu_seconds": {name: cpu for name, (_, cpu) in timings.items()},
+        "cases_per_second": {name: len(cases) / wall for name, (wall, _) in timings.items()},
+        "outputs (two: torchrun, one_thread, one: default threads)": comparisons,
     }, indent=2))
 
 
@@ -68,19 +73,28 @@ def _predict(checkpoint: Path, source: Path, output: Path) -> list[str]:
             "-o", str(output), "--device", "cpu"]
 
 
-def _run(command: list[str], environment: dict[str, str]) -> float:
-    start = time.perf_counter()
+def _run(command: list[str], environment: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds of the command, and the CPU seconds (user + system) of its processes."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=environment,
                             cwd=Path(__file__).resolve().parents[1])
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
-def _same_files(first: Path, second: Path) -> bool:
+def _compare(first: Path, second: Path) -> dict:
+    """How many output files are byte-identical, and for the others how many voxels differ."""
+    from UNet3DSegmenterLib import read_volume
+
     names = sorted(path.relative_to(first) for path in first.rglob("*") if path.is_file())
-    return names == sorted(path.relative_to(second) for path in second.rglob("*") if path.is_file()) and all(
-        (first / name).read_bytes() == (second / name).read_bytes() for name in names)
+    if names != sorted(path.relative_to(second) for path in second.rglob("*") if path.is_file()):
+        return {"same_file_names": False}
+    differing = [name for name in names if (first / name).read_bytes() != (second / name).read_bytes()]
+    voxels = [int((read_volume(first / name).array != read_volume(second / name).array).sum()) for name in differing]
+    return {"files": len(names), "byte_identical": len(names) - len(differing),
+            "differing_files": {str(name): count for name, count in zip(differing, voxels)}}
 
 
 def _cpu_name() -> str:
