@@ -7,6 +7,7 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,17 @@ def write_ct_series(folder: Path, orientation: str = "axial", shape: tuple[int, 
     return read_volume(folder)
 
 
+def dcmqi_converter() -> str | None:
+    """dcmqi's segimage2itkimage: beside this Python (a virtual environment's scripts), else on the PATH."""
+    beside = Path(sys.executable).with_name("segimage2itkimage")
+    return str(beside) if beside.exists() else shutil.which("segimage2itkimage")
+
+
 def dcmqi_labelmap(seg: Path, grid: Volume, work: Path) -> np.ndarray:
     """The labelmap dcmqi's segimage2itkimage reads from a DICOM SEG, placed on ``grid`` (nearest voxel: exact
     where dcmqi's grid shares its lattice): each segment's mask gets its segment number."""
-    converter = shutil.which("segimage2itkimage")
-    assert converter is not None
+    converter = dcmqi_converter()
+    assert converter is not None, "dcmqi is not installed (pip install dcmqi)"
     work.mkdir(parents=True, exist_ok=True)
     result = subprocess.run([converter, "--inputDICOM", str(seg), "--outputDirectory", str(work), "-t", "nrrd"],
                             capture_output=True, text=True, timeout=120)

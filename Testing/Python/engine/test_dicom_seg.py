@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_series import ORIENTATIONS, dcmqi_labelmap, write_ct_series
+from dicom_series import ORIENTATIONS, dcmqi_converter, dcmqi_labelmap, write_ct_series
 
 from UNet3DSegmenterLib.dicom_seg import (
     INSTALL_HINT,
@@ -56,7 +56,7 @@ def test_highdicom_reads_the_seg_back_to_the_labelmap_on_the_series_grid(written
     assert read.segmentation_type == "BINARY"
 
 
-@pytest.mark.skipif(shutil.which("segimage2itkimage") is None, reason="dcmqi is not installed (pip install dcmqi)")
+@pytest.mark.skipif(dcmqi_converter() is None, reason="dcmqi is not installed (pip install dcmqi)")
 def test_dcmqi_reads_the_seg_back_to_the_labelmap(written, tmp_path):
     series, volume, labelmap, seg = written
     np.testing.assert_array_equal(dcmqi_labelmap(seg, volume, tmp_path / "dcmqi"), labelmap)
