@@ -82,10 +82,13 @@ def _plan(args: argparse.Namespace) -> list[Case]:
     if probabilities is not None and not _names_a_file(probabilities):
         raise UserError(f"--probabilities {probabilities}: use a file name ending in .nii.gz, .nrrd, .mha or .dcm")
     _check_format(output, args.output_format)
-    for path in (output, probabilities):
-        if path is not None and is_dicom_seg_name(path) and not source.is_dir():
+    for path in (path for path in (output, probabilities) if path is not None and is_dicom_seg_name(path)):
+        if not source.is_dir():
             raise UserError(f"{path}: a DICOM SEG references the DICOM series it segments, and {source} is not a "
                             "DICOM series: write .nii.gz, .nrrd or .mha instead")
+        if path.parent.resolve() == source.resolve():
+            raise UserError(f"{path} lies in the DICOM series folder it segments, which would then hold a second "
+                            "series: write it elsewhere")
     return [Case(source, output, probabilities, case_name(source))]
 
 

@@ -309,6 +309,13 @@ def seg_frames_kilometres_apart(folder):
     return ["convert", seg, folder / "labels.nii.gz"], "far.dcm"
 
 
+def seg_written_into_its_own_series(folder):
+    from dicom_series import write_ct_series
+
+    write_ct_series(folder / "ct")
+    return ["predict", "-c", model(folder), "-i", folder / "ct", "-o", folder / "ct" / "result.dcm"], "result.dcm"
+
+
 def seg_placed_on_another_grid(folder):
     seg = dicom_seg(folder, "result.dcm")
     return ["convert", seg, folder / "labels.nii.gz", "--grid", image(folder)], "result.dcm"
@@ -328,6 +335,7 @@ CASES: list[Callable[[Path], tuple[list, str]]] = [
     training_case_that_is_a_device, dicom_option_for_a_file_output, input_spacing_for_a_file_that_has_one,
     mha_header_that_itk_cannot_parse, seg_output_for_a_nifti_input, seg_cut_short_as_a_reference,
     seg_declaring_a_billion_frames, seg_frames_kilometres_apart, seg_placed_on_another_grid,
+    seg_written_into_its_own_series,
 ]
 
 
