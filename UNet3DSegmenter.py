@@ -130,7 +130,7 @@ class UNet3DSegmenterParameterNode:
     """The panel's state, saved with the scene.
 
     Segment: inputVolume, checkpointPath (the model file), device, overlap (fraction of a window
-    shared with its neighbours), testTimeAugmentation (average over axis flips, 8x slower),
+    shared with its neighbours; set to the model's own when the model changes), testTimeAugmentation (average over axis flips, 8x slower),
     largestComponent (keep the largest connected piece of each structure), outputSegmentation
     (None: a new segmentation is created), region (the whole volume, or only inside roiNode, a box
     the user places around the structure).
@@ -144,7 +144,7 @@ class UNet3DSegmenterParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     checkpointPath: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+    overlap: Annotated[float, WithinRange(0.0, panel.MAX_OVERLAP)] = 0.5
     testTimeAugmentation: bool = False
     largestComponent: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
@@ -524,6 +524,10 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         """A checkpoint from a path (or the Checkpoint itself); ValueError when it cannot be used."""
         return segmentation.loadCheckpoint(checkpoint)
 
+    def segmentDefaults(self, checkpoint):
+        """The engine's ``SegmentOptions`` as ``checkpoint`` would run by default: its recorded overlap filled in."""
+        return segmentation.segmentDefaults(checkpoint)
+
     # --- volumes and segmentations <-> engine ----------------------------------------------------
 
     @staticmethod
@@ -560,25 +564,26 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
 
     # --- segment ---------------------------------------------------------------------------------
 
-    def segment(self, inputVolume, checkpoint, outputSegmentation=None, device: str = "auto", overlap: float = 0.5,
-                tta: bool = False, largestComponent: bool = False, progress=None, roi=None, warn=None):
+    def segment(self, inputVolume, checkpoint, outputSegmentation=None, *, options=None, progress=None, roi=None,
+                warn=None, **optionKeywords):
         """Segment ``inputVolume`` with ``checkpoint`` (a .pt path or a Checkpoint); waits for the result.
 
         Returns ``outputSegmentation`` (a new segmentation node when None) holding one segment per
         label of the checkpoint, with its name and colour, on the input's geometry, placed beside the
         input in the subject hierarchy. Running again into the same node replaces its segments.
+        ``options`` (the engine's ``SegmentOptions``) and ``optionKeywords`` (``device="cpu"``,
+        ``overlap=0.25``, ``tta=True``, ``largestComponent=True``, ``precision``, ``batchSize``) say how;
+        an overlap left unset is the one the checkpoint records.
         ``roi`` (a vtkMRMLMarkupsROINode aligned with the R, A, S axes) segments only inside its box;
         the segments are empty outside it. ``progress(done, total)`` is called after each batch of
         windows; ``warn(message)`` (default: the log) when what is segmented lies far outside the
         model's training data. Nothing in the scene changes when this raises.
         """
-        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent,
-                                   roi)
+        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, options, roi, **optionKeywords)
         return segmentation.finish(job, segmentation.predict(job, progress, warn))
 
-    def segmentInBackground(self, inputVolume, checkpoint, outputSegmentation=None, device: str = "auto",
-                            overlap: float = 0.5, tta: bool = False, largestComponent: bool = False,
-                            onProgress=None, onFinished=None, onError=None, roi=None, onWarning=None):
+    def segmentInBackground(self, inputVolume, checkpoint, outputSegmentation=None, *, options=None, onProgress=None,
+                            onFinished=None, onError=None, roi=None, onWarning=None, **optionKeywords):
         """Start :meth:`segment` in a child process (the engine's command line) and return at once.
 
         The returned ``EngineProcess`` reports through ``onWarning(message)``, ``onProgress(done, total)``,
@@ -586,8 +591,7 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         panel does, on a timer) or ``wait()``. ``cancel()`` ends the child and its own children and adds
         nothing to the scene. Inputs are checked here, so a bad input raises ValueError at once.
         """
-        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent,
-                                   roi)
+        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, options, roi, **optionKeywords)
         return segmentation.startInBackground(job, self.pythonExecutable, self.childEnvironment(), onProgress,
                                               onFinished, onError, onWarning)
 

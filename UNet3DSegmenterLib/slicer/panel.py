@@ -21,6 +21,11 @@ Decisions kept here, and why:
   volume's centre, the size of the model's typical training image (its fingerprint's median extent;
   half the volume for a model that records none), and switches to it: the user drags it over the
   structure. Segment is enabled inside an ROI only once one is chosen.
+- The overlap follows the model: when the chosen model changes (and PyTorch can read it), the overlap
+  becomes the one that model records (its training's), so that a checkpoint's overlap reaches the
+  user; one the user then sets holds until the model changes. A scene that names a model keeps its
+  own overlap. Every other Segment option goes from the parameter node to the engine through the
+  engine's ``SegmentOptions`` (its ``parameter`` names), declared once.
 - A warning from the engine (the input lies far outside the model's training data) stays in the
   status line, after the progress and after the result, until the next run.
 - Every training run gets a folder of its own under the models folder (the name given, else the
@@ -41,7 +46,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from ..choices import DEVICES
+from ..segment_options import SegmentOptions
 from .export import segmentedPairs
+from .install import asValueError
 from .process import stopAll
 from .scene import segmentNames
 
@@ -58,6 +65,8 @@ SHUTDOWN_SECONDS = 10.0
 """Longest wait for background runs at Reload or application exit."""
 DOUBLE_CLICK_SECONDS = 1.0
 """A Cancel or Stop this soon after the start is the second click of a double-click on Segment or Train."""
+MAX_OVERLAP = 0.9
+"""The top of the panel's overlap slider; a model that records more is segmented at this overlap from the panel."""
 STOPPED_MARK = " (stopped)"
 """Added to the name of a stopped run's last.pt in the model box."""
 
@@ -167,6 +176,7 @@ class PanelState:
         self.training = _Run()
         self.stoppedRun: pathlib.Path | None = None  # the folder of the run stopped last, which Resume continues
         self._descriptions: dict = {}
+        self.overlapModel: str | None = None  # the model the overlap parameter was last set from (or kept for)
 
     # --- the parameter node and the scene ----------------------------------------------------------
 
@@ -175,9 +185,11 @@ class PanelState:
         self.parameters = parameters
         if parameters is None:
             return
+        self.overlapModel = parameters.checkpointPath or None  # a node that names a model keeps its overlap
         self.cleanPairs()
         self.syncModels()
         self.applyDeviceChoices()
+        self.followModelOverlap()
 
     def sceneStartClose(self) -> None:
         """The scene is about to close: cancel a segmentation (its input goes), forget the parameter node."""
@@ -196,6 +208,7 @@ class PanelState:
         self.engineChecked = True
         self._descriptions.clear()
         self.applyDeviceChoices()
+        self.followModelOverlap()
 
     @property
     def engineReady(self) -> bool:
@@ -270,6 +283,7 @@ class PanelState:
             return items[index].dialog
         self.parameters.checkpointPath = items[index].path
         self.lastModel = items[index].path
+        self.followModelOverlap()
         return ""
 
     def addModel(self, path) -> None:
@@ -280,6 +294,7 @@ class PanelState:
         if self.parameters is not None:
             self.parameters.checkpointPath = path
         self.lastModel = path
+        self.followModelOverlap()
 
     def describeModel(self, path: str) -> str:
         """The structures a model segments, for the label under the model box (read once per file version)."""
@@ -294,6 +309,21 @@ class PanelState:
         if key not in self._descriptions:
             self._descriptions[key] = self.logic.describeModel(path)
         return self._descriptions[key]
+
+    def followModelOverlap(self) -> None:
+        """Set the overlap to the one the chosen model records, once per change of model (see the module docstring)."""
+        parameters = self.parameters
+        if parameters is None or not self.engineReady or not parameters.checkpointPath \
+                or parameters.checkpointPath == self.overlapModel:
+            return
+        self.overlapModel = parameters.checkpointPath
+        if not pathlib.Path(parameters.checkpointPath).exists():
+            return
+        try:
+            recorded = self.logic.segmentDefaults(parameters.checkpointPath).overlap
+        except ValueError:
+            return  # the Segment button and the label under the model box say what is wrong with it
+        parameters.overlap = min(recorded, MAX_OVERLAP)
 
     # --- devices ---------------------------------------------------------------------------------
 
@@ -435,8 +465,7 @@ class PanelState:
         try:
             self.segmentation.process = self.logic.segmentInBackground(
                 parameters.inputVolume, parameters.checkpointPath, parameters.outputSegmentation,
-                device=parameters.device, overlap=parameters.overlap, tta=parameters.testTimeAugmentation,
-                largestComponent=parameters.largestComponent, onProgress=self._segmentProgress,
+                options=self.segmentOptions(), onProgress=self._segmentProgress,
                 onFinished=self._segmentFinished, onError=self._segmentFailed,
                 roi=parameters.roiNode if self.usesRoi() else None, onWarning=self._segmentWarning)
         except ValueError as error:
@@ -444,6 +473,11 @@ class PanelState:
             self.notify(f"Segmentation could not start: {error}")
             return False
         return True
+
+    def segmentOptions(self) -> SegmentOptions:
+        """The Segment options the parameter node holds (ValueError for a value out of range)."""
+        with asValueError():
+            return SegmentOptions.from_parameters(self.parameters)
 
     def cancelSegmentation(self, status: str = "Cancelled.") -> None:
         """Stop the running segmentation; nothing is added to the scene."""

@@ -458,6 +458,21 @@ def test_parameter_choices_come_from_the_engines_choices_and_defaults_fit(slicer
     assert checked >= 9 and not expected
 
 
+def test_each_segment_option_the_panel_shows_is_a_bound_parameter_with_the_engines_default(slicer_scene):
+    import dataclasses
+
+    from UNet3DSegmenterLib.segment_options import SegmentOptions
+
+    parameters = slicer_scene.module.UNet3DSegmenterParameterNode.allParameters
+    bound = set(_ui_bindings().values())
+    shown = SegmentOptions.parameter_names()
+    assert {"device", "overlap", "tta", "largest_component"} <= set(shown)
+    for item in dataclasses.fields(SegmentOptions):
+        if item.name in shown and item.default is not None:  # None (overlap): the model's, set as the model changes
+            assert parameters[shown[item.name]].default.value == item.default, item.name
+    assert set(shown.values()) <= bound, "a segment option the panel holds has no widget"
+
+
 def test_parameter_node_keeps_the_panel_state_in_the_scene_and_refuses_what_slicer_refuses(slicer_scene, logic):
     node = slicer_scene.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "input")
     parameters = logic.getParameterNode()

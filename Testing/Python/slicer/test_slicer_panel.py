@@ -331,6 +331,59 @@ def test_the_gpu_choice_follows_pytorch_after_every_binding(slicer_scene, logic,
         assert (state.parameters.device, state.parameters.trainingDevice) == ("auto", "auto")
 
 
+# --- segment options -------------------------------------------------------------------------------
+
+
+def _model_recording_overlap(checkpoint_path, folder: Path, overlap: float) -> Path:
+    import dataclasses
+
+    from UNet3DSegmenterLib import load_checkpoint, save_checkpoint
+
+    return save_checkpoint(dataclasses.replace(load_checkpoint(checkpoint_path), overlap=overlap),
+                           folder / f"overlap {overlap}.pt")
+
+
+def test_the_overlap_follows_the_chosen_model_until_the_user_sets_one(slicer_scene, logic, state, checkpoint_path,
+                                                                      tmp_path):
+    quarter = _model_recording_overlap(checkpoint_path, tmp_path, 0.25)
+    most = _model_recording_overlap(checkpoint_path, tmp_path, 0.75)
+    state.addModel(quarter)
+    assert state.parameters.overlap == 0.25, "the model's recorded overlap did not reach the panel"
+    state.parameters.overlap = 0.6  # the user's own choice
+    state.selectModel([item.path for item in state.modelItems()].index(str(quarter)))  # the same model again
+    assert state.parameters.overlap == 0.6
+    assert state.segmentOptions().overlap == 0.6
+    state.addModel(most)
+    assert state.parameters.overlap == 0.75
+
+
+def test_a_scene_that_names_a_model_keeps_its_own_overlap(slicer_scene, logic, state, checkpoint_path, tmp_path):
+    quarter = _model_recording_overlap(checkpoint_path, tmp_path, 0.25)
+    state.addModel(quarter)
+    state.parameters.overlap = 0.4
+    state.setParameterNode(logic.getParameterNode())  # the module entered again, or the scene loaded
+    state.checkEngine()
+    assert state.parameters.overlap == 0.4
+
+
+def test_the_overlap_waits_for_pytorch_to_read_the_model(slicer_scene, logic, checkpoint_path, tmp_path):
+    quarter = _model_recording_overlap(checkpoint_path, tmp_path, 0.25)
+    waiting = panel.PanelState(logic)
+    waiting.setParameterNode(logic.getParameterNode())
+    waiting.addModel(quarter)  # before the engine check, as while the panel opens
+    assert waiting.parameters.overlap == 0.5
+    waiting.checkEngine()
+    assert waiting.parameters.overlap == 0.25
+
+
+def test_segment_takes_every_option_from_the_parameter_node(slicer_scene, logic, state):
+    parameters = state.parameters
+    parameters.device, parameters.overlap = "cpu", 0.3
+    parameters.testTimeAugmentation, parameters.largestComponent = True, True
+    options = state.segmentOptions()
+    assert (options.device, options.overlap, options.tta, options.largest_component) == ("cpu", 0.3, True, True)
+
+
 # --- runs ------------------------------------------------------------------------------------------
 
 
