@@ -21,6 +21,7 @@ from ..io import (
 )
 from ..paths import check_outputs
 from ..progress import ProgressBar, emit_json
+from ..protocol import EXIT_USER_ERROR, error_line
 from ..segment_options import SegmentOptions
 
 
@@ -127,12 +128,12 @@ def run(args: argparse.Namespace) -> int:
             if len(cases) == 1:
                 raise error
             failures.append(name)
-            print(f"error: {name}: {error}", file=sys.stderr)
+            print(error_line(f"{name}: {error}"), file=sys.stderr)
         elif args.progress_json:
             emit_json(event="written", case=name, output=str(output))
         else:
             print(f"wrote {output}", file=sys.stderr)
     if failures:
-        print(f"error: {len(failures)} of {len(cases)} cases failed: {', '.join(failures)}", file=sys.stderr)
-        return 2
+        print(error_line(f"{len(failures)} of {len(cases)} cases failed: {', '.join(failures)}"), file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0

@@ -28,6 +28,8 @@ import subprocess
 import threading
 import time
 
+from ..protocol import EXIT_OK, error_message
+
 log = logging.getLogger("UNet3DSegmenter")
 
 
@@ -205,7 +207,7 @@ class EngineProcess:
         if self.cancelled:
             if self.onCancelled is not None:
                 self.onCancelled()
-        elif self.returncode == 0:
+        elif self.returncode == EXIT_OK:
             if self.onFinished is not None:
                 self.onFinished()
         else:
@@ -216,8 +218,9 @@ class EngineProcess:
     def _errorMessage(self) -> str:
         lines = [line.strip() for line in self._stderrTail if line.strip()]
         for line in reversed(lines):
-            if line.startswith("error:"):
-                return line[len("error:"):].strip()
+            message = error_message(line)
+            if message is not None:
+                return message
         if lines:
             return lines[-1]
         code = self.returncode

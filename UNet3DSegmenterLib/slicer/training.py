@@ -4,7 +4,7 @@
 names and colours from the segments, ``init`` when fine-tuning a model) and exports the pairs;
 :func:`finish` names the checkpoint the run produced. In between, :func:`run` trains in this process
 (Python console, tests) and :func:`startInBackground` runs ``unet3d-segmenter train --config
-run.json --progress-json`` in a child process (the panel), stopped by a ``STOP`` file so that it
+run.json --progress-json`` in a child process (the panel), stopped by a stop file (``protocol.py``) so that it
 always saves. Both fill a table of loss and Dice per epoch, plotted by a chart in the scene.
 A new run refuses a folder that holds a model before it exports anything (the engine's
 ``TrainingConfig.check_output``); :func:`prepareResume` continues a stopped run from its run.json.
@@ -20,14 +20,13 @@ from dataclasses import dataclass
 import slicer
 import vtk
 
+from ..protocol import stop_file, withdraw_stop_request
 from .export import checkPairs, exportTrainingPairs, trainingLabels
 from .install import asValueError, engine
 from .process import EngineProcess, engineCommand
 from .segmentation import loadCheckpoint
 
 CHART_ROLE = "UNet3DSegmenter.Chart"
-STOP_FILE = "STOP"
-"""The file that stops ``unet3d-segmenter train`` gracefully (``commands.train.STOP_FILE``)."""
 
 # TrainingConfig fields that prepare() sets from its own arguments, the pairs and the output folder.
 _SET_HERE = {"data", "output", "architecture", "epochs", "patch_size", "batch_size", "lr", "device", "init",
@@ -101,7 +100,6 @@ def prepare(pairs, outputFolder, architecture: str | None = None, epochs: int = 
     exportTrainingPairs(pairs, config.data, labels)
     if init is not None and config.init is None:
         config.init = engine().save_checkpoint(init, outputFolder / "init.pt")
-    (outputFolder / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop this run
     return _job(config, pairs, labels, tableNode)
 
 
@@ -122,7 +120,6 @@ def prepareResume(pairs, outputFolder, tableNode=None, **options) -> TrainingJob
     Label = engine().Label
     labels = [Label(value, name, (config.label_colors or {}).get(value, (0.5, 0.5, 0.5)))
               for value, name in sorted((config.label_names or {}).items())]
-    (outputFolder / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop this run
     job = _job(config, [], labels, tableNode)
     if tableNode is None:  # a new table: its curves start at epoch 1, as the run's own log does
         addLoggedEpochs(job.tableNode, outputFolder / "log.csv", [label.name for label in labels])
@@ -149,6 +146,7 @@ def addLoggedEpochs(tableNode, logFile: pathlib.Path, labelNames) -> None:
 
 def _job(config, pairs, labels, tableNode) -> TrainingJob:
     """The job, with a new table and chart of the curves unless ``tableNode`` is given."""
+    withdraw_stop_request(config.output)  # a stale request must not stop this run
     chartNode = None
     if tableNode is None:
         tableNode, chartNode = createTrainingCurves([label.name for label in labels])
@@ -222,7 +220,7 @@ def startInBackground(job: TrainingJob, python: str, environment: dict, onProgre
     arguments = engineCommand(python, "train", "--config", configPath, *how, "--progress-json")
     process = EngineProcess(arguments, onProgress=report, onFinished=finished, onError=onError,
                             onCancelled=onCancelled, environment=environment,
-                            stopFile=job.outputFolder / STOP_FILE, cancelGraceSeconds=STOP_GRACE_SECONDS)
+                            stopFile=stop_file(job.outputFolder), cancelGraceSeconds=STOP_GRACE_SECONDS)
     process.job, process.tableNode, process.chartNode = job, job.tableNode, job.chartNode
     return process.start()
 
