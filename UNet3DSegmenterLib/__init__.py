@@ -6,9 +6,10 @@ command line::
     core:       volume (the Volume type), io (read/write NIfTI, NRRD, MHA, NumPy, DICOM series),
                 integrity (truncated files), dicom (sort DICOM files by their tags), preprocess,
                 models, checkpoint, metrics, evaluation, datalist, labels, choices, runtime (device,
-                precision), progress, protocol (what a parent process and the command line agree on), atomic, errors, phantom (generated data), plots, fingerprint
-                (what the training images were like), roi (segment inside a box), segment_options
-                (every segmentation option, declared once)
+                precision), progress, protocol (what a parent process and the command line agree
+                on), atomic, errors, phantom (generated data), plots, fingerprint (what the training
+                images were like), roi (segment inside a box), segment_options (every segmentation
+                option, declared once)
     inference:  io.read_volume -> preprocess -> inference.predictor (inference.fast + models,
                 inference.sliding_window) -> inference.postprocess -> io.write_volume
     training:   training.config -> datalist -> training.splits -> training.planning ->
