@@ -227,7 +227,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.connect("timeout()", self.onPoll)
 
         self.initializeParameterNode()
-        qt.QTimer.singleShot(0, self.onCheckEngine)  # importing torch takes a moment: once the panel shows
+        qt.QTimer.singleShot(0, self.onCheckEngine)  # importing torch takes a moment: once the panel shows, once
 
     def cleanup(self) -> None:
         if self.state is not None:
@@ -244,9 +244,13 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
+        if self.state is not None:
+            self.state.shown = True
         self.initializeParameterNode()
 
     def exit(self) -> None:
+        if self.state is not None:
+            self.state.shown = False
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -264,7 +268,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()  # a loaded scene brings its own parameters: model, pairs, devices
 
     def onNodeRemoved(self, caller, event) -> None:
-        self.state.cleanPairs()
+        self.state.nodeRemoved()
         self.updateGUI()
 
     def initializeParameterNode(self) -> None:
@@ -345,8 +349,8 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
         self._shownPairs = pairs
 
-    def _showSegmentation(self, inputVolume, segmentationNode) -> None:
-        slicer.util.setSliceViewerLayers(background=inputVolume, fit=True)
+    def _showSegmentation(self, inputVolume, segmentationNode, fit: bool) -> None:
+        slicer.util.setSliceViewerLayers(background=inputVolume, fit=fit)
 
     def _showChart(self, chartNode) -> None:
         slicer.modules.plots.logic().ShowChartInLayout(chartNode)
@@ -355,7 +359,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCheckEngine(self) -> None:
         with slicer.util.tryWithErrorDisplay("Checking PyTorch failed.", waitCursor=True):
-            self.state.checkEngine()
+            self.state.ensureEngineChecked()
         self.updateGUI()
 
     def onModelSelected(self, index: int) -> None:
@@ -415,17 +419,33 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUI()
 
     def onInstallOpenVINOButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Installing OpenVINO failed.", waitCursor=True):
-            if self.logic.installOpenVINO(askConfirmation=True):
-                slicer.util.infoDisplay("OpenVINO is installed. The next segmentation with each model measures it "
-                                        "beside PyTorch and keeps the faster.")
-        self.onCheckEngine()
+        if self.state.installing or not slicer.util.confirmOkCancelDisplay(
+                (self.logic.openVINOOffer() or "") + " Install it now?"):  # asked before the wait cursor
+            return
+        if self._install("Installing OpenVINO failed.", lambda: self.logic.installOpenVINO(askConfirmation=False)):
+            slicer.util.infoDisplay("OpenVINO is installed. The next segmentation with each model measures it "
+                                    "beside PyTorch and keeps the faster.")
 
     def onInstallButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Installation failed.", waitCursor=True):
-            if self.logic.installRequirements(askConfirmation=True):
-                slicer.util.infoDisplay("PyTorch is installed. If Segment stays disabled, restart Slicer.")
-        self.onCheckEngine()
+        if self.state.installing or not slicer.util.confirmOkCancelDisplay(
+                self.logic.installDescription() + " Continue?"):  # asked before the wait cursor
+            return
+        if self._install("Installation failed.", lambda: self.logic.installRequirements(askConfirmation=False)):
+            slicer.util.infoDisplay("PyTorch is installed. If Segment stays disabled, restart Slicer.")
+
+    def _install(self, failure: str, install) -> bool:
+        """Run ``install()`` with Install, Segment and Train disabled (pip lets Slicer process clicks); True when done."""
+        if not self.state.beginInstall():
+            return False
+        self.updateGUI()
+        installed = False
+        try:
+            with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+                installed = bool(install())
+        finally:
+            self.state.endInstall()
+            self.updateGUI()
+        return installed
 
 
 #

@@ -15,8 +15,13 @@ Decisions kept here, and why:
   scene brings its own, which is listed even when it is not a bundled one).
 - The device choices are computed once (CUDA is offered only when PyTorch sees a GPU) and applied
   again after every binding of the panel to the parameter node, which refills the combo boxes.
-- Closing the scene cancels a running segmentation (its input is gone; nothing is added to the new
-  scene and no error is shown); a training run goes on, since it works on files, not on the scene.
+- Closing the scene, or deleting the input volume, cancels a running segmentation (its input is gone;
+  nothing is added to the scene and no error is shown); a training run goes on, since it works on
+  files, not on the scene.
+- PyTorch is checked once, when the panel first shows, and again after an install; during an install
+  (Slicer processes events while pip prints) Install, Segment and Train are disabled, so that no
+  click starts a second install or a run on half-installed packages.
+- A finished segmentation refits the views only while the module is shown (``shown``).
 - Segment works on the whole volume or inside an ROI (``region``). 'Place ROI' adds one at the
   volume's centre, the size of the model's typical training image (its fingerprint's median extent;
   half the volume for a model that records none), and switches to it: the user drags it over the
@@ -68,6 +73,7 @@ DOUBLE_CLICK_SECONDS = 1.0
 MAX_OVERLAP = 0.9
 """The top of the panel's overlap slider; a model that records more is segmented at this overlap from the panel."""
 STOPPED_MARK = " (stopped)"
+INSTALLING = "Waiting for the install to finish."
 """Added to the name of a stopped run's last.pt in the model box."""
 
 
@@ -156,17 +162,22 @@ class PanelState:
     """The panel's decisions over the module's Logic and its parameter node (see the module docstring).
 
     ``notify(message)`` shows an error to the user (the Widget passes an error dialog);
-    ``showSegmentation(volume, segmentation)`` and ``showChart(chartNode)`` put a result in the views.
+    ``showSegmentation(volume, segmentation, fit)`` and ``showChart(chartNode)`` put a result in the views
+    (``fit``: refit them; not while the user works in another module, see :attr:`shown`).
     """
 
     def __init__(self, logic, notify=None, showSegmentation=None, showChart=None) -> None:
         self.logic = logic
         self.parameters = None
         self.notify = notify or (lambda message: log.error("%s", message))
-        self.showSegmentation = showSegmentation or (lambda volume, segmentation: None)
+        self.showSegmentation = showSegmentation or (lambda volume, segmentation, fit: None)
         self.showChart = showChart or (lambda chart: None)
         self.engineChecked = False
         self.engineProblem: str | None = None
+        self.missing: list[str] = []  # the engine's pip requirements not installed, as the last check found
+        self.installText = ""
+        self.installing = False  # an install runs (Slicer processes events while pip prints)
+        self.shown = True  # the module is the one shown: a finished run may refit the views
         self.cuda = False
         self.mps = False
         self.openVINOOffer: str | None = None
@@ -191,6 +202,14 @@ class PanelState:
         self.applyDeviceChoices()
         self.followModelOverlap()
 
+    def nodeRemoved(self) -> None:
+        """A node left the scene: drop what it leaves of its pair, and cancel quietly a segmentation whose input
+        it was (as closing the scene does: the result would have nowhere to go)."""
+        self.cleanPairs()
+        if self.segmentation.running and self.segmentation.inputVolume is not None \
+                and self.segmentation.inputVolume.GetScene() is None:
+            self.cancelSegmentation("Cancelled: the input volume was deleted.")
+
     def sceneStartClose(self) -> None:
         """The scene is about to close: cancel a segmentation (its input goes), forget the parameter node."""
         if self.segmentation.running:
@@ -199,16 +218,38 @@ class PanelState:
             self.lastModel = self.parameters.checkpointPath  # shown again in the new scene
         self.parameters = None
 
+    def ensureEngineChecked(self) -> None:
+        """:meth:`checkEngine` the first time; later (the module entered again) what it found holds."""
+        if not self.engineChecked:
+            self.checkEngine()
+
     def checkEngine(self) -> None:
-        """Whether the engine loads, and whether PyTorch sees a GPU (imports torch: call once the panel shows)."""
+        """Whether the engine loads, and whether PyTorch sees a GPU (imports torch: call once the panel shows,
+        and again after an install); what it finds is kept for :meth:`view`."""
+        self.missing = self.logic.missingRequirements()
         self.engineProblem = self.logic.engineProblem()
         self.cuda = self.engineProblem is None and self.logic.cudaAvailable()
         self.mps = self.engineProblem is None and self.logic.mpsAvailable()
         self.openVINOOffer = self.logic.openVINOOffer() if self.engineProblem is None else None
+        needed = bool(self.missing) or self.engineProblem is not None
+        self.installText = self.logic.installDescription(self.engineProblem) if needed else ""
         self.engineChecked = True
         self._descriptions.clear()
         self.applyDeviceChoices()
         self.followModelOverlap()
+
+    def beginInstall(self) -> bool:
+        """An install starts (the user confirmed it); False when one runs already: a click that came while pip
+        printed, which must not start a second one. Install, Segment and Train wait until :meth:`endInstall`."""
+        if self.installing:
+            return False
+        self.installing = True
+        return True
+
+    def endInstall(self) -> None:
+        """The install ended, well or not: check the engine again and let the buttons go."""
+        self.installing = False
+        self.checkEngine()
 
     @property
     def engineReady(self) -> bool:
@@ -301,7 +342,7 @@ class PanelState:
         if not path:
             return ""
         if not self.engineReady:
-            return "Install PyTorch to read the model." if self.logic.missingRequirements() else ""
+            return "Install PyTorch to read the model." if self.missing else ""
         file = pathlib.Path(path)
         if not file.exists():
             return f"The file {path} does not exist."
@@ -498,7 +539,7 @@ class PanelState:
         names = segmentNames(segmentationNode)
         self.segmentation.say(f"Done in {seconds:.0f} s: {', '.join(names)}.")
         self.segmentation.progress = (self.segmentation.progress[1], self.segmentation.progress[1])
-        self.showSegmentation(self.segmentation.inputVolume, segmentationNode)
+        self.showSegmentation(self.segmentation.inputVolume, segmentationNode, self.shown)
 
     def _segmentFailed(self, message: str) -> None:
         self.segmentation.say("Segmentation failed.")
@@ -651,16 +692,18 @@ class PanelState:
         index = self.modelIndex()
         chosen = models[index].path if index >= 0 else ""
         pairs = self.pairs()
-        missing = self.logic.missingRequirements()
+        missing = self.missing
         needed = bool(missing) or self.engineProblem is not None
         offer = None if needed else self.openVINOOffer  # an optional speed-up: shown, but folded away
-        installText = self.logic.installDescription(self.engineProblem) if needed else offer or ""
+        installText = self.installText if needed else offer or ""
+        if self.installing:
+            installText = "Installing... Slicer may pause while the packages download; Segment and Train wait."
         return PanelView(
             installVisible=needed or offer is not None,
             installText=installText,
-            installEnabled=bool(missing),
+            installEnabled=bool(missing) and not self.installing,
             installCollapsed=not needed,
-            openVINO=Button("Install OpenVINO", offer is not None, offer or ""),
+            openVINO=Button("Install OpenVINO", offer is not None and not self.installing, offer or ""),
             models=models, modelIndex=index, modelLabels=self.describeModel(chosen),
             devices=self.deviceChoices(),
             segment=self._segmentButton(chosen),
@@ -685,7 +728,7 @@ class PanelState:
             resume=self._resumeButton(), runNamePlaceholder=self.defaultRunName())
 
     def _resumeButton(self) -> Button:
-        folder = None if self.training.running or not self.engineReady else self.resumeFolder()
+        folder = None if self.training.running or self.installing or not self.engineReady else self.resumeFolder()
         if folder is None:
             return Button("Resume", False, "Continue a stopped run: select its model (or stop a run) first.")
         return Button("Resume", True, f"Continue the stopped run {folder.name} from its last.pt.")
@@ -694,6 +737,8 @@ class PanelState:
         if self.segmentation.running:
             return Button("Cancel", True, "Stop the segmentation; nothing is added to the scene.")
         parameters = self.parameters
+        if self.installing:
+            return Button("Segment", False, INSTALLING)
         if not self.engineReady:
             return Button("Segment", False, "Install PyTorch first (Install section)." if self.engineChecked
                           else "Checking that PyTorch loads...")
@@ -712,6 +757,8 @@ class PanelState:
             if self.training.stopping:
                 return Button("Stopping...", False, "The run ends its iteration and saves last.pt.")
             return Button("Stop", True, "Stop after the current iteration; last.pt keeps the weights so far.")
+        if self.installing:
+            return Button("Train", False, INSTALLING)
         if not self.engineReady:
             return Button("Train", False, "Install PyTorch first (Install section)." if self.engineChecked
                           else "Checking that PyTorch loads...")

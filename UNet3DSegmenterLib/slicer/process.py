@@ -32,6 +32,10 @@ from ..protocol import EXIT_OK, error_message
 
 log = logging.getLogger("UNet3DSegmenter")
 
+# Windows process creation flags (the subprocess module defines them on Windows only).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+
 
 class EngineProcess:
     """A child process running the engine's command line, read line by line without blocking.
@@ -81,7 +85,7 @@ class EngineProcess:
         """Start the child; ValueError with one line when the program cannot start."""
         options = {}
         if os.name == "nt":
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+            options["creationflags"] = CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
         else:
             options["start_new_session"] = True  # its own process group, so that a kill reaches its children
         try:
@@ -165,7 +169,8 @@ class EngineProcess:
 
     def _signalGroup(self, kill: bool) -> None:
         if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True, check=False)
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True, check=False,
+                           creationflags=CREATE_NO_WINDOW)  # no console window flashes on every cancel
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             # start_new_session made the child the leader of a group that its own children join
@@ -184,7 +189,7 @@ class EngineProcess:
             else:
                 self._stderrTail.append(line)
                 if line.strip():
-                    log.info("engine: %s", line)
+                    log.debug("engine: %s", line)  # an error reaches the user through onError, in one line
 
     def _handleOutput(self, line: str) -> None:
         event = None
@@ -193,7 +198,7 @@ class EngineProcess:
                 event = json.loads(line)
         if not isinstance(event, dict):
             if line.strip():
-                log.info("engine: %s", line)
+                log.debug("engine: %s", line)
             return
         if self.onProgress is not None:
             self.onProgress(event)
@@ -247,12 +252,16 @@ def engineCommand(python, *arguments) -> list:
 def childEnvironment(moduleFolder) -> dict:
     """The environment for an engine child process: ``moduleFolder`` (which holds UNet3DSegmenterLib) named
     for :func:`engineCommand` and first on PYTHONPATH, so that the child runs this module's engine, and
-    unbuffered output, so that progress arrives as it happens."""
+    unbuffered UTF-8 output, so that progress arrives as it happens and as written."""
     environment = dict(os.environ)
     paths = [str(moduleFolder)] + [path for path in environment.get("PYTHONPATH", "").split(os.pathsep) if path]
     environment["PYTHONPATH"] = os.pathsep.join(paths)
     environment[ENGINE_FOLDER_VARIABLE] = str(moduleFolder)
     environment["PYTHONUNBUFFERED"] = "1"
+    # UTF-8 for the child's files and pipes whatever the system's code page, as the parent decodes them, so that a
+    # non-ASCII path in an error line arrives as written.
+    environment["PYTHONUTF8"] = "1"
+    environment["PYTHONIOENCODING"] = "utf-8"
     return environment
 
 

@@ -207,7 +207,7 @@ _CONNECTORS = {
     "str": {"QLineEdit", "QTextEdit"},
     "choice": {"QComboBox"},
     "path": {"ctkPathLineEdit", "ctkDirectoryButton"},
-    "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
+    "node": {"qMRMLNodeComboBox"},  # Slicer 5.10 has no subject hierarchy tree view connector
 }
 
 
@@ -229,6 +229,17 @@ def test_bound_widgets_are_of_a_class_that_can_show_their_parameter():
         assert widgets[widget] in _CONNECTORS[kind], f"{widget} ({widgets[widget]}) cannot be bound to {name}: {kind}"
         if kind == "float" and widgets[widget] == "ctkSliderWidget":
             assert "WithinRange" in parameters[name], f"{name}: a slider needs a bounded float"
+
+
+def test_no_node_selector_offers_two_ways_to_create_a_node():
+    """With addEnabled, the box's own 'Create new ...' entry sits beside a none entry that says the same."""
+    for widget in ElementTree.parse(UI_FILE).getroot().iter("widget"):
+        if widget.get("class") != "qMRMLNodeComboBox":
+            continue
+        properties = {prop.get("name"): prop[0] for prop in widget.findall("property")}
+        adds = properties.get("addEnabled") is not None and properties["addEnabled"].text == "true"
+        none = properties.get("noneDisplay")
+        assert not (adds and none is not None and none.text.lower().startswith("create new")), widget.get("name")
 
 
 def test_node_selectors_follow_the_scene():

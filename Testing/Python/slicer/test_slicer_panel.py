@@ -331,6 +331,43 @@ def test_the_gpu_choice_follows_pytorch_after_every_binding(slicer_scene, logic,
         assert (state.parameters.device, state.parameters.trainingDevice) == ("auto", "auto")
 
 
+# --- install ---------------------------------------------------------------------------------------
+
+
+def test_during_an_install_install_segment_and_train_wait_and_a_second_install_is_refused(
+        slicer_scene, logic, state, checkpoint_path, tmp_path, monkeypatch):
+    state.parameters.inputVolume = selftest.addPhantom(seed=3)[0]
+    state.addModel(checkpoint_path)
+    volume, segmentation, _ = phantom_pair(logic, seed=5)
+    state.addPair(volume, segmentation)
+    state.parameters.trainingOutputFolder = tmp_path
+    assert state.view().segment.enabled and state.view().train.enabled
+    monkeypatch.setattr(logic, "missingRequirements", lambda: ["nibabel>=5.0"])
+    state.checkEngine()
+    assert state.view().installEnabled
+    assert state.beginInstall()
+    assert not state.beginInstall(), "a click while pip printed started a second install"
+    view = state.view()
+    assert not view.installEnabled and not view.segment.enabled and not view.train.enabled
+    assert view.segment.toolTip == panel.INSTALLING and "Installing" in view.installText
+    monkeypatch.setattr(logic, "missingRequirements", lambda: [])
+    state.endInstall()
+    view = state.view()
+    assert view.segment.enabled and view.train.enabled and not view.installVisible
+
+
+def test_pytorch_is_checked_once_however_often_the_module_is_entered(slicer_scene, logic, monkeypatch):
+    calls = []
+    check = logic.engineProblem
+    monkeypatch.setattr(logic, "engineProblem", lambda: calls.append(1) or check())
+    fresh = panel.PanelState(logic)
+    for _ in range(3):  # the panel shown, then the module entered twice more
+        fresh.setParameterNode(logic.getParameterNode())
+        fresh.ensureEngineChecked()
+        fresh.view()
+    assert len(calls) == 1 and fresh.engineReady
+
+
 # --- segment options -------------------------------------------------------------------------------
 
 
@@ -400,6 +437,38 @@ def test_closing_the_scene_during_a_segmentation_cancels_it_quietly(slicer_scene
     assert scene_state(slicer_scene.scene) == closed, "the result went into the new scene"
     view = state.view()
     assert view.segmentStatus == "Cancelled: the scene was closed." and view.segment.text == "Segment"
+
+
+@posix
+def test_deleting_the_input_volume_during_a_segmentation_cancels_it_quietly(slicer_scene, logic, state,
+                                                                            checkpoint_path):
+    volume, _ = selftest.addPhantom(seed=3)
+    state.parameters.inputVolume = volume
+    state.addModel(checkpoint_path)
+    assert state.startSegmentation()
+    slicer_scene.scene.RemoveNode(volume)
+    state.nodeRemoved()  # the Widget's NodeRemovedEvent observer
+    after = scene_state(slicer_scene.scene)
+    _wait(state)
+    assert state.messages == [], "an error dialog for a run the user's deletion ended"
+    assert scene_state(slicer_scene.scene) == after
+    assert state.view().segmentStatus == "Cancelled: the input volume was deleted."
+
+
+@posix
+def test_a_finished_segmentation_refits_the_views_only_while_the_module_is_shown(slicer_scene, logic,
+                                                                                 checkpoint_path):
+    shown = []
+    quiet = panel.PanelState(logic, showSegmentation=lambda volume, segmentation, fit: shown.append(fit))
+    quiet.setParameterNode(logic.getParameterNode())
+    quiet.checkEngine()
+    quiet.parameters.inputVolume = selftest.addPhantom(seed=3)[0]
+    quiet.addModel(checkpoint_path)
+    for visible in (True, False):
+        quiet.shown = visible  # the Widget's enter() and exit()
+        assert quiet.startSegmentation()
+        _wait(quiet)
+    assert shown == [True, False]
 
 
 @posix
