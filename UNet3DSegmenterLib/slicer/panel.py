@@ -187,6 +187,7 @@ class PanelState:
         self.training = _Run()
         self.stoppedRun: pathlib.Path | None = None  # the folder of the run stopped last, which Resume continues
         self._descriptions: dict = {}
+        self._channels: dict = {}
         self.overlapModel: str | None = None  # the model the overlap parameter was last set from (or kept for)
 
     # --- the parameter node and the scene ----------------------------------------------------------
@@ -235,6 +236,7 @@ class PanelState:
         self.installText = self.logic.installDescription(self.engineProblem) if needed else ""
         self.engineChecked = True
         self._descriptions.clear()
+        self._channels.clear()
         self.applyDeviceChoices()
         self.followModelOverlap()
 
@@ -742,15 +744,40 @@ class PanelState:
         if not self.engineReady:
             return Button("Segment", False, "Install PyTorch first (Install section)." if self.engineChecked
                           else "Checking that PyTorch loads...")
-        if parameters is None or not _plainScalarVolume(parameters.inputVolume) or not model:
+        if parameters is None or not _segmentableVolume(parameters.inputVolume) or not model:
             return Button("Segment", False, "Choose an input volume and a model.")
         if not pathlib.Path(model).exists():
             return Button("Segment", False, f"The model {model} does not exist: choose another model.")
+        mismatch = self._channelMismatch(parameters.inputVolume, model)
+        if mismatch:
+            return Button("Segment", False, mismatch)
         if self.usesRoi():
             if not parameters.roiNode:
                 return Button("Segment", False, "Choose an ROI, or click Place ROI, to segment inside it.")
             return Button("Segment", True, f"Segment the input volume inside {parameters.roiNode.GetName()}.")
         return Button("Segment", True, "Segment the input volume with the chosen model.")
+
+    def _channelMismatch(self, volume, model: str) -> str:
+        """Why ``model`` cannot segment ``volume`` (its channels differ: e.g. an RGB volume and a CT model); ''."""
+        expected = self.modelChannels(model)
+        channels = volumeChannels(volume)
+        if expected is None or channels == expected:
+            return ""
+        kind = "one channel (a scalar volume)" if channels == 1 else f"{channels} channels (an RGB or vector volume)"
+        return (f"{volume.GetName()} has {kind}, but the model expects {expected}: choose a model made for this kind "
+                "of image, or another volume.")
+
+    def modelChannels(self, path: str) -> int | None:
+        """The input channels of a model (read once per file version); None when it cannot be read here."""
+        if not self.engineReady:
+            return None
+        key = (path, pathlib.Path(path).stat().st_mtime_ns)
+        if key not in self._channels:
+            try:
+                self._channels[key] = int(self.logic.loadCheckpoint(path).in_channels)
+            except ValueError:
+                self._channels[key] = None  # the label under the model box says what is wrong with it
+        return self._channels[key]
 
     def _trainButton(self, pairs, model: str) -> Button:
         if self.training.running:
@@ -786,6 +813,17 @@ def _stoppedRun(folder: pathlib.Path) -> bool:
 def _plainScalarVolume(node) -> bool:
     """A scalar volume of the class the input selector shows: not a labelmap, vector (RGB) or other subclass."""
     return node is not None and node.GetClassName() == "vtkMRMLScalarVolumeNode"
+
+
+def _segmentableVolume(node) -> bool:
+    """A volume of a class the input selector shows: scalar, or vector (RGB, multi-channel); not a labelmap."""
+    return node is not None and node.GetClassName() in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
+
+
+def volumeChannels(node) -> int:
+    """The channels a volume node holds: its voxels' components (1 for a scalar volume, 3 for RGB)."""
+    image = node.GetImageData()
+    return image.GetNumberOfScalarComponents() if image is not None else 1
 
 
 def modelName(path: pathlib.Path) -> str:

@@ -307,13 +307,36 @@ def test_the_default_input_is_a_plain_scalar_volume_never_a_labelmap_or_rgb_volu
                                          nodeClassName="vtkMRMLVectorVolumeNode")
     state.chooseDefaultInput()
     assert state.parameters.inputVolume is None and not state.view().segment.enabled
-    state.parameters.inputVolume = rgb  # a scene saved that way: the selector cannot show it
+    state.parameters.inputVolume = rgb  # chosen by the user: a one-channel model cannot segment it, and says why
+    view = state.view()
+    assert not view.segment.enabled and view.segment.toolTip.startswith(
+        "photo has 3 channels (an RGB or vector volume), but the model expects 1")
+    state.parameters.inputVolume = labelmap  # a scene saved that way: the selector cannot show it
     assert not state.view().segment.enabled
     state.parameters.inputVolume = None
     volume, _ = selftest.addPhantom(seed=5)
     state.chooseDefaultInput()
     assert state.parameters.inputVolume is volume and state.view().segment.enabled
     assert labelmap.IsA("vtkMRMLScalarVolumeNode") and rgb.IsA("vtkMRMLScalarVolumeNode")  # what the old lookup took
+
+
+def test_a_vector_volume_is_segmented_by_a_model_with_as_many_channels(slicer_scene, logic, state, tmp_path):
+    import numpy as np
+
+    from UNet3DSegmenterLib import Checkpoint, Label, Preprocessing, build_model, save_checkpoint
+
+    model = build_model("unet3d", dict(in_channels=3, out_channels=2, depth=2, base_width=2, norm="instance"))
+    path = save_checkpoint(Checkpoint.from_model(model, [Label(0, "background"), Label(1, "stain", (1, 0, 0))],
+                                                 Preprocessing(spacing=None, channels=3), (8, 8, 8)),
+                           tmp_path / "colour.pt")
+    rgb = slicer.util.addVolumeFromArray(np.random.default_rng(0).integers(0, 255, (8, 9, 10, 3), np.uint8),
+                                         name="photo", nodeClassName="vtkMRMLVectorVolumeNode")
+    state.addModel(path)
+    state.parameters.inputVolume = rgb
+    assert state.view().segment.enabled, state.view().segment.toolTip
+    assert logic.segmentNames(logic.segment(rgb, path, device="cpu")) == ["stain"]
+    state.parameters.inputVolume = selftest.addPhantom(seed=5)[0]
+    assert "has one channel (a scalar volume), but the model expects 3" in state.view().segment.toolTip
 
 
 # --- devices ---------------------------------------------------------------------------------------
