@@ -199,7 +199,8 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = UNet3DSegmenterLogic()
         self.state = panel.PanelState(self.logic, notify=slicer.util.errorDisplay,
-                                      showSegmentation=self._showSegmentation, showChart=self._showChart)
+                                      showSegmentation=self._showSegmentation, showChart=self._showChart,
+                                      refresh=self._refresh)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -352,6 +353,11 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showSegmentation(self, inputVolume, segmentationNode, fit: bool) -> None:
         slicer.util.setSliceViewerLayers(background=inputVolume, fit=fit)
 
+    def _refresh(self) -> None:
+        """Show the state now and let Slicer handle what the user did meanwhile (a long step in the GUI thread)."""
+        self.updateGUI()
+        slicer.app.processEvents()
+
     def _showChart(self, chartNode) -> None:
         slicer.modules.plots.logic().ShowChartInLayout(chartNode)
 
@@ -387,7 +393,8 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUI()
 
     def onTrainButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
+        # no wait cursor: the export goes case by case, with Slicer responsive and Stop working between cases
+        with slicer.util.tryWithErrorDisplay("Training could not start."):
             if self.state.pressTrain():
                 self._pollTimer.start()
         self.updateGUI()
@@ -687,7 +694,7 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
     def trainInBackground(self, pairs, outputFolder, architecture: str | None = None, epochs: int = 100,
                           patchSize=None, batchSize: int = 2, learningRate=None, device: str = "auto",
                           initCheckpoint=None, tableNode=None, onProgress=None, onFinished=None, onError=None,
-                          onCancelled=None, **options):
+                          onCancelled=None, exportProgress=None, **options):
         """Start :meth:`train` in a child process (``train --config run.json --progress-json``) and return at once.
 
         The returned ``EngineProcess`` carries ``tableNode`` and ``chartNode`` (loss and Dice per
@@ -696,9 +703,12 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         ``cancel()`` stops the run gracefully: it ends its iteration and saves last.pt, log.csv and
         the curves (``process.job.result`` then holds the trainer's last event). With ``resume=True`` and no
         pairs it continues the stopped run in ``outputFolder`` (``train --config run.json --resume``).
+        The pairs are exported here first, case by case: ``exportProgress(done, total)`` is called before
+        and after each (the panel shows it and lets Slicer process events); when it returns False the
+        export stops, nothing is written and ``export.ExportStopped`` is raised.
         """
         job = training.prepare(pairs, outputFolder, architecture, epochs, patchSize, batchSize, learningRate, device,
-                               initCheckpoint, tableNode, **options)
+                               initCheckpoint, tableNode, exportProgress=exportProgress, **options)
         return training.startInBackground(job, self.pythonExecutable, self.childEnvironment(), onProgress,
                                           onFinished, onError, onCancelled)
 

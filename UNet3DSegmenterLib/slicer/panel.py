@@ -49,12 +49,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from ..choices import DEVICES
 from ..segment_options import SegmentOptions
-from .export import segmentedPairs
+from .export import ExportStopped, segmentedPairs
 from .install import asValueError
-from .process import stopAll
+from .process import EngineProcess, stopAll
 from .scene import segmentNames
 
 log = logging.getLogger("UNet3DSegmenter")
@@ -136,14 +137,15 @@ class PanelView:
 class _Run:
     """A background run and what the panel says about it."""
 
-    process: object = None
+    process: EngineProcess | None = None
     status: str = ""
     progress: tuple = (0, 100)
     stopping: bool = False
     started: float = field(default_factory=time.monotonic)
-    inputVolume: object = None
+    inputVolume: Any = None  # the volume node a segmentation works on
     warnings: list = field(default_factory=list)
     folder: pathlib.Path | None = None  # a training run's output folder
+    exporting: bool = False  # a training run's pairs are being exported, case by case, in the GUI thread
 
     def say(self, status: str) -> None:
         """Show ``status``, followed by the run's warnings, which stay until the next run."""
@@ -154,8 +156,13 @@ class _Run:
         return time.monotonic() - self.started < DOUBLE_CLICK_SECONDS
 
     @property
+    def live(self) -> EngineProcess | None:
+        """The process while it runs, else None."""
+        return self.process if self.process is not None and self.process.running else None
+
+    @property
     def running(self) -> bool:
-        return self.process is not None and self.process.running
+        return self.live is not None
 
 
 class PanelState:
@@ -163,15 +170,17 @@ class PanelState:
 
     ``notify(message)`` shows an error to the user (the Widget passes an error dialog);
     ``showSegmentation(volume, segmentation, fit)`` and ``showChart(chartNode)`` put a result in the views
-    (``fit``: refit them; not while the user works in another module, see :attr:`shown`).
+    (``fit``: refit them; not while the user works in another module, see :attr:`shown`); ``refresh()``
+    shows the state at once and lets the application handle events, between the cases of an export.
     """
 
-    def __init__(self, logic, notify=None, showSegmentation=None, showChart=None) -> None:
+    def __init__(self, logic, notify=None, showSegmentation=None, showChart=None, refresh=None) -> None:
         self.logic = logic
-        self.parameters = None
+        self.parameters: Any = None  # the module's parameter node wrapper
         self.notify = notify or (lambda message: log.error("%s", message))
         self.showSegmentation = showSegmentation or (lambda volume, segmentation, fit: None)
         self.showChart = showChart or (lambda chart: None)
+        self.refresh = refresh or (lambda: None)
         self.engineChecked = False
         self.engineProblem: str | None = None
         self.missing: list[str] = []  # the engine's pip requirements not installed, as the last check found
@@ -524,8 +533,9 @@ class PanelState:
 
     def cancelSegmentation(self, status: str = "Cancelled.") -> None:
         """Stop the running segmentation; nothing is added to the scene."""
-        if self.segmentation.running:
-            self.segmentation.process.cancel()
+        process = self.segmentation.live
+        if process is not None:
+            process.cancel()
         self.segmentation.status, self.segmentation.progress = status, (0, 100)
 
     def _segmentWarning(self, message: str) -> None:
@@ -569,7 +579,7 @@ class PanelState:
     def pressTrain(self) -> bool:
         """The Train / Stop button: start a run, or stop the running one unless the click is the second of a
         double-click on Train. True when a run started."""
-        if self.training.running:
+        if self.training.running or self.training.exporting:
             if not self.training.justStarted():
                 self.stopTraining()
             return False
@@ -588,7 +598,7 @@ class PanelState:
                 self.pairs(), folder, architecture=None if initCheckpoint else parameters.architecture,
                 epochs=parameters.epochs, patchSize=parameters.patchSize or None, batchSize=parameters.batchSize,
                 learningRate=parameters.learningRate or None, device=parameters.trainingDevice,
-                initCheckpoint=initCheckpoint, **callbacks)))
+                initCheckpoint=initCheckpoint, exportProgress=self._exportProgress, **callbacks)))
 
     def resumeFolder(self) -> pathlib.Path | None:
         """The stopped run that Resume continues: the selected model's run if it was stopped, else the run stopped
@@ -615,20 +625,45 @@ class PanelState:
         try:
             process = start(onProgress=self._trainingProgress, onFinished=self._trainingFinished,
                             onError=self._trainingFailed, onCancelled=self._trainingStopped)
+        except ExportStopped:
+            self.training.status, self.training.progress = "Stopped during the export; nothing was trained.", (0, 100)
+            self.training.stopping = False
+            return False
         except ValueError as error:
             self.training.status = "Training could not start."
             self.notify(f"Training could not start: {error}")
             return False
+        finally:
+            self.training.exporting = False
         self.training.process = process
         self.training.status = f"Preparing the training cases of {folder.name}..."
-        self.parameters.trainingTable = process.tableNode
+        if self.parameters is not None:  # the scene may have closed while the export let Slicer handle events
+            self.parameters.trainingTable = process.tableNode
         self.showChart(process.chartNode)
+        if self.training.stopping:  # Stop came after the last case: the run saves what it has, as any stopped run
+            self.training.stopping = False
+            self.stopTraining()
         return True
 
+    def _exportProgress(self, done: int, total: int) -> bool:
+        """One more case exported: say so, let Slicer handle clicks (Stop among them); False once Stop was pressed."""
+        self.training.exporting = True
+        if not self.training.stopping:
+            self.training.status = f"Exporting the training pairs: {done} of {total}..."
+            self.training.progress = (int(100 * done / max(total, 1) / 10), 100)  # the export: the first tenth
+        self.refresh()
+        return not self.training.stopping
+
     def stopTraining(self) -> None:
-        """Ask the run to stop after its current iteration; it saves last.pt, log.csv and the curves first."""
-        if self.training.running and not self.training.stopping:
-            self.training.process.cancel()
+        """Ask the run to stop after its current iteration; it saves last.pt, log.csv and the curves first. During
+        the export, stop it after the current case."""
+        if self.training.exporting and not self.training.stopping:
+            self.training.stopping = True
+            self.training.status = "Stopping the export after this case..."
+            return
+        process = self.training.live
+        if process is not None and not self.training.stopping:
+            process.cancel()
             self.training.stopping = True
             self.training.status = "Stopping after this iteration; last.pt is saved first..."
 
@@ -660,7 +695,8 @@ class PanelState:
         self.notify(f"Training failed: {message}")
 
     def _trainingStopped(self) -> None:
-        folder = self.training.process.job.outputFolder
+        assert self.training.folder is not None  # every training run has its folder
+        folder = self.training.folder
         last, best = folder / "last.pt", folder / "best.pt"
         if not last.is_file():
             self.training.status = "Stopped before the first checkpoint was saved."
@@ -677,8 +713,9 @@ class PanelState:
         """Let the background runs report; True while one still runs (the Widget polls on a timer)."""
         running = False
         for run in (self.segmentation, self.training):
-            if run.running:
-                running = run.process.poll() or running
+            process = run.live
+            if process is not None:
+                running = process.poll() or running
         return running
 
     def shutdown(self, seconds: float = SHUTDOWN_SECONDS) -> None:
@@ -730,7 +767,8 @@ class PanelState:
             resume=self._resumeButton(), runNamePlaceholder=self.defaultRunName())
 
     def _resumeButton(self) -> Button:
-        folder = None if self.training.running or self.installing or not self.engineReady else self.resumeFolder()
+        busy = self.training.running or self.training.exporting or self.installing
+        folder = None if busy or not self.engineReady else self.resumeFolder()
         if folder is None:
             return Button("Resume", False, "Continue a stopped run: select its model (or stop a run) first.")
         return Button("Resume", True, f"Continue the stopped run {folder.name} from its last.pt.")
@@ -780,7 +818,7 @@ class PanelState:
         return self._channels[key]
 
     def _trainButton(self, pairs, model: str) -> Button:
-        if self.training.running:
+        if self.training.running or self.training.exporting:
             if self.training.stopping:
                 return Button("Stopping...", False, "The run ends its iteration and saves last.pt.")
             return Button("Stop", True, "Stop after the current iteration; last.pt keeps the weights so far.")

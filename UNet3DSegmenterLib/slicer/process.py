@@ -27,6 +27,7 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Any
 
 from ..protocol import EXIT_OK, error_message
 
@@ -61,20 +62,30 @@ class EngineProcess:
         self.workingDirectory = workingDirectory
         self.stopFile = pathlib.Path(stopFile) if stopFile is not None else None
         self.cancelGraceSeconds = cancelGraceSeconds
-        self.returncode = None
-        self.errorMessage = None
+        self.returncode: int | None = None
+        self.errorMessage: str | None = None
         self.cancelled = False
-        self._process = None
-        self._lines = queue.Queue()
+        # What the caller keeps with the run: a segmentation's temporary folder, a training run's job and curves.
+        self.temporaryFolder: pathlib.Path | None = None
+        self.job: Any = None
+        self.tableNode: Any = None
+        self.chartNode: Any = None
+        self._process: subprocess.Popen[str] | None = None
+        self._lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._openStreams = 0
-        self._stderrTail = collections.deque(maxlen=200)
-        self._exitedAt = None
-        self._killAt = None
+        self._stderrTail: collections.deque[str] = collections.deque(maxlen=200)
+        self._exitedAt: float | None = None
+        self._killAt: float | None = None
         self._done = False
 
     @property
     def pid(self):
         return self._process.pid if self._process is not None else None
+
+    @property
+    def _child(self) -> subprocess.Popen[str]:
+        assert self._process is not None, "the process has not been started"
+        return self._process
 
     @property
     def running(self) -> bool:
@@ -83,19 +94,20 @@ class EngineProcess:
 
     def start(self) -> EngineProcess:
         """Start the child; ValueError with one line when the program cannot start."""
-        options = {}
+        options: dict[str, Any] = {}
         if os.name == "nt":
             options["creationflags"] = CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
         else:
             options["start_new_session"] = True  # its own process group, so that a kill reaches its children
         try:
-            self._process = subprocess.Popen(
+            child = subprocess.Popen(
                 self.arguments, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True, encoding="utf-8", errors="replace", bufsize=1, env=self.environment,
                 cwd=self.workingDirectory, **options)
         except OSError as error:
             raise ValueError(f"cannot start {self.arguments[0]}: {error.strerror or error}") from None
-        for stream, name in ((self._process.stdout, "stdout"), (self._process.stderr, "stderr")):
+        self._process = child
+        for stream, name in ((child.stdout, "stdout"), (child.stderr, "stderr")):
             self._openStreams += 1
             threading.Thread(target=self._read, args=(stream, name), daemon=True).start()
         return self
@@ -154,7 +166,7 @@ class EngineProcess:
         self.cancelled = True
         self._signalGroup(kill=True)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self._process.wait(timeout=self.PIPE_GRACE_SECONDS)
+            self._child.wait(timeout=self.PIPE_GRACE_SECONDS)
         self._exitedAt = self._exitedAt or time.monotonic() - self.PIPE_GRACE_SECONDS
         self.poll()
 
@@ -169,12 +181,12 @@ class EngineProcess:
 
     def _signalGroup(self, kill: bool) -> None:
         if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True, check=False,
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._child.pid)], capture_output=True, check=False,
                            creationflags=CREATE_NO_WINDOW)  # no console window flashes on every cancel
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             # start_new_session made the child the leader of a group that its own children join
-            os.killpg(self._process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            os.killpg(self._child.pid, signal.SIGKILL if kill else signal.SIGTERM)
 
     def _dispatch(self) -> None:
         while True:
@@ -205,7 +217,7 @@ class EngineProcess:
 
     def _finish(self) -> None:
         self._done = True
-        self.returncode = self._process.poll()
+        self.returncode = self._child.poll()
         if self.stopFile is not None:
             with contextlib.suppress(OSError):
                 self.stopFile.unlink()  # honoured or not, it must not stop the next run in this folder

@@ -16,11 +16,16 @@ import pathlib
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..segment_options import SegmentOptions
 from .install import asValueError, engine, oneLine
 from .process import EngineProcess, engineCommand
 from .scene import regionFromRoiNode, storeSegmentation, volumeFromNode
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint, Ensemble
+    from ..volume import Volume
 
 log = logging.getLogger("UNet3DSegmenter")
 
@@ -30,12 +35,12 @@ class SegmentationJob:
     """What one segmentation needs, checked: the input node and its Volume, the loaded checkpoint, the options
     (``options.roi`` holds the ROI node's box in RAS mm)."""
 
-    inputVolume: object
-    volume: object
-    checkpoint: object
+    inputVolume: Any  # vtkMRMLScalarVolumeNode
+    volume: Volume
+    checkpoint: Checkpoint | Ensemble
     checkpointPath: pathlib.Path | None  # None: an in-memory Checkpoint
     options: SegmentOptions
-    outputSegmentation: object = None
+    outputSegmentation: Any = None  # vtkMRMLSegmentationNode, or None for a new one
 
     @property
     def checkpointName(self) -> str:

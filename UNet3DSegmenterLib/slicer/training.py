@@ -12,19 +12,24 @@ A new run refuses a folder that holds a model before it exports anything (the en
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import pathlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import slicer
 import vtk
 
-from ..protocol import stop_file, withdraw_stop_request
-from .export import checkPairs, exportTrainingPairs, trainingLabels
+from ..protocol import TrainingEvent, stop_file, withdraw_stop_request
+from .export import ExportStopped, checkPairs, exportTrainingPairs, trainingLabels
 from .install import asValueError, engine
 from .process import EngineProcess, engineCommand
 from .segmentation import loadCheckpoint
+
+if TYPE_CHECKING:
+    from ..training.config import TrainingConfig
 
 CHART_ROLE = "UNet3DSegmenter.Chart"
 
@@ -40,11 +45,11 @@ STOP_GRACE_SECONDS = 30.0
 class TrainingJob:
     """A checked training run: the engine's configuration, the labels, and the curves in the scene."""
 
-    config: object  # UNet3DSegmenterLib.TrainingConfig
+    config: TrainingConfig
     pairs: list
     labels: list
-    tableNode: object
-    chartNode: object
+    tableNode: Any  # vtkMRMLTableNode
+    chartNode: Any  # vtkMRMLPlotChartNode
     result: dict | None = None  # the trainer's 'done' event, once it came
 
     @property
@@ -54,7 +59,7 @@ class TrainingJob:
 
 def prepare(pairs, outputFolder, architecture: str | None = None, epochs: int = 100, patchSize=None,
             batchSize: int = 2, learningRate=None, device: str = "auto", initCheckpoint=None, tableNode=None,
-            **options) -> TrainingJob:
+            exportProgress=None, **options) -> TrainingJob:
     """Check a training run and export its pairs to ``outputFolder/data``; ValueError, nothing written, when it cannot run.
 
     ``initCheckpoint`` (a path or a Checkpoint) makes it fine-tune that model: its labels keep their
@@ -79,7 +84,10 @@ def prepare(pairs, outputFolder, architecture: str | None = None, epochs: int = 
         options.setdefault("val_fraction", 0.0)
     patch = None
     if patchSize:
-        patch = tuple(int(size) for size in patchSize) if isinstance(patchSize, (tuple, list)) else (int(patchSize),) * 3
+        sizes = [int(size) for size in (patchSize if isinstance(patchSize, (tuple, list)) else [patchSize] * 3)]
+        if len(sizes) != 3:
+            raise ValueError(f"patchSize is one edge length or three (z, y, x) in voxels, got {patchSize}")
+        patch = (sizes[0], sizes[1], sizes[2])
     TrainingConfig = engine().TrainingConfig
     unknown = sorted(set(options) - {field.name for field in dataclasses.fields(TrainingConfig)})
     if unknown:
@@ -97,7 +105,12 @@ def prepare(pairs, outputFolder, architecture: str | None = None, epochs: int = 
             label_names={label.value: label.name for label in labels},
             label_colors={label.value: tuple(label.color) for label in labels}, **options)
         config.check_output()  # before the export: a model there stays as it was
-    exportTrainingPairs(pairs, config.data, labels)
+    try:
+        exportTrainingPairs(pairs, config.data, labels, exportProgress)
+    except ExportStopped:
+        with contextlib.suppress(OSError):
+            outputFolder.rmdir()  # the run's new folder, left empty: no trace of a run that never started
+        raise
     if init is not None and config.init is None:
         config.init = engine().save_checkpoint(init, outputFolder / "init.pt")
     return _job(config, pairs, labels, tableNode)
@@ -165,8 +178,8 @@ def run(job: TrainingJob, progress=None, cancel=None) -> None:
     """Train in this process; ``progress(event)`` gets every trainer event, ``cancel()`` True stops after an iteration."""
     from ..training.trainer import train
 
-    def report(event: dict) -> None:
-        record(job, event)
+    def report(event: TrainingEvent) -> None:
+        record(job, dict(event))
         if progress is not None:
             progress(event)
 

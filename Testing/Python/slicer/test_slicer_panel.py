@@ -578,6 +578,46 @@ def test_fine_tuning_an_ensemble_is_refused_before_anything_is_exported(slicer_s
 
 @pytest.mark.slow
 @posix
+def _exporting_panel(logic, tmp_path, onRefresh):
+    watched = panel.PanelState(logic, refresh=lambda: onRefresh(watched))
+    watched.messages = []
+    watched.notify = watched.messages.append
+    watched.setParameterNode(logic.getParameterNode())
+    watched.checkEngine()
+    for seed in (5, 6, 7):
+        watched.addPair(*phantom_pair(logic, seed=seed)[:2])
+    parameters = watched.parameters
+    parameters.trainingOutputFolder, parameters.trainingRunName = tmp_path, "run"
+    parameters.epochs, parameters.batchSize, parameters.trainingDevice = 1, 1, "cpu"
+    return watched
+
+
+@posix
+def test_the_export_shows_its_progress_case_by_case_letting_slicer_handle_events(slicer_scene, logic, tmp_path):
+    seen = []
+    watched = _exporting_panel(logic, tmp_path, lambda state: seen.append(
+        (state.view().trainingStatus, state.view().train.text)))
+    assert watched.startTraining()
+    assert [status for status, _ in seen] == [f"Exporting the training pairs: {done} of 3..." for done in range(4)]
+    assert {button for _, button in seen} == {"Stop"}, "Train must stop the export, not start another run"
+    watched.stopTraining()
+    _wait(watched)
+
+
+def test_stop_during_the_export_ends_it_quietly_and_leaves_no_run(slicer_scene, logic, tmp_path):
+    def clickStopAfterTheFirstCase(state):
+        if state.training.status.startswith("Exporting the training pairs: 1"):
+            state.training.started -= panel.DOUBLE_CLICK_SECONDS
+            state.pressTrain()  # the click Slicer handled between two cases
+
+    watched = _exporting_panel(logic, tmp_path, clickStopAfterTheFirstCase)
+    assert not watched.startTraining()
+    assert watched.messages == [] and watched.training.process is None
+    view = watched.view()
+    assert view.trainingStatus == "Stopped during the export; nothing was trained." and view.train.text == "Train"
+    assert list(tmp_path.iterdir()) == [], "a stopped export left files behind"
+
+
 def test_training_twice_from_the_panel_keeps_the_first_model(slicer_scene, logic, state, checkpoint_path, tmp_path):
     _fine_tuning_setup(logic, state, checkpoint_path, tmp_path / "tuned", epochs=1)
     assert state.startTraining()
