@@ -35,11 +35,10 @@ from ..checkpoint import Checkpoint, CheckpointSource, Ensemble, load_checkpoint
 from ..errors import UserError
 from ..preprocess import preprocess_image
 from ..roi import RegionOfInterest, crop, paste
-from ..runtime import resolve_device, resolve_precision
+from ..runtime import resolve_device, resolve_precision, reuse_freed_memory
 from ..segment_options import SegmentOptions
 from ..volume import Volume
 from .calibration import CalibratedForward
-from .fast import reuse_freed_memory
 from .postprocess import (
     keep_largest_component,
     label_dtype,

@@ -39,10 +39,9 @@ from ..atomic import atomic_path, remove_stale_partials, write_json
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..datalist import load_datalist
 from ..errors import UserError
-from ..inference.fast import reuse_freed_memory
 from ..paths import check_outputs
 from ..protocol import DoneEvent, EpochEvent, IterationEvent, PreparingEvent, TrainingEvent
-from ..runtime import training_dtype
+from ..runtime import reuse_freed_memory, training_dtype
 from .augment import Augmenter
 from .config import TrainingConfig
 from .distributed import Distributed
