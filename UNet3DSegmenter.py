@@ -65,7 +65,10 @@ from UNet3DSegmenterLib.slicer import (  # noqa: E402
     segmentation,
     selftest,
     training,
+    translation,
 )
+
+_ = translation._  # user-facing text marked for Slicer's translation
 
 #
 # UNet3DSegmenter
@@ -77,11 +80,11 @@ class UNet3DSegmenter(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "UNet3D Segmenter"
+        self.parent.title = _("UNet3D Segmenter")
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
         self.parent.contributors = ["UNet3DSegmenter contributors"]
-        self.parent.helpText = """
+        self.parent.helpText = _("""
 <p>Segments CT and MRI volumes with 3D U-Net, residual U-Net, ResNet-18 U-Net or VNet models, and trains new models
 from segmentations you already have in the scene.</p>
 <p><b>Segment</b>: choose the input volume and a model (the bundled models are listed with the
@@ -102,8 +105,9 @@ hippocampus. The status line warns when what is segmented lies far outside a mod
 <p>The first time, the module offers to install PyTorch (through the PyTorch extension when it is
 installed, otherwise with pip). From the Python console:
 <code>UNet3DSegmenterLogic().segment(volumeNode, "model.pt")</code>.</p>
-"""
-        self.parent.acknowledgementText = """
+""") + _('<p>Documentation: <a href="{url}">README</a>, section <i>3D Slicer</i>, beside this module.</p>').format(
+            url=(MODULE_DIRECTORY / "README.md").as_uri())
+        self.parent.acknowledgementText = _("""
 <p>The segmentation engine implements the 3D U-Net (Cicek et al., MICCAI 2016), a residual U-Net and
 VNet (Milletari et al., 3DV 2016) in PyTorch.</p>
 <p>Bundled models come with a model card in <code>Resources/Models/</code> that names the data they
@@ -111,7 +115,7 @@ were trained on and its license. The hippocampus model was trained on the Medica
 Decathlon Task04 Hippocampus data (Simpson et al., arXiv:1902.09063; Antonelli et al., Nature
 Communications 2022), shared under CC-BY-SA 4.0; the model, and the sample crop from the same data
 (<code>Resources/Samples/</code>), are shared under the same license.</p>
-"""
+""")
         problem = install.slicerVersionProblem(slicerVersion=getattr(slicer.app, "applicationVersion", ""))
         if problem:  # say it where the user looks: the module's help, and the error log
             self.parent.helpText = f"<p><b>{problem}</b></p>" + self.parent.helpText
@@ -200,7 +204,8 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = UNet3DSegmenterLogic()
         self.state = panel.PanelState(self.logic, notify=slicer.util.errorDisplay,
                                       showSegmentation=self._showSegmentation, showChart=self._showChart,
-                                      refresh=self._refresh)
+                                      refresh=self._refresh, confirm=slicer.util.confirmYesNoDisplay,
+                                      settings=qt.QSettings())
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -364,7 +369,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- user actions ----------------------------------------------------------------------------
 
     def onCheckEngine(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Checking PyTorch failed.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Checking PyTorch failed."), waitCursor=True):
             self.state.ensureEngineChecked()
         self.updateGUI()
 
@@ -373,34 +378,34 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = ""
         if dialog == "file":
             path = qt.QFileDialog.getOpenFileName(
-                slicer.util.mainWindow(), "Choose a UNet3DSegmenter checkpoint", "", "PyTorch checkpoint (*.pt)")
+                slicer.util.mainWindow(), _("Choose a UNet3DSegmenter checkpoint"), "", _("PyTorch checkpoint (*.pt)"))
         elif dialog == "folder":
             path = qt.QFileDialog.getExistingDirectory(
-                slicer.util.mainWindow(), "Choose a folder of fold checkpoints (a cross-validation's output)")
+                slicer.util.mainWindow(), _("Choose a folder of fold checkpoints (a cross-validation's output)"))
         if path:
             self.state.addModel(path)
         self.updateGUI()
 
     def onSegmentButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
             if self.state.pressSegment():
                 self._pollTimer.start()
         self.updateGUI()
 
     def onPlaceRoi(self) -> None:
-        with slicer.util.tryWithErrorDisplay("The ROI could not be placed.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("The ROI could not be placed."), waitCursor=True):
             self.state.placeRoi()
         self.updateGUI()
 
     def onTrainButton(self) -> None:
         # no wait cursor: the export goes case by case, with Slicer responsive and Stop working between cases
-        with slicer.util.tryWithErrorDisplay("Training could not start."):
+        with slicer.util.tryWithErrorDisplay(_("Training could not start.")):
             if self.state.pressTrain():
                 self._pollTimer.start()
         self.updateGUI()
 
     def onResumeButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Training could not resume.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Training could not resume."), waitCursor=True):
             if self.state.startResume():
                 self._pollTimer.start()
         self.updateGUI()
@@ -427,18 +432,18 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onInstallOpenVINOButton(self) -> None:
         if self.state.installing or not slicer.util.confirmOkCancelDisplay(
-                (self.logic.openVINOOffer() or "") + " Install it now?"):  # asked before the wait cursor
+                (self.logic.openVINOOffer() or "") + " " + _("Install it now?")):  # asked before the wait cursor
             return
-        if self._install("Installing OpenVINO failed.", lambda: self.logic.installOpenVINO(askConfirmation=False)):
-            slicer.util.infoDisplay("OpenVINO is installed. The next segmentation with each model measures it "
-                                    "beside PyTorch and keeps the faster.")
+        if self._install(_("Installing OpenVINO failed."), lambda: self.logic.installOpenVINO(askConfirmation=False)):
+            slicer.util.infoDisplay(_("OpenVINO is installed. The next segmentation with each model measures it "
+                                      "beside PyTorch and keeps the faster."))
 
     def onInstallButton(self) -> None:
         if self.state.installing or not slicer.util.confirmOkCancelDisplay(
-                self.logic.installDescription() + " Continue?"):  # asked before the wait cursor
+                self.logic.installDescription() + " " + _("Continue?")):  # asked before the wait cursor
             return
-        if self._install("Installation failed.", lambda: self.logic.installRequirements(askConfirmation=False)):
-            slicer.util.infoDisplay("PyTorch is installed. If Segment stays disabled, restart Slicer.")
+        if self._install(_("Installation failed."), lambda: self.logic.installRequirements(askConfirmation=False)):
+            slicer.util.infoDisplay(_("PyTorch is installed. If Segment stays disabled, restart Slicer."))
 
     def _install(self, failure: str, install) -> bool:
         """Run ``install()`` with Install, Segment and Train disabled (pip lets Slicer process clicks); True when done."""

@@ -22,6 +22,9 @@ Decisions kept here, and why:
   (Slicer processes events while pip prints) Install, Segment and Train are disabled, so that no
   click starts a second install or a run on half-installed packages.
 - A finished segmentation refits the views only while the module is shown (``shown``).
+- A model whose card names a share-alike licence (the bundled hippocampus model: CC-BY-SA 4.0) is used
+  from the panel (Segment, or fine-tuning from it) only once the user has accepted that licence, once,
+  remembered in the application's settings.
 - Segment works on the whole volume or inside an ROI (``region``). 'Place ROI' adds one at the
   volume's centre, the size of the model's typical training image (its fingerprint's median extent;
   half the volume for a model that records none), and switches to it: the user drags it over the
@@ -57,6 +60,7 @@ from .export import ExportStopped, segmentedPairs
 from .install import asValueError
 from .process import EngineProcess, stopAll
 from .scene import segmentNames
+from .translation import _
 
 log = logging.getLogger("UNet3DSegmenter")
 
@@ -75,6 +79,9 @@ MAX_OVERLAP = 0.9
 """The top of the panel's overlap slider; a model that records more is segmented at this overlap from the panel."""
 STOPPED_MARK = " (stopped)"
 INSTALLING = "Waiting for the install to finish."
+NOT_ACCEPTED = "Not started: the model's licence was not accepted."
+LICENCE_SETTING = "UNet3DSegmenter/AcceptedModelLicences"
+"""Settings group: model name -> the licence the user accepted for it."""
 """Added to the name of a stopped run's last.pt in the model box."""
 
 
@@ -129,7 +136,7 @@ class PanelView:
     train: Button
     trainingProgress: int
     trainingStatus: str
-    resume: Button = field(default_factory=lambda: Button("Resume", False))
+    resume: Button = field(default_factory=lambda: Button(_("Resume"), False))
     runNamePlaceholder: str = ""
 
 
@@ -172,15 +179,20 @@ class PanelState:
     ``showSegmentation(volume, segmentation, fit)`` and ``showChart(chartNode)`` put a result in the views
     (``fit``: refit them; not while the user works in another module, see :attr:`shown`); ``refresh()``
     shows the state at once and lets the application handle events, between the cases of an export.
+    ``confirm(question)`` asks the user yes or no; ``settings`` (``value(key)``, ``setValue(key, value)``:
+    a QSettings) keeps the answers that outlive the session (a model's licence, once accepted).
     """
 
-    def __init__(self, logic, notify=None, showSegmentation=None, showChart=None, refresh=None) -> None:
+    def __init__(self, logic, notify=None, showSegmentation=None, showChart=None, refresh=None, confirm=None,
+                 settings=None) -> None:
         self.logic = logic
         self.parameters: Any = None  # the module's parameter node wrapper
         self.notify = notify or (lambda message: log.error("%s", message))
         self.showSegmentation = showSegmentation or (lambda volume, segmentation, fit: None)
         self.showChart = showChart or (lambda chart: None)
         self.refresh = refresh or (lambda: None)
+        self.confirm = confirm or (lambda question: False)  # no way to ask: nothing is accepted for the user
+        self.settings = settings if settings is not None else _MemorySettings()
         self.engineChecked = False
         self.engineProblem: str | None = None
         self.missing: list[str] = []  # the engine's pip requirements not installed, as the last check found
@@ -377,6 +389,25 @@ class PanelState:
             return  # the Segment button and the label under the model box say what is wrong with it
         parameters.overlap = min(recorded, MAX_OVERLAP)
 
+    def acceptLicence(self, model: str) -> bool:
+        """True when ``model`` may be used: it names no share-alike licence, or the user accepted that licence
+        once (remembered in the settings), here or before."""
+        licence = modelLicence(pathlib.Path(model))
+        if licence is None:
+            return True
+        key = f"{LICENCE_SETTING}/{pathlib.Path(model).stem}"
+        if self.settings.value(key) == licence:
+            return True
+        name = pathlib.Path(model).stem
+        if not self.confirm(f"The model '{name}' is shared under {licence}: it was trained on data under that licence, "
+                            f"and what you make with it (segmentations, models fine-tuned from it) that you share must "
+                            f"be shared under the same licence, with attribution. Its model card "
+                            f"({pathlib.Path(model).with_suffix('.md').name}, beside the model) says more.\n\n"
+                            f"Use this model under {licence}?"):
+            return False
+        self.settings.setValue(key, licence)
+        return True
+
     # --- devices ---------------------------------------------------------------------------------
 
     def deviceChoices(self) -> list[DeviceChoice]:
@@ -420,7 +451,7 @@ class PanelState:
 
     def pairs(self) -> list[tuple]:
         """The (volume, segmentation) pairs to train on, in the order they were added."""
-        return [(volume, segmentation) for _, volume, segmentation in self._pairEntries()]
+        return [(volume, segmentation) for _role, volume, segmentation in self._pairEntries()]
 
     def addPair(self, volume, segmentation) -> bool:
         """Add a pair (as one reference role); False when it is incomplete or already there."""
@@ -513,6 +544,9 @@ class PanelState:
     def startSegmentation(self) -> bool:
         """Segment the chosen input with the chosen model in the background; False (user told) when it cannot start."""
         parameters = self.parameters
+        if not self.acceptLicence(parameters.checkpointPath):
+            self.segmentation = _Run(status=NOT_ACCEPTED)
+            return False
         self.segmentation = _Run(status="Starting the engine...", inputVolume=parameters.inputVolume)
         try:
             self.segmentation.process = self.logic.segmentInBackground(
@@ -565,7 +599,7 @@ class PanelState:
     def defaultRunName(self) -> str:
         """The run folder's name when none is given: the pairs' segment names and the date and time."""
         names: list[str] = []
-        for _, segmentation in self.pairs():
+        for _volume, segmentation in self.pairs():
             names += [name for name in segmentNames(segmentation) if name not in names]
         return defaultRunName(names)
 
@@ -592,6 +626,9 @@ class PanelState:
         folder = self.newRunFolder()
         if folder is None:
             self.notify("Training could not start: choose the models folder first.")
+            return False
+        if initCheckpoint and not self.acceptLicence(initCheckpoint):
+            self.training = _Run(status=NOT_ACCEPTED)
             return False
         return self._startTrainingRun(folder, "Exporting the training pairs...", lambda **callbacks: (
             self.logic.trainInBackground(
@@ -742,23 +779,23 @@ class PanelState:
             installText=installText,
             installEnabled=bool(missing) and not self.installing,
             installCollapsed=not needed,
-            openVINO=Button("Install OpenVINO", offer is not None and not self.installing, offer or ""),
+            openVINO=Button(_("Install OpenVINO"), offer is not None and not self.installing, offer or ""),
             models=models, modelIndex=index, modelLabels=self.describeModel(chosen),
             devices=self.deviceChoices(),
             segment=self._segmentButton(chosen),
             segmentProgress=self.segmentation.progress, segmentStatus=self.segmentation.status,
             roiEnabled=self.usesRoi(),
-            placeRoi=Button("Place ROI", parameters is not None and bool(parameters.inputVolume)
+            placeRoi=Button(_("Place ROI"), parameters is not None and bool(parameters.inputVolume)
                             and not self.segmentation.running,
                             "Add a box at the volume's centre, the size of the model's training images; drag it "
                             "over the structure, then Segment segments inside it only."),
             pairs=[(volume.GetName(), f"{segmentation.GetName()} ({', '.join(segmentNames(segmentation))})")
                    for volume, segmentation in pairs],
-            addPair=Button("Add pair", parameters is not None and trainingVolume is not None
+            addPair=Button(_("Add pair"), parameters is not None and trainingVolume is not None
                            and trainingSegmentation is not None and (trainingVolume, trainingSegmentation) not in pairs,
                            "Add the volume and segmentation above to the training pairs."),
-            removePair=Button("Remove pair", 0 <= selectedPairRow < len(pairs), "Remove the selected training pair."),
-            addSegmented=Button("Add the segmented volumes", bool(self.segmentedPairsToAdd()),
+            removePair=Button(_("Remove pair"), 0 <= selectedPairRow < len(pairs), "Remove the selected training pair."),
+            addSegmented=Button(_("Add the segmented volumes"), bool(self.segmentedPairsToAdd()),
                                 "Add each volume segmented here with its segmentation (corrected in Segment Editor, "
                                 "if need be) to the training pairs."),
             architectureEnabled=not self.fineTuning(),
@@ -770,30 +807,30 @@ class PanelState:
         busy = self.training.running or self.training.exporting or self.installing
         folder = None if busy or not self.engineReady else self.resumeFolder()
         if folder is None:
-            return Button("Resume", False, "Continue a stopped run: select its model (or stop a run) first.")
-        return Button("Resume", True, f"Continue the stopped run {folder.name} from its last.pt.")
+            return Button(_("Resume"), False, "Continue a stopped run: select its model (or stop a run) first.")
+        return Button(_("Resume"), True, f"Continue the stopped run {folder.name} from its last.pt.")
 
     def _segmentButton(self, model: str) -> Button:
         if self.segmentation.running:
-            return Button("Cancel", True, "Stop the segmentation; nothing is added to the scene.")
+            return Button(_("Cancel"), True, "Stop the segmentation; nothing is added to the scene.")
         parameters = self.parameters
         if self.installing:
-            return Button("Segment", False, INSTALLING)
+            return Button(_("Segment"), False, INSTALLING)
         if not self.engineReady:
-            return Button("Segment", False, "Install PyTorch first (Install section)." if self.engineChecked
+            return Button(_("Segment"), False, "Install PyTorch first (Install section)." if self.engineChecked
                           else "Checking that PyTorch loads...")
         if parameters is None or not _segmentableVolume(parameters.inputVolume) or not model:
-            return Button("Segment", False, "Choose an input volume and a model.")
+            return Button(_("Segment"), False, "Choose an input volume and a model.")
         if not pathlib.Path(model).exists():
-            return Button("Segment", False, f"The model {model} does not exist: choose another model.")
+            return Button(_("Segment"), False, f"The model {model} does not exist: choose another model.")
         mismatch = self._channelMismatch(parameters.inputVolume, model)
         if mismatch:
-            return Button("Segment", False, mismatch)
+            return Button(_("Segment"), False, mismatch)
         if self.usesRoi():
             if not parameters.roiNode:
-                return Button("Segment", False, "Choose an ROI, or click Place ROI, to segment inside it.")
-            return Button("Segment", True, f"Segment the input volume inside {parameters.roiNode.GetName()}.")
-        return Button("Segment", True, "Segment the input volume with the chosen model.")
+                return Button(_("Segment"), False, "Choose an ROI, or click Place ROI, to segment inside it.")
+            return Button(_("Segment"), True, f"Segment the input volume inside {parameters.roiNode.GetName()}.")
+        return Button(_("Segment"), True, "Segment the input volume with the chosen model.")
 
     def _channelMismatch(self, volume, model: str) -> str:
         """Why ``model`` cannot segment ``volume`` (its channels differ: e.g. an RGB volume and a CT model); ''."""
@@ -820,21 +857,21 @@ class PanelState:
     def _trainButton(self, pairs, model: str) -> Button:
         if self.training.running or self.training.exporting:
             if self.training.stopping:
-                return Button("Stopping...", False, "The run ends its iteration and saves last.pt.")
-            return Button("Stop", True, "Stop after the current iteration; last.pt keeps the weights so far.")
+                return Button(_("Stopping..."), False, "The run ends its iteration and saves last.pt.")
+            return Button(_("Stop"), True, "Stop after the current iteration; last.pt keeps the weights so far.")
         if self.installing:
-            return Button("Train", False, INSTALLING)
+            return Button(_("Train"), False, INSTALLING)
         if not self.engineReady:
-            return Button("Train", False, "Install PyTorch first (Install section)." if self.engineChecked
+            return Button(_("Train"), False, "Install PyTorch first (Install section)." if self.engineChecked
                           else "Checking that PyTorch loads...")
         if not pairs:
-            return Button("Train", False, "Add at least one pair of a volume and its segmentation.")
+            return Button(_("Train"), False, "Add at least one pair of a volume and its segmentation.")
         if self.fineTuning() and not (model and pathlib.Path(model).is_file()):
-            return Button("Train", False, "Choose the model to fine-tune in the Segment section.")
+            return Button(_("Train"), False, "Choose the model to fine-tune in the Segment section.")
         if self.modelsFolder() is None:
-            return Button("Train", False, "Choose the models folder, under which each run gets a folder of its own.")
+            return Button(_("Train"), False, "Choose the models folder, under which each run gets a folder of its own.")
         what = f"Fine-tune {modelName(pathlib.Path(model))}" if self.fineTuning() else "Train a new network"
-        return Button("Train", True, f"{what} on the pairs above, in a new folder under {self.modelsFolder()}.")
+        return Button(_("Train"), True, f"{what} on the pairs above, in a new folder under {self.modelsFolder()}.")
 
 
 def _stoppedRun(folder: pathlib.Path) -> bool:
@@ -846,6 +883,29 @@ def _stoppedRun(folder: pathlib.Path) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     return (folder / "last.state.pt").is_file() and logged < epochs and not (folder / "validation_report.json").exists()
+
+
+def modelLicence(path: pathlib.Path) -> str | None:
+    """The share-alike licence (e.g. 'CC-BY-SA 4.0') that a model's card (its .md beside it) names; None for none."""
+    card = path.with_suffix(".md")
+    try:
+        match = re.search(r"CC[- ]BY[- ]SA(?: [0-9.]+)?", card.read_text(encoding="utf-8")) if card.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+    return match.group(0) if match else None
+
+
+class _MemorySettings:
+    """Settings kept for this session only: where no application settings are given (scripts, tests)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def value(self, key: str) -> str | None:
+        return self.values.get(key)
+
+    def setValue(self, key: str, value: str) -> None:
+        self.values[key] = value
 
 
 def _plainScalarVolume(node) -> bool:

@@ -391,6 +391,45 @@ def test_pytorch_is_checked_once_however_often_the_module_is_entered(slicer_scen
     assert len(calls) == 1 and fresh.engineReady
 
 
+# --- licences --------------------------------------------------------------------------------------
+
+
+def test_a_share_alike_model_is_used_only_once_its_licence_is_accepted_and_the_answer_is_kept(
+        slicer_scene, logic, checkpoint_path, tmp_path):
+    model = _save_copy(checkpoint_path, tmp_path / "shared.pt")
+    model.with_suffix(".md").write_text("# shared\n\nTrained on data licensed **CC-BY-SA 4.0**.\n", encoding="utf-8")
+    questions, answers, settings = [], [False, True], panel._MemorySettings()
+
+    def ask(question):
+        questions.append(question)
+        return answers.pop(0)
+
+    def panelState():
+        fresh = panel.PanelState(logic, confirm=ask, settings=settings)
+        fresh.setParameterNode(logic.getParameterNode())
+        fresh.checkEngine()
+        fresh.parameters.inputVolume = selftest.addPhantom(seed=3)[0]
+        fresh.addModel(model)
+        return fresh
+
+    first = panelState()
+    assert not first.startSegmentation() and first.view().segmentStatus == panel.NOT_ACCEPTED
+    assert "CC-BY-SA 4.0" in questions[0] and "shared.md" in questions[0]
+    assert first.startSegmentation(), "accepted: the segmentation starts"
+    first.cancelSegmentation()
+    _wait(first)
+    again = panelState()  # Slicer started again, with the same settings
+    assert again.startSegmentation() and len(questions) == 2, "the accepted licence was asked again"
+    again.cancelSegmentation()
+    _wait(again)
+
+
+def test_the_bundled_model_card_names_its_licence():
+    bundled = REPOSITORY / "Resources" / "Models" / "hippocampus.pt"
+    assert panel.modelLicence(bundled) == "CC-BY-SA 4.0"
+    assert panel.modelLicence(REPOSITORY / "Resources" / "Models" / "no-card.pt") is None
+
+
 # --- segment options -------------------------------------------------------------------------------
 
 
