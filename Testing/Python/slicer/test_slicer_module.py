@@ -701,3 +701,12 @@ def test_what_the_extensions_index_check_can_see_before_publishing_passes():
     assert re.findall(r"project\s*\(\s*([^\s)]+)", text, re.IGNORECASE)[0] == "UNet3DSegmenter"
     assert _cmake_sets()["EXTENSION_CATEGORY"][0].strip('"') == "Segmentation"
     assert (REPOSITORY / "LICENSE").is_file()
+
+
+def test_the_input_selector_offers_scalar_and_vector_volumes_but_no_labelmaps():
+    selector = next(widget for widget in ElementTree.parse(UI_FILE).getroot().iter("widget")
+                    if widget.get("name") == "inputSelector")
+    properties = {prop.get("name"): prop for prop in selector.findall("property")}
+    assert [item.text for item in properties["nodeTypes"].iter("string")] == ["vtkMRMLScalarVolumeNode",
+                                                                             "vtkMRMLVectorVolumeNode"]
+    assert properties["showChildNodeTypes"][0].text == "false"  # labelmaps are scalar volumes' children
