@@ -7,8 +7,10 @@ command line::
                 integrity (truncated files), dicom (sort DICOM files by their tags), dicom_seg (DICOM
                 SEG out and in), batch (the cases of a tree, and a process's share), preprocess,
                 models, checkpoint, metrics, evaluation, datalist, labels, choices, runtime (device,
-                precision), progress, atomic, errors, phantom (generated data), plots, fingerprint
-                (what the training images were like), roi (segment inside a box)
+                precision), progress, protocol (what a parent process and the command line agree
+                on), atomic, errors, phantom (generated data), plots, fingerprint (what the training
+                images were like), roi (segment inside a box), segment_options (every segmentation
+                option, declared once)
     inference:  io.read_volume -> preprocess -> inference.predictor (inference.fast + models,
                 inference.sliding_window) -> inference.postprocess -> io.write_volume
     training:   training.config -> datalist -> training.splits -> training.planning ->
@@ -52,6 +54,7 @@ _PUBLIC = {
     "build_model": "models",
     "Predictor": "inference.predictor", "Prediction": "inference.predictor",
     "Preprocessing": "preprocess", "RegionOfInterest": "roi", "TrainingFingerprint": "fingerprint",
+    "SegmentOptions": "segment_options",
     "patchify": "inference.sliding_window", "unpatchify": "inference.sliding_window",
     "sliding_window_inference": "inference.sliding_window",
     "get_dataloader": "training.patches",
@@ -61,9 +64,10 @@ _PUBLIC = {
 
 __all__ = [
     "Checkpoint", "Ensemble", "Label", "Prediction", "Predictor", "Preprocessing", "RegionOfInterest",
-    "ResNet18UNet3D", "ResidualUNet3D", "SeriesFilter", "TrainingConfig", "TrainingFingerprint", "UNet3D", "UserError", "VNet", "Volume", "build_model", "cross_validate",
-    "find_cases", "get_dataloader", "load_checkpoint", "load_ensemble", "patchify", "read_dicom_seg", "read_volume",
-    "save_checkpoint", "sliding_window_inference", "train", "unpatchify", "write_dicom_seg", "write_volume",
+    "ResNet18UNet3D", "ResidualUNet3D", "SegmentOptions", "SeriesFilter", "TrainingConfig", "TrainingFingerprint",
+    "UNet3D", "UserError", "VNet", "Volume", "build_model", "cross_validate", "find_cases", "get_dataloader",
+    "load_checkpoint", "load_ensemble", "patchify", "read_dicom_seg", "read_volume", "save_checkpoint",
+    "sliding_window_inference", "train", "unpatchify", "write_dicom_seg", "write_volume",
 ]
 
 _moved.install(__name__)
@@ -97,6 +101,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .models import ResidualUNet3D, ResNet18UNet3D, UNet3D, VNet, build_model
     from .preprocess import Preprocessing
     from .roi import RegionOfInterest
+    from .segment_options import SegmentOptions
     from .training.config import TrainingConfig
     from .training.cross_validation import cross_validate
     from .training.patches import get_dataloader

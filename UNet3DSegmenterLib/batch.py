@@ -26,14 +26,16 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .choices import OUTPUT_FORMATS
 from .errors import UserError
 from .io import FORMATS, case_name, holds_dicom_files, list_volume_files, volume_suffix
 
-OUTPUT_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom-seg": ".dcm"}
-"""``--output-format``: the file extension of each format; 'dicom-seg' is a DICOM SEG (DICOM inputs only)."""
+FORMAT_SUFFIXES = dict(zip(OUTPUT_FORMATS, (".nii.gz", ".nrrd", ".mha", ".dcm")))
+"""The file extension of each ``--output-format`` (choices.OUTPUT_FORMATS)."""
 
 _FILTER_KEYS = ("modality", "description")
 
@@ -47,7 +49,7 @@ class SeriesFilter:
     description: str | None = None
 
     @classmethod
-    def parse(cls, items: list[str] | None) -> SeriesFilter:
+    def parse(cls, items: Sequence[str] | None) -> SeriesFilter:
         """From ``KEY=PATTERN`` strings, KEY one of modality, description."""
         values: dict[str, str] = {}
         for item in items or []:
@@ -89,7 +91,7 @@ def find_cases(source: str | os.PathLike, output: str | os.PathLike, probabiliti
                output_format: str | None = None, series_filter: SeriesFilter | None = None) -> list[Case]:
     """The cases of the folder ``source`` (see the module's doc) with their mirrored outputs, in path order.
 
-    ``output_format`` is a key of :data:`OUTPUT_FORMATS`; by default a file keeps its format and a
+    ``output_format`` is one of ``choices.OUTPUT_FORMATS``; by default a file keeps its format and a
     DICOM series becomes NIfTI. Raises :class:`UserError` when nothing is left to segment, or when
     DICOM SEG output is asked for a case that is not a DICOM series.
     """
@@ -108,7 +110,7 @@ def find_cases(source: str | os.PathLike, output: str | os.PathLike, probabiliti
             raise UserError(f"{path} is not a DICOM series: DICOM SEG output (--output-format dicom-seg) references "
                             "the DICOM series it segments; choose another --output-format for volume files")
         relative = path.relative_to(source)
-        name = case_name(relative.name) + (OUTPUT_FORMATS[output_format] if output_format else
+        name = case_name(relative.name) + (FORMAT_SUFFIXES[output_format] if output_format else
                                            volume_suffix(path) or ".nii.gz")
         place = relative.parent / name
         cases.append(Case(path, output / place, Path(probabilities) / place if probabilities else None,

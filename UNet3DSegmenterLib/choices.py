@@ -13,6 +13,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Compute precision: 'auto' is bf16 on CPUs with native bf16, fp16/bf16 autocast on CUDA, else fp32."""
 
+OUTPUT_FORMATS = ("nifti", "nrrd", "mha", "dicom-seg")
+"""What ``predict`` writes where it names the outputs itself; 'dicom-seg' is a DICOM SEG file (DICOM inputs only)."""
+
 DICOM_MODALITIES = ("OT", "CT", "MR", "PT", "NM", "US")
 """The modality a written DICOM series declares: 'OT' (other), CT, MR, PET, nuclear medicine, ultrasound."""
 

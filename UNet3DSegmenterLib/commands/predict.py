@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 from ..atomic import remove_stale_partials
-from ..batch import OUTPUT_FORMATS, Case, SeriesFilter, find_cases, parse_shard, share
-from ..choices import DEVICES, PRECISIONS
+from ..batch import FORMAT_SUFFIXES, Case, SeriesFilter, find_cases, parse_shard, share
 from ..dicom_seg import is_dicom_seg_name
 from ..errors import UserError
 from ..io import FORMATS, case_name, check_input_spacing, is_dicom_folder, is_series_folder_name, volume_suffix
 from ..paths import check_outputs
 from ..progress import ProgressBar, emit_json
+from ..protocol import EXIT_USER_ERROR, error_line
+from ..segment_options import SegmentOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,33 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "input is a folder or a tree of series (outputs mirror the input's tree)")
     parser.add_argument("--input-spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
                         help="voxel spacing in mm of .npy inputs (default 1 1 1; other formats record their own)")
-    parser.add_argument("--roi", type=float, nargs=6, metavar=("R1", "A1", "S1", "R2", "A2", "S2"), default=None,
-                        help="segment only inside this box: two opposite corners in RAS mm, as Slicer shows them "
-                             "(the labelmap covers the whole input, 0 outside the box)")
-    parser.add_argument("--device", default="auto", choices=DEVICES)
-    parser.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (default: checkpoint's)")
-    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower)")
-    parser.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
     parser.add_argument("--probabilities", type=Path, default=None,
-                        help="also write class probabilities (multi-component image; a folder for folder input)")
-    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="compute precision (auto: bf16 on CPUs with native bf16, fp16 on CUDA)")
-    many = parser.add_argument_group("trees of DICOM series and many machines")
-    many.add_argument("--output-format", choices=tuple(OUTPUT_FORMATS), default=None,
-                      help="format of outputs named by the tool (default: the input's, NIfTI for DICOM series); "
-                           "dicom-seg writes DICOM SEG files that reference their series")
-    many.add_argument("--series-filter", action="append", metavar="KEY=PATTERN", default=None,
-                      help="segment only the series whose modality or series description matches a shell pattern "
-                           "(any case): modality=CT, 'description=*portal*'; give it again for both")
-    many.add_argument("--shard", default=None, metavar="I/N",
-                      help="do share I (0..N-1) of N of the cases, as one task of a Slurm array job; under torchrun "
-                           "the shares follow the processes' ranks by themselves")
+                        help="also write class probabilities (multi-component image, or a FRACTIONAL DICOM SEG for a "
+                             ".dcm name; a folder for folder input)")
+    SegmentOptions.add_arguments(parser.add_argument_group("segmentation"))
     parser.add_argument("--progress-json", action="store_true",
                         help="print progress as one JSON object per line on stdout (for the Slicer module)")
 
 
-def _plan(args: argparse.Namespace) -> list[Case]:
+def _plan(args: argparse.Namespace, options: SegmentOptions) -> list[Case]:
     """Every case with its outputs, each path checked before any work; a folder or tree as batch.py finds it."""
     source, output, probabilities = args.input, args.output, args.probabilities
     if not source.exists():
@@ -67,21 +50,22 @@ def _plan(args: argparse.Namespace) -> list[Case]:
         for option, path in (("--output", output), ("--probabilities", probabilities)):
             if path is not None and _names_a_file(path):
                 raise UserError(f"the input {source} is a folder, so {option} must be a folder, not {path}")
-        return find_cases(source, output, probabilities, args.output_format, SeriesFilter.parse(args.series_filter))
-    if args.series_filter:
+        return find_cases(source, output, probabilities, options.output_format,
+                          SeriesFilter.parse(options.series_filter))
+    if options.series_filter:
         raise UserError(f"--series-filter picks series of a folder or tree, and {source} is one volume: leave it out")
     for option, path in (("--output", output), ("--probabilities", probabilities)):
         if path is not None and not _names_a_file(path) and not is_series_folder_name(path):
             raise UserError(f"{option} {path}: use a file name ending in {FORMATS} (or .dcm for a DICOM SEG), "
                             "or a folder name without an extension")
     if output.is_dir() or not _names_a_file(output):
-        name = case_name(source) + (OUTPUT_FORMATS[args.output_format] if args.output_format else
+        name = case_name(source) + (FORMAT_SUFFIXES[options.output_format] if options.output_format else
                                     volume_suffix(source) or ".nii.gz")
         output = output / name
         probabilities = probabilities / name if probabilities and not _names_a_file(probabilities) else probabilities
     if probabilities is not None and not _names_a_file(probabilities):
         raise UserError(f"--probabilities {probabilities}: use a file name ending in .nii.gz, .nrrd, .mha or .dcm")
-    _check_format(output, args.output_format)
+    _check_format(output, options.output_format)
     for path in (path for path in (output, probabilities) if path is not None and is_dicom_seg_name(path)):
         if not source.is_dir():
             raise UserError(f"{path}: a DICOM SEG references the DICOM series it segments, and {source} is not a "
@@ -99,10 +83,10 @@ def _names_a_file(path: Path) -> bool:
 def _check_format(output: Path, output_format: str | None) -> None:
     """Refuse an --output-format that the output's own extension contradicts."""
     name = output.name.lower()
-    if output_format and not (name.endswith(OUTPUT_FORMATS[output_format])
+    if output_format and not (name.endswith(FORMAT_SUFFIXES[output_format])
                               or (output_format == "nifti" and name.endswith(".nii"))):
         raise UserError(f"--output-format {output_format} and --output {output} disagree: give a file name ending in "
-                        f"{OUTPUT_FORMATS[output_format]}, or a folder")
+                        f"{FORMAT_SUFFIXES[output_format]}, or a folder")
 
 
 def _check_writable(paths: list[Path]) -> None:
@@ -117,31 +101,27 @@ def run(args: argparse.Namespace) -> int:
     folder failed."""
     from ..checkpoint import checkpoint_paths
     from ..inference.predictor import Predictor
-    from ..roi import RegionOfInterest
     from ..training.distributed import Distributed
 
-    roi = RegionOfInterest.from_values(args.roi) if args.roi is not None else None
-    shard = parse_shard(args.shard) if args.shard is not None else None
-    every = _plan(args)
+    options = SegmentOptions.from_arguments(args)
+    every = _plan(args, options)
     check_input_spacing(args.input_spacing, [case.source for case in every])
     outputs = [path for case in every for path in case.outputs]
     check_outputs(outputs, [case.source for case in every] + checkpoint_paths(args.checkpoint))
     _check_writable(outputs)
     remove_stale_partials(outputs)
-    distributed = Distributed.start(args.device)
+    distributed = Distributed.start(options.device)  # under torchrun: this process's rank, and its GPU made current
     try:
+        shard = parse_shard(options.shard) if options.shard is not None else None
         cases = _my_cases(every, shard, distributed, folder=len(every) > 1 or every[0].source != args.input)
-        predictor = Predictor(args.checkpoint, device=str(distributed.device) if distributed.enabled else args.device,
-                              overlap=args.overlap, batch_size=args.batch_size, tta=args.tta,
-                              largest_component=args.largest_component, precision=args.precision)
-        failures = _predict(args, predictor, cases, roi, single=len(every) == 1)
+        failures = _predict(args, Predictor(args.checkpoint, options), cases, single=len(every) == 1)
         failed = round(distributed.mean(len(failures)) * distributed.world_size)
     finally:
         distributed.stop()
     if failed:
-        print(f"error: {failed} of {len(every)} cases failed" + (f": {', '.join(failures)}" if failures else "")
-              + (" (see each process's lines)" if distributed.enabled else ""), file=sys.stderr)
-        return 2
+        print(error_line(f"{failed} of {len(every)} cases failed" + (f": {', '.join(failures)}" if failures else "")
+                         + (" (see each process's lines)" if distributed.enabled else "")), file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 
@@ -169,7 +149,7 @@ def _fingerprint(cases: list[Case]) -> int:
     return int.from_bytes(digest[:6], "big")
 
 
-def _predict(args: argparse.Namespace, predictor, cases: list[Case], roi, single: bool) -> list[str]:
+def _predict(args: argparse.Namespace, predictor, cases: list[Case], single: bool) -> list[str]:
     """Run the cases, reporting each as it is written; returns the names of those that failed."""
     from ..inference.predictor import predict_files
 
@@ -197,7 +177,7 @@ def _predict(args: argparse.Namespace, predictor, cases: list[Case], roi, single
 
     failures = []
     plan = [(case.source, case.output, case.probabilities) for case in cases]
-    for index, error in predict_files(predictor, plan, progress, spacing=args.input_spacing, roi=roi, warn=warn):
+    for index, error in predict_files(predictor, plan, progress, spacing=args.input_spacing, warn=warn):
         name, output = names[index], cases[index].output
         if bars[index].done != bars[index].total:
             bars[index].close()
@@ -205,7 +185,7 @@ def _predict(args: argparse.Namespace, predictor, cases: list[Case], roi, single
             if single:
                 raise error
             failures.append(name)
-            print(f"error: {name}: {error}", file=sys.stderr)
+            print(error_line(f"{name}: {error}"), file=sys.stderr)
         elif args.progress_json:
             emit_json(event="written", case=name, output=str(output))
         else:
