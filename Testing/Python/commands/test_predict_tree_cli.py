@@ -135,3 +135,20 @@ def test_series_filter_and_shard_mistakes_are_refused_in_one_line(model_path, so
 def test_series_filter_patterns_ignore_case():
     kept = SeriesFilter.parse(["modality=ct", "description=*PORTAL*"])
     assert kept.accepts("CT", "Abdomen portal venous") and not kept.accepts("MR", "portal")
+
+
+def test_tree_options_are_segment_options_that_survive_the_command_line():
+    import argparse
+
+    from UNet3DSegmenterLib.commands import predict
+    from UNet3DSegmenterLib.errors import UserError
+    from UNet3DSegmenterLib.segment_options import SegmentOptions
+
+    options = SegmentOptions(output_format="dicom-seg", series_filter=["modality=CT", "description=*a b*"], shard="1/4")
+    parser = argparse.ArgumentParser()
+    predict.add_arguments(parser)
+    args = parser.parse_args(["-c", "m.pt", "-i", "in", "-o", "out", *options.to_arguments()])
+    assert SegmentOptions.from_arguments(args) == options and options.series_filter == ("modality=CT", "description=*a b*")
+    for wrong in ({"shard": "4/4"}, {"series_filter": ["size=big"]}, {"output_format": "png"}):
+        with pytest.raises(UserError):
+            SegmentOptions(**wrong)
