@@ -79,6 +79,8 @@ class Predictor:
             largest connected component of each class), ``precision`` ('auto': bfloat16 on CPUs
             with native bf16, fp16 autocast on CUDA, else fp32; 'fp32', 'bf16', 'fp16') and ``roi``
             (six numbers, two corners in RAS mm: :meth:`predict` segments inside that box).
+            ``output_format``, ``series_filter`` and ``shard`` pick and name the cases of a folder for
+            ``predict`` (see batch.py); one volume at a time, a Predictor has no use for them.
 
     Example::
 
