@@ -1,4 +1,4 @@
-"""DICOM Segmentation objects (DICOM SEG): a labelmap as a PACS stores it, written and read through highdicom.
+"""DICOM Segmentation objects (DICOM SEG): a labelmap as a PACS stores it, written with highdicom, read with pydicom.
 
 :func:`write_dicom_seg` turns a labelmap on a DICOM series' grid into one SEG file that references
 that series (study, series, SOP instance and frame-of-reference UIDs, each frame's source image), with
@@ -16,9 +16,11 @@ Choices the standard leaves open, made here:
 - Every label is a segment, found or not, so that an empty result says "looked for, not found";
   frames (slices) that hold nothing are left out, as the standard allows, which keeps files small.
 
-:func:`read_dicom_seg` reads a SEG back into a labelmap: on the grid of the frames it holds, or, when a
-grid is given (the source series, the image a SEG is compared with), on that grid, which its frames
-must lie on. highdicom and pydicom are an optional extra (``pip install "UNet3DSegmenter[dicom-seg]"``);
+:func:`read_dicom_seg` reads a SEG back into a labelmap, each frame placed by its own position and
+orientation (not by highdicom's volume, which guesses the slice spacing from the frames present and
+can guess wrong where empty slices are left out of an oblique series): on the grid the frames span,
+or, when a grid is given (the source series, the image a SEG is compared with), on that grid, which
+its frames must lie on. highdicom and pydicom are an optional extra (``pip install "UNet3DSegmenter[dicom-seg]"``);
 without them the functions here refuse in one line that says so.
 """
 
