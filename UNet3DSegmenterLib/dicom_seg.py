@@ -17,8 +17,8 @@ Choices the standard leaves open, made here:
   frames (slices) that hold nothing are left out, as the standard allows, which keeps files small.
 
 :func:`read_dicom_seg` reads a SEG back into a labelmap, each frame placed by its own position and
-orientation (not by highdicom's volume, which guesses the slice spacing from the frames present and
-can guess wrong where empty slices are left out of an oblique series): on the grid the frames span,
+orientation (not by highdicom's volume, which infers the slice spacing from the frames and, in tests
+here, made 13 or 23 slices of a 12-slice series): on the grid the frames span,
 or, when a grid is given (the source series, the image a SEG is compared with), on that grid, which
 its frames must lie on. highdicom and pydicom are an optional extra (``pip install "UNet3DSegmenter[dicom-seg]"``);
 without them the functions here refuse in one line that says so.
