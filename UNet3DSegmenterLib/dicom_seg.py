@@ -118,8 +118,8 @@ def _media_storage_class(path: Path) -> str:
     return ""
 
 
-def _highdicom():
-    """The highdicom module, or a one-line refusal with the way to install it."""
+def require_highdicom():
+    """The highdicom module, or a one-line refusal with the way to install it (asked before any work)."""
     try:
         import highdicom
     except ImportError:
@@ -180,7 +180,7 @@ def write_dicom_seg(labelmap: Volume, source: str | os.PathLike, labels: Sequenc
         probabilities: class probabilities (classes, z, y, x) in the order of ``labels``: written as a
             FRACTIONAL (probability) SEG instead of a BINARY one.
     """
-    hd = _highdicom()
+    hd = require_highdicom()
     import pydicom
 
     from . import __version__

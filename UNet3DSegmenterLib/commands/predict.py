@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..atomic import remove_stale_partials
 from ..batch import FORMAT_SUFFIXES, Case, SeriesFilter, find_cases, parse_shard, share
-from ..dicom_seg import is_dicom_seg_name
+from ..dicom_seg import is_dicom_seg_name, require_highdicom
 from ..errors import UserError
 from ..io import FORMATS, case_name, check_input_spacing, is_dicom_folder, is_series_folder_name, volume_suffix
 from ..paths import check_outputs
@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     outputs = [path for case in every for path in case.outputs]
     check_outputs(outputs, [case.source for case in every] + checkpoint_paths(args.checkpoint))
     _check_writable(outputs)
+    if any(is_dicom_seg_name(path) for path in outputs):
+        require_highdicom()  # before hours of work whose results could not be written
     remove_stale_partials(outputs)
     distributed = Distributed.start(options.device)  # under torchrun: this process's rank, and its GPU made current
     try:

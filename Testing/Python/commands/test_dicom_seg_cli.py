@@ -4,6 +4,8 @@ highdicom's writer and two readers (ours and dcmqi), to exactly the labelmap ``p
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from cli_runs import refused, run_cli
 from dicom_series import ORIENTATIONS, dcmqi_converter, dcmqi_labelmap, write_ct_series
 
 from UNet3DSegmenterLib.commands.cli import main
-from UNet3DSegmenterLib.dicom_seg import read_dicom_seg
+from UNet3DSegmenterLib.dicom_seg import INSTALL_HINT, read_dicom_seg
 from UNet3DSegmenterLib.io import read_volume, write_volume
 
 
@@ -108,3 +110,14 @@ def _series(tmp_path: Path) -> Path:
     if not series.exists():
         write_ct_series(series, "oblique")
     return series
+
+
+def test_without_highdicom_predict_refuses_a_seg_output_before_any_work(model_path, tmp_path):
+    series = _series(tmp_path)
+    script = ("import sys; sys.modules['highdicom'] = None\n"
+              "from UNet3DSegmenterLib.commands.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-c", script, "predict", "-c", str(model_path), "-i", str(series),
+                             "-o", str(tmp_path / "result.dcm")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {INSTALL_HINT}", result.stderr
+    assert not (tmp_path / "result.dcm").exists()
