@@ -25,8 +25,9 @@ NORMS = ("instance", "batch", "none")
 LOSSES = ("dicece", "dice", "focal", "dice_focal", "ce", "weighted_dice")
 """Training losses of :mod:`UNet3DSegmenterLib.training.losses`."""
 
-OPTIMIZERS = ("adamw", "sgd")
-"""Optimisers: AdamW, or SGD with Nesterov momentum 0.99."""
+OPTIMIZERS = ("adamw", "adam", "sgd")
+"""Optimisers: AdamW, plain Adam (the optimiser of the original 3D U-Net ports), or SGD with Nesterov
+momentum 0.99."""
 
 SCHEDULES = ("poly", "cosine", "constant")
 """Learning-rate decay after the warm-up."""

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 import time
-from typing import Literal, TextIO, TypedDict
+from typing import Literal, NotRequired, TextIO, TypedDict
 
 import numpy as np
 
@@ -48,10 +48,12 @@ class _EpochEventRequired(TypedDict):
 
 
 class EpochEvent(_EpochEventRequired, total=False):
-    """The end of an epoch; ``dice`` (class name -> Dice) and ``mean_dice`` only after a validation."""
+    """The end of an epoch; ``dice`` (class name -> Dice) and ``mean_dice`` only after a validation,
+    ``scored_on`` only where the validation cases are annotated sparsely (Dice on annotated voxels)."""
 
     dice: dict[str, float]
     mean_dice: float
+    scored_on: str
 
 
 class DoneEvent(TypedDict):
@@ -77,6 +79,7 @@ class TestEvent(TypedDict):
     iou: dict[str, float]
     hd95: dict[str, float | None]
     mean_dice: float
+    scored_on: NotRequired[str]
 
 
 class FoldEvent(TypedDict):
