@@ -1,7 +1,7 @@
 """Minutes, not epochs: how many epochs fit a time budget (``train --time-budget MINUTES``).
 
 An epoch's cost depends on the machine, the patch and the network, so it is measured, not guessed:
-the trainer times its first iterations and plans the epochs that fit what is left of the budget,
+the trainer times its first iterations (after two that warm up) and plans the epochs that fit what is left of the budget,
 keeping back the time that the end of the run needs (validation of the last epoch, the validation
 report on the original files, the test report). A validation's time is first estimated from the
 number of sliding windows it runs (a window's forward pass costs about a third of a training patch's
@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 from ..inference.sliding_window import window_positions
 
 PROBE_ITERATIONS = 10
-"""Iterations timed before the first plan (fewer when an epoch is shorter)."""
+"""Iterations run before the first plan (fewer when an epoch is shorter)."""
+PROBE_WARM_UP = 2
+"""Of those, the first ones are not timed: the loader starts and the kernels warm up."""
 _FORWARD_SHARE = 1 / 3  # of a training iteration's time, per patch, spent in the forward pass
 _MARGIN = 1.25  # the end of a run is kept back with this margin
 _MARGIN_SECONDS = 5.0

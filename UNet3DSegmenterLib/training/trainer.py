@@ -53,7 +53,14 @@ from .patches import EpochSampler, PatchDataset, make_loader, prepare_cases
 from .planning import plan_training
 from .splits import check_groups, check_split_cases, make_split, read_split, write_split
 from .step import TrainingLog, TrainingStep, learning_rate
-from .time_budget import PROBE_ITERATIONS, TimePlan, estimated_validation_seconds, final_seconds, plan_epochs
+from .time_budget import (
+    PROBE_ITERATIONS,
+    PROBE_WARM_UP,
+    TimePlan,
+    estimated_validation_seconds,
+    final_seconds,
+    plan_epochs,
+)
 from .validation import case_report, test_event, validate, write_validation_report
 
 log = logging.getLogger("UNet3DSegmenterLib")
@@ -109,6 +116,7 @@ class _Run:
         self.config, self.distributed, self.progress, self.cancel = config, distributed, progress, cancel
         self.clock_started = time.perf_counter()  # a time budget counts from here, preparation included
         self.time_plan: TimePlan | None = None
+        self.out_of_time = False
         self.device = distributed.device
         self.output = config.output
         self.paths = {name: self.output / name for name in
@@ -198,6 +206,8 @@ class _Run:
         """Train ``epochs`` epochs in all; the learning-rate schedule stretches over them."""
         config = self.config
         self.epochs = epochs
+        if self.time_plan is not None:
+            self.time_plan.epochs = epochs
         self.total_steps = epochs * config.iterations_per_epoch
         self.warmup_steps = min(config.warmup_epochs * config.iterations_per_epoch, self.total_steps // 10)
 
@@ -206,18 +216,23 @@ class _Run:
     def _epochs(self) -> TrainingResult:
         config = self.config
         started, steps_at_start = time.perf_counter(), self._step()
+        probe = min(PROBE_ITERATIONS, config.iterations_per_epoch)
+        warm_up = min(PROBE_WARM_UP, probe - 1)  # the loader's start and the first kernels are not the pace
+        probe_started = started
         stopped = "completed"
         while self.epoch < self.epochs:
             epoch_started = time.perf_counter() - self.partial["seconds"]
             self.sampler.set_epoch(self.epoch, self.iteration * config.batch_size)
-            out_of_time = False
+            self.out_of_time = False
             for images, labels in self.loader:
                 loss = self._train_step(images, labels)
                 self.iteration += 1
                 self.partial["loss_sum"] += loss
                 done = self._step() - steps_at_start
-                if config.time_budget is not None and done == min(PROBE_ITERATIONS, config.iterations_per_epoch):
-                    self._plan_time((time.perf_counter() - started) / done)
+                if config.time_budget is not None and done == warm_up:
+                    probe_started = time.perf_counter()
+                if config.time_budget is not None and done == probe:
+                    self._plan_time((time.perf_counter() - probe_started) / (probe - warm_up))
                 eta = (time.perf_counter() - started) / done * (self.total_steps - self._step())
                 self._emit(event="iteration", epoch=self.epoch + 1, epochs=self.epochs, iteration=self.iteration,
                            iterations=config.iterations_per_epoch, loss=loss, eta=round(eta, 1))
@@ -228,16 +243,14 @@ class _Run:
                         self.log.write(self.paths["log.csv"], self.paths["curves.png"])
                     return self._result("cancelled")
                 if self.time_plan is not None and self.distributed.any(self._past_deadline()):
-                    out_of_time = True  # the end of the run must still fit: this epoch is the last
+                    self.out_of_time = True  # the end of the run must still fit: this epoch is the last
                     self._set_epochs(self.epoch + 1)
                     break
             stopped = self._end_epoch(time.perf_counter() - epoch_started, started, steps_at_start)
-            if out_of_time and stopped == "completed":
+            if self.out_of_time and stopped == "completed":
                 stopped = "time_budget"
             if stopped != "completed":
                 break
-            if self.time_plan is not None:
-                self._replan()
         self._finish()
         return self._result(stopped)
 
@@ -269,8 +282,7 @@ class _Run:
         seconds_left += self.iteration * plan.seconds_per_iteration
         epochs = self.epoch + plan_epochs(seconds_left, config.iterations_per_epoch, plan.seconds_per_iteration,
                                           plan.validation_seconds, config.val_every, plan.final_seconds)
-        plan.epochs = max(epochs, self.epoch + 1) if self.iteration else epochs
-        self._set_epochs(plan.epochs)
+        self._set_epochs(max(epochs, self.epoch + 1) if self.iteration else epochs)
         if self.distributed.main:  # run.json records the budget and what it planned
             dataclasses.replace(config, resume=False, overwrite=False).save(self.paths["run.json"], plan.to_json())
 
@@ -308,6 +320,8 @@ class _Run:
         if self.time_plan is not None and validation_seconds is not None:
             self.time_plan.validation_seconds = validation_seconds
         row["seconds"] = seconds + (validation_seconds or 0.0)
+        if self.time_plan is not None and not self.out_of_time:
+            self._replan()  # before the epoch is announced, so that its event says how many epochs remain
         self.log.rows.append(row)
         stopped = "completed"
         if self.distributed.main:
