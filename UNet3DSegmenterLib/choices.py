@@ -32,6 +32,10 @@ momentum 0.99."""
 SCHEDULES = ("poly", "cosine", "constant")
 """Learning-rate decay after the warm-up."""
 
+UNCERTAINTIES = ("entropy", "probability")
+"""Where a segmentation is unsure, per voxel: 'entropy' of the class probabilities (0 sure .. 1 all
+classes alike), or the winning class's 'probability' (1 sure, low where unsure)."""
+
 NORMALIZATIONS = ("auto", "zscore", "ct", "window", "none")
 """Intensity normalisation: 'auto' is 'window' when a window is given, else 'ct' for CT datasets and
 'zscore' otherwise; 'window' clips to a given window and scales it to [0, 1]."""

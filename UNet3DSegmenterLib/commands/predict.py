@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..atomic import remove_stale_partials
-from ..choices import DEVICES, PRECISIONS
+from ..choices import DEVICES, PRECISIONS, UNCERTAINTIES
 from ..errors import UserError
 from ..io import (
     FORMATS,
@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
     parser.add_argument("--probabilities", type=Path, default=None,
                         help="also write class probabilities (multi-component image; a folder for folder input)")
+    parser.add_argument("--uncertainty", type=Path, default=None, metavar="PATH",
+                        help="also write where the model is unsure, one float per voxel (a folder for folder input); "
+                             "from the same pass, no slower")
+    parser.add_argument("--uncertainty-measure", default="entropy", choices=UNCERTAINTIES,
+                        help="entropy of the class probabilities (0 sure .. 1 undecided), or the winning class's "
+                             "probability (1 sure)")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="compute precision (auto: bf16 on CPUs with native bf16, fp16 on CUDA)")
@@ -80,6 +86,17 @@ def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
     return [(source, output, probabilities)]
 
 
+def _uncertainty_outputs(args: argparse.Namespace, cases: list[tuple[Path, Path, Path | None]]) -> list[Path]:
+    """Each case's --uncertainty file, checked as --probabilities is (the same rules place it)."""
+    if args.uncertainty is None:
+        return []
+    try:
+        planned = _plan(argparse.Namespace(**{**vars(args), "probabilities": args.uncertainty}))
+    except UserError as error:
+        raise UserError(str(error).replace("--probabilities", "--uncertainty")) from None
+    return [path for _, _, path in planned if path is not None]
+
+
 def _output_name(source: Path) -> str:
     """A case's output file name: its own (same format), or the case's name + .nii.gz for a DICOM series."""
     return case_name(source) + (volume_suffix(source) or ".nii.gz")
@@ -100,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
 
     roi = RegionOfInterest.from_values(args.roi) if args.roi is not None else None
     cases = _plan(args)
+    uncertainty = _uncertainty_outputs(args, cases)
     check_input_spacing(args.input_spacing, [source for source, _, _ in cases])
-    outputs = [output for _, output, _ in cases] + [p for _, _, p in cases if p is not None]
+    outputs = [output for _, output, _ in cases] + [p for _, _, p in cases if p is not None] + uncertainty
     check_outputs(outputs, [source for source, _, _ in cases] + checkpoint_paths(args.checkpoint))
     _check_writable(outputs)
     remove_stale_partials(outputs)
@@ -130,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         return report
 
     failures = []
-    for index, error in predict_files(predictor, cases, progress, spacing=args.input_spacing, roi=roi, warn=warn):
+    for index, error in predict_files(predictor, cases, progress, spacing=args.input_spacing, roi=roi, warn=warn,
+                                      uncertainty=args.uncertainty_measure, uncertainty_outputs=uncertainty):
         name, output = names[index], cases[index][1]
         if bars[index].done != bars[index].total:
             bars[index].close()
