@@ -101,6 +101,10 @@ class TrainingConfig:
     data: Path = _required(_DATA_HELP, "-d")
     output: Path = _required("folder for best.pt, last.pt, run.json, log.csv, curves.png, split.json, "
                              "validation_report.json and test_report.json", "-o")
+    case_pattern: str | None = option(
+        None, "in a folder pair, the case name is this regular expression's first group in each file name (without "
+        "extension), so that differently named images and labels pair up; HipMRI: '^(.+?)(?:_SEMANTIC)?_LFOV$'",
+        group="data", metavar="REGEX")
     input_spacing: tuple[float, float, float] | None = option(
         None, "voxel spacing in mm of .npy cases (default 1 1 1; other formats record their own)", group="data",
         metavar=("X", "Y", "Z"))
@@ -286,6 +290,10 @@ class TrainingConfig:
                                                                         "--folds and --fold"))
         if self.group_by is not None:
             compile_group_by(self.group_by)
+        if self.case_pattern is not None:
+            from ..datalist import compile_case_pattern  # the datalist's readers load only here
+
+            compile_case_pattern(self.case_pattern)
         if self.split is not None:
             shares = self.split
             if min(shares) < 0 or shares[0] <= 0 or abs(sum(shares) - 1) > 1e-6:

@@ -164,7 +164,7 @@ class _CrossValidation:
         split = read_split(self.output / "fold_0" / "split.json")
         if not split.test:
             return None
-        cases = load_datalist(self.config.data).subset(split.test)
+        cases = load_datalist(self.config.data, self.config.input_spacing, self.config.case_pattern).subset(split.test)
         loss = build_loss(self.config.loss, len(members[0].labels), _trained_weights(members))
         scores = case_report(self.paths["ensemble.pt"], cases, self.config.device, self.config.resample_labels, loss,
                              members[0].ignore_value)

@@ -127,7 +127,7 @@ class _Run:
 
     def run(self) -> TrainingResult:
         config = self.config
-        datalist = load_datalist(config.data, config.input_spacing)
+        datalist = load_datalist(config.data, config.input_spacing, config.case_pattern)
         # Resuming reads last.pt, last.state.pt and split.json to write them on: those are the run's own.
         check_outputs([path for name, path in self.paths.items() if not config.resume or name not in
                        ("last.pt", "last.state.pt", "split.json")],
