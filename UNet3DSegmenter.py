@@ -136,7 +136,8 @@ class UNet3DSegmenterParameterNode:
     the user places around the structure).
     Train: startFrom (a new network, or fine-tune the selected model), trainingOutputFolder (the models
     folder: each run gets a folder of its own in it), trainingRunName (that folder's name; empty: the
-    labels and the date and time), architecture, epochs, patchSize (voxels per side, 0: chosen from the data), batchSize,
+    labels and the date and time), trainingMinutes (the time budget; 0: train for ``epochs`` instead),
+    architecture, epochs, patchSize (voxels per side, 0: chosen from the data), batchSize,
     learningRate (0: the trainer's default), trainingDevice, trainingTable (loss and Dice per epoch).
     The training pairs are node references of the parameter node (see ``panel.PanelState``).
     """
@@ -154,6 +155,7 @@ class UNet3DSegmenterParameterNode:
     trainingOutputFolder: pathlib.Path
     trainingRunName: str = ""
     architecture: Annotated[str, Choice(ARCHITECTURES)] = "unet3d"
+    trainingMinutes: Annotated[float, WithinRange(0.0, 10000.0)] = panel.DEFAULT_TRAINING_MINUTES
     epochs: Annotated[int, WithinRange(1, 10000)] = 100
     patchSize: Annotated[int, WithinRange(0, 512)] = 0
     batchSize: Annotated[int, WithinRange(1, 64)] = 2
@@ -211,6 +213,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.connect("clicked()", self.onSegmentButton)
         self.ui.placeRoiButton.connect("clicked()", self.onPlaceRoi)
         self.ui.addPairButton.connect("clicked()", self.onAddPair)
+        self.ui.sparsePairCheckBox.connect("toggled(bool)", self.onSparsePairToggled)
         self.ui.removePairButton.connect("clicked()", self.onRemovePair)
         self.ui.addSegmentedButton.connect("clicked()", self.onAddSegmented)
         self.ui.trainButton.connect("clicked()", self.onTrainButton)
@@ -325,6 +328,12 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainingProgressBar.value = view.trainingProgress
         self.ui.trainingStatusLabel.text = view.trainingStatus
         self.ui.runNameLineEdit.placeholderText = view.runNamePlaceholder
+        self.ui.sparsePairCheckBox.enabled, self.ui.sparsePairCheckBox.toolTip = view.sparsePair.enabled, \
+            view.sparsePair.toolTip
+        self.ui.sparsePairCheckBox.blockSignals(True)  # showing the mark is not marking
+        self.ui.sparsePairCheckBox.checked = view.sparsePairChecked
+        self.ui.sparsePairCheckBox.blockSignals(False)
+        self.ui.epochsSpinBox.enabled = view.epochsEnabled
 
     def _showModels(self, models, index: int) -> None:
         if models != self._shownModels:
@@ -398,6 +407,12 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.state.addPair(self.ui.trainingVolumeSelector.currentNode(),
                            self.ui.trainingSegmentationSelector.currentNode())
         self.updateGUI()
+
+    def onSparsePairToggled(self, checked: bool) -> None:
+        selected = self.ui.trainingPairsTable.selectionModel().selectedRows()
+        if selected and self.state.setPairSparse(selected[0].row(), checked):
+            self._shownPairs = None  # the pair's text shows the mark
+            self.updateGUI()
 
     def onRemovePair(self) -> None:
         selected = self.ui.trainingPairsTable.selectionModel().selectedRows()
@@ -629,6 +644,18 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         """(input volume, segmentation) of each segmentation this module made, to fine-tune on once corrected."""
         return export.segmentedPairs(mrmlScene or slicer.mrmlScene)
 
+    @staticmethod
+    def markSparselyAnnotated(segmentationNode, sparse: bool = True) -> None:
+        """Mark a segmentation as painted on some slices only: :meth:`train` and :meth:`exportTrainingPairs`
+        then export its slices (along the axis it was painted) that hold no segment as the label ``ignore``,
+        which training leaves out; a painted slice counts whole, background included. Saved with the scene."""
+        export.markSparselyAnnotated(segmentationNode, sparse)
+
+    @staticmethod
+    def isSparselyAnnotated(segmentationNode) -> bool:
+        """True when the segmentation is marked as painted on some slices only (:meth:`markSparselyAnnotated`)."""
+        return export.isSparselyAnnotated(segmentationNode)
+
     def createTrainingCurves(self, labelNames, name: str = "UNet3DSegmenter training", scene=None):
         """A table (epoch, train loss, mean Dice, Dice per label) and a chart plotting it."""
         return training.createTrainingCurves(labelNames, name, scene)
@@ -649,7 +676,9 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         ``patchSize`` is an edge length or (z, y, x) in voxels (None: chosen from the data);
         ``initCheckpoint`` (a path or a Checkpoint) fine-tunes that model: its labels keep their values,
         new segment names get a new output layer. ``options`` are further ``TrainingConfig`` fields
-        (e.g. ``iterations_per_epoch=50``). Each trainer event goes to ``progress(event)``; epochs are
+        (e.g. ``iterations_per_epoch=50``, or ``time_budget=5`` to train for 5 minutes, the epochs planned to
+        fit). Segmentations marked with :meth:`markSparselyAnnotated` train on their painted slices only.
+        Each trainer event goes to ``progress(event)``; epochs are
         added to ``tableNode`` (created with a chart when None). ``cancel()`` returning True stops after
         the current iteration. Returns best.pt (last.pt when it stopped before best.pt was written).
         A folder that holds a model (best.pt, last.pt or run.json) is refused unless ``overwrite=True``;

@@ -26,7 +26,7 @@ class PreparingEvent(TypedDict):
 
 
 class IterationEvent(TypedDict):
-    """One optimiser step; ``eta`` is the estimated seconds left in the whole run."""
+    """One optimiser step; ``eta`` is the estimated seconds left in the whole run (with a time budget: in it)."""
 
     event: Literal["iteration"]
     epoch: int

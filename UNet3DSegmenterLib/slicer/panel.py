@@ -28,6 +28,10 @@ Decisions kept here, and why:
   box names a trained model by its run folder, and lists the runs found in the models folder.
 - A click on Cancel or Stop that comes within :data:`DOUBLE_CLICK_SECONDS` of the start is the
   second click of a double-click on Segment or Train: it is ignored.
+- Training time is asked in minutes (``trainingMinutes``, the trainer's time budget); 0 trains for
+  the given epochs instead. A pair can be marked "only some slices are annotated": the mark is an
+  attribute of its segmentation node (``export.markSparselyAnnotated``), so it is saved with the
+  scene and Logic.train and the export read it from the node.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from ..choices import DEVICES
-from .export import segmentedPairs
+from .export import isSparselyAnnotated, markSparselyAnnotated, segmentedPairs
 from .process import stopAll
 from .scene import segmentNames
 
@@ -58,6 +62,10 @@ SHUTDOWN_SECONDS = 10.0
 """Longest wait for background runs at Reload or application exit."""
 DOUBLE_CLICK_SECONDS = 1.0
 """A Cancel or Stop this soon after the start is the second click of a double-click on Segment or Train."""
+DEFAULT_TRAINING_MINUTES = 5.0
+"""The panel's time budget for a training run (see bench/RESULTS.md, "Sparse annotation")."""
+SPARSE_TEXT = "Only some slices are annotated"
+"""The mark of a pair whose segmentation was painted on some slices only (sparse annotation)."""
 STOPPED_MARK = " (stopped)"
 """Added to the name of a stopped run's last.pt in the model box."""
 
@@ -115,6 +123,9 @@ class PanelView:
     trainingStatus: str
     resume: Button = field(default_factory=lambda: Button("Resume", False))
     runNamePlaceholder: str = ""
+    sparsePair: Button = field(default_factory=lambda: Button(SPARSE_TEXT, False))
+    sparsePairChecked: bool = False
+    epochsEnabled: bool = True
 
 
 @dataclass
@@ -361,6 +372,14 @@ class PanelState:
         self.parameters.parameterNode.RemoveNodeReferenceIDs(entries[row][0])
         return True
 
+    def setPairSparse(self, row: int, sparse: bool) -> bool:
+        """Mark the pair in table row ``row`` as annotated on some slices only (or not); False when no such row."""
+        pairs = self.pairs()
+        if not 0 <= row < len(pairs):
+            return False
+        markSparselyAnnotated(pairs[row][1], sparse)
+        return True
+
     def segmentedPairsToAdd(self) -> list[tuple]:
         """Volumes the module segmented that are not in the list yet, each once, with its most recently
         modified segmentation (see ``export.segmentedPairs``): a volume already paired keeps the pair chosen."""
@@ -511,7 +530,7 @@ class PanelState:
                 self.pairs(), folder, architecture=None if initCheckpoint else parameters.architecture,
                 epochs=parameters.epochs, patchSize=parameters.patchSize or None, batchSize=parameters.batchSize,
                 learningRate=parameters.learningRate or None, device=parameters.trainingDevice,
-                initCheckpoint=initCheckpoint, **callbacks)))
+                initCheckpoint=initCheckpoint, time_budget=parameters.trainingMinutes or None, **callbacks)))
 
     def resumeFolder(self) -> pathlib.Path | None:
         """The stopped run that Resume continues: the selected model's run if it was stopped, else the run stopped
@@ -636,7 +655,8 @@ class PanelState:
                             and not self.segmentation.running,
                             "Add a box at the volume's centre, the size of the model's training images; drag it "
                             "over the structure, then Segment segments inside it only."),
-            pairs=[(volume.GetName(), f"{segmentation.GetName()} ({', '.join(segmentNames(segmentation))})")
+            pairs=[(volume.GetName(), f"{segmentation.GetName()} ({', '.join(segmentNames(segmentation))})"
+                    + (f"; {SPARSE_TEXT.lower()}" if isSparselyAnnotated(segmentation) else ""))
                    for volume, segmentation in pairs],
             addPair=Button("Add pair", parameters is not None and trainingVolume is not None
                            and trainingSegmentation is not None and (trainingVolume, trainingSegmentation) not in pairs,
@@ -648,7 +668,13 @@ class PanelState:
             architectureEnabled=not self.fineTuning(),
             train=self._trainButton(pairs, chosen),
             trainingProgress=self.training.progress[0], trainingStatus=self.training.status,
-            resume=self._resumeButton(), runNamePlaceholder=self.defaultRunName())
+            resume=self._resumeButton(), runNamePlaceholder=self.defaultRunName(),
+            sparsePair=Button(SPARSE_TEXT, 0 <= selectedPairRow < len(pairs),
+                              "The selected pair's segmentation was painted on some slices only: slices without any "
+                              "segment are not annotated and are left out of training; a painted slice counts whole, "
+                              "background included."),
+            sparsePairChecked=0 <= selectedPairRow < len(pairs) and isSparselyAnnotated(pairs[selectedPairRow][1]),
+            epochsEnabled=parameters is None or not parameters.trainingMinutes)
 
     def _resumeButton(self) -> Button:
         folder = None if self.training.running or not self.engineReady else self.resumeFolder()
@@ -695,7 +721,8 @@ def _stoppedRun(folder: pathlib.Path) -> bool:
     """True when ``folder`` holds a run that can go on: its saved state, fewer epochs logged than it was to train,
     and no validation report (written when a run ends, early stopping included; never when it is stopped)."""
     try:
-        epochs = int(json.loads((folder / "run.json").read_text(encoding="utf-8"))["epochs"])
+        record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        epochs = int((record.get("time_plan") or record)["epochs"])  # a time budget plans its own
         logged = (folder / "log.csv").read_text(encoding="utf-8").count("\n") - 1 if (folder / "log.csv").is_file() else 0
     except (OSError, ValueError, KeyError, TypeError):
         return False

@@ -233,7 +233,8 @@ class _Run:
                     probe_started = time.perf_counter()
                 if config.time_budget is not None and done == probe:
                     self._plan_time((time.perf_counter() - probe_started) / (probe - warm_up))
-                eta = (time.perf_counter() - started) / done * (self.total_steps - self._step())
+                eta = self._budget_left() if config.time_budget is not None else \
+                    (time.perf_counter() - started) / done * (self.total_steps - self._step())
                 self._emit(event="iteration", epoch=self.epoch + 1, epochs=self.epochs, iteration=self.iteration,
                            iterations=config.iterations_per_epoch, loss=loss, eta=round(eta, 1))
                 if self.distributed.any(bool(self.cancel and self.cancel())):
@@ -286,6 +287,11 @@ class _Run:
         if self.distributed.main:  # run.json records the budget and what it planned
             dataclasses.replace(config, resume=False, overwrite=False).save(self.paths["run.json"], plan.to_json())
 
+    def _budget_left(self) -> float:
+        """Seconds left in the time budget: what a run with one reports as its ``eta``."""
+        assert self.config.time_budget is not None
+        return max(0.0, self.config.time_budget * 60 - (time.perf_counter() - self.clock_started))
+
     def _past_deadline(self) -> bool:
         """True when the rest of this epoch's iterations would leave too little for the end of the run."""
         plan = self.time_plan
@@ -335,7 +341,8 @@ class _Run:
                 save_checkpoint(self._checkpoint(), self.paths["best.pt"])
             self.log.write(self.paths["log.csv"], self.paths["curves.png"])
             stopped = self._stopping(row if validating else None)
-            eta = (time.perf_counter() - started) / max(1, self._step() - steps_at_start) * \
+            eta = self._budget_left() if config.time_budget is not None else \
+                (time.perf_counter() - started) / max(1, self._step() - steps_at_start) * \
                 (self.total_steps - self._step())
             self._emit(event="epoch", epoch=self.epoch, epochs=self.epochs, train_loss=train_loss,
                        **({"dice": row["dice"], "mean_dice": row["mean_dice"]} if validating else {}),

@@ -368,6 +368,7 @@ def _fine_tuning_setup(logic, state, checkpoint_path, folder, epochs: int):
     parameters = state.parameters
     parameters.trainingOutputFolder, parameters.trainingRunName = folder.parent, folder.name
     parameters.epochs, parameters.trainingDevice = epochs, "cpu"
+    parameters.trainingMinutes = 0  # these runs count epochs
     parameters.batchSize = 1
     parameters.startFrom = panel.START_FROM[1]
     return parameters
@@ -492,3 +493,37 @@ def test_a_broken_pytorch_shows_the_install_section_with_the_error(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "panel built" in result.stdout
+
+
+# --- sparse annotation and the time budget ---------------------------------------------------------
+
+
+def test_a_pair_marked_as_annotated_on_some_slices_shows_and_keeps_the_mark(slicer_scene, logic, state):
+    volume, segmentation, _ = phantom_pair(logic, seed=5)
+    assert state.addPair(volume, segmentation)
+    assert not state.view(selectedPairRow=-1).sparsePair.enabled
+    assert state.view(selectedPairRow=0).sparsePair.enabled and not state.view(selectedPairRow=0).sparsePairChecked
+    assert state.setPairSparse(0, True) and not state.setPairSparse(1, True)
+    view = state.view(selectedPairRow=0)
+    assert view.sparsePairChecked and view.pairs[0][1].endswith("; only some slices are annotated")
+    assert logic.isSparselyAnnotated(segmentation)  # an attribute of the node: saved with the scene
+    assert state.setPairSparse(0, False) and not logic.isSparselyAnnotated(segmentation)
+
+
+def test_the_time_budget_is_the_panels_main_control_and_epochs_apply_without_it(logic, state):
+    parameters = state.parameters
+    assert parameters.trainingMinutes == panel.DEFAULT_TRAINING_MINUTES > 0
+    assert not state.view().epochsEnabled
+    parameters.trainingMinutes = 0
+    assert state.view().epochsEnabled
+
+
+@posix
+def test_a_run_from_the_panel_trains_for_the_minutes_asked(slicer_scene, logic, state, checkpoint_path, tmp_path):
+    parameters = _fine_tuning_setup(logic, state, checkpoint_path, tmp_path / "timed", epochs=1000)
+    parameters.trainingMinutes = 0.1
+    assert state.startTraining()
+    _wait(state)
+    record = json.loads((tmp_path / "timed" / "run.json").read_text())
+    assert state.messages == [] and state.view().trainingStatus == f"Done: {tmp_path / 'timed' / 'best.pt'}"
+    assert record["time_budget"] == 0.1 and 1 <= record["time_plan"]["epochs"] < 1000
