@@ -26,7 +26,7 @@ from ..inference.fast import input_layout, prepare_for_inference
 from ..inference.sliding_window import sliding_window_inference
 from ..labels import IGNORE_INDEX, IGNORE_NAME
 from ..metrics import dice, iou, voxel_accuracy
-from ..progress import TestEvent
+from ..protocol import TestEvent
 from ..runtime import resolve_precision
 from .patches import PreparedCase
 
