@@ -293,11 +293,11 @@ class _Run:
         return max(0.0, self.config.time_budget * 60 - (time.perf_counter() - self.clock_started))
 
     def _past_deadline(self) -> bool:
-        """True when the rest of this epoch's iterations would leave too little for the end of the run."""
+        """True when one more iteration would leave too little for the end of the run."""
         plan = self.time_plan
         assert plan is not None
         elapsed = time.perf_counter() - self.clock_started
-        return elapsed + plan.validation_seconds + plan.final_seconds >= plan.budget_seconds
+        return elapsed + plan.seconds_per_iteration + plan.validation_seconds + plan.final_seconds >= plan.budget_seconds
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         step = self._step()
