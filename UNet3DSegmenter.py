@@ -133,10 +133,9 @@ Communications 2022), shared under CC-BY-SA 4.0; the model, and the sample crop 
 class UNet3DSegmenterParameterNode:
     """The panel's state, saved with the scene.
 
-    Segment: inputVolume, checkpointPath (the model file), device, overlap (fraction of a window shared with its
-    neighbours; set to the model's own when the model changes), testTimeAugmentation (average over axis flips, 8x
-    slower), largestComponent (keep the largest connected piece of each structure), outputSegmentation (None: a new
-    one), region (the whole volume, or only inside roiNode, a box placed around the structure).
+    Segment: inputVolume, checkpointPath (the model file), device, overlap (the model's own when the model changes),
+    testTimeAugmentation (8x slower), largestComponent (largest piece of each structure), showConfidence (the model's
+    confidence over the image), outputSegmentation (None: new), region (all, or roiNode).
     Train: startFrom (a new network, or fine-tune the selected model), trainingOutputFolder (a run gets a folder in it),
     trainingRunName (that folder; empty: labels, date, time), architecture, trainingMinutes (time budget; 0: epochs),
     epochs, patchSize (voxels per side; 0: from the data), batchSize, learningRate (0: default), trainingDevice,
@@ -149,6 +148,7 @@ class UNet3DSegmenterParameterNode:
     overlap: Annotated[float, WithinRange(0.0, panel.MAX_OVERLAP)] = 0.5
     testTimeAugmentation: bool = False
     largestComponent: bool = False
+    showConfidence: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     region: Annotated[str, Choice(panel.REGIONS)] = panel.REGIONS[0]
     roiNode: vtkMRMLMarkupsROINode

@@ -572,7 +572,8 @@ class PanelState:
                 parameters.inputVolume, parameters.checkpointPath, parameters.outputSegmentation,
                 options=self.segmentOptions(), onProgress=self._segmentProgress,
                 onFinished=self._segmentFinished, onError=self._segmentFailed,
-                roi=parameters.roiNode if self.usesRoi() else None, onWarning=self._segmentWarning)
+                roi=parameters.roiNode if self.usesRoi() else None, onWarning=self._segmentWarning,
+                confidence=parameters.showConfidence)
         except ValueError as error:
             self.segmentation.status = "Segmentation could not start."
             self.notify(f"Segmentation could not start: {error}")
