@@ -13,10 +13,7 @@ validation and a saved model inside the budget. ``run.json`` records the budget 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-
-from ..inference.sliding_window import window_positions
 
 PROBE_ITERATIONS = 10
 """Iterations run before the first plan (fewer when an epoch is shorter)."""
@@ -42,11 +39,9 @@ class TimePlan:
         return {key: round(value, 3) if isinstance(value, float) else value for key, value in asdict(self).items()}
 
 
-def estimated_validation_seconds(shapes: Sequence[Sequence[int]], patch_size: Sequence[int], overlap: float,
-                                 seconds_per_iteration: float, batch_size: int) -> float:
-    """A validation's time before one was measured: its windows over ``shapes`` (z, y, x of the
-    prepared validation cases), each a forward pass of one patch."""
-    windows = sum(len(window_positions(tuple(shape), tuple(patch_size), overlap)) for shape in shapes)
+def estimated_validation_seconds(windows: int, seconds_per_iteration: float, batch_size: int) -> float:
+    """A validation's time before one was measured: its sliding ``windows`` (see
+    :func:`~UNet3DSegmenterLib.training.validation.validation_windows`), each a forward pass of one patch."""
     return windows * seconds_per_iteration / batch_size * _FORWARD_SHARE
 
 

@@ -60,7 +60,7 @@ from .time_budget import (
     final_seconds,
     plan_epochs,
 )
-from .validation import case_report, test_event, validate, write_validation_report
+from .validation import case_report, test_event, validate, validation_windows, write_validation_report
 
 log = logging.getLogger("UNet3DSegmenterLib")
 
@@ -265,9 +265,9 @@ class _Run:
         config = self.config
         assert config.time_budget is not None
         seconds_per_iteration = self.distributed.maximum(seconds_per_iteration)
-        shapes = [case.target.shape for case in self.validation_cases]
-        validation = self.distributed.maximum(estimated_validation_seconds(
-            shapes, self.plan.patch_size, config.overlap, seconds_per_iteration, config.batch_size))
+        windows = validation_windows(self.validation_cases, self.plan.patch_size, config.overlap)
+        validation = self.distributed.maximum(estimated_validation_seconds(windows, seconds_per_iteration,
+                                                                           config.batch_size))
         self.time_plan = TimePlan(config.time_budget * 60, seconds_per_iteration, validation, 0.0, 0,
                                   min(PROBE_ITERATIONS, config.iterations_per_epoch))
         self._replan()

@@ -23,7 +23,7 @@ from torch import nn
 from ..checkpoint import CheckpointSource
 from ..evaluation import ANNOTATED_ONLY
 from ..inference.fast import input_layout, prepare_for_inference
-from ..inference.sliding_window import sliding_window_inference
+from ..inference.sliding_window import sliding_window_inference, window_positions
 from ..labels import IGNORE_INDEX, IGNORE_NAME
 from ..metrics import dice, iou, voxel_accuracy
 from ..protocol import TestEvent
@@ -70,6 +70,11 @@ def validate(module: nn.Module, cases: Sequence[PreparedCase], class_names: Sequ
             "mean_iou": float(np.mean(list(means["iou"].values()))), "accuracy": float(np.mean(accuracies)),
             "validation_seconds": time.perf_counter() - started, **({"scored_on": ANNOTATED_ONLY} if sparse
                                                                     else {})}
+
+
+def validation_windows(cases: Sequence[PreparedCase], patch_size: Sequence[int], overlap: float) -> int:
+    """How many sliding windows :func:`validate` runs over ``cases`` (what a time budget plans with)."""
+    return sum(len(window_positions(tuple(case.target.shape), tuple(patch_size), overlap)) for case in cases)
 
 
 def write_validation_report(checkpoint_path: Path, cases, device: str, path: Path,
