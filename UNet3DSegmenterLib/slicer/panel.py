@@ -87,8 +87,8 @@ SPARSE_TEXT = "Only some slices are annotated"
 MAX_OVERLAP = 0.9
 """The top of the panel's overlap slider; a model that records more is segmented at this overlap from the panel."""
 STOPPED_MARK = " (stopped)"
-INSTALLING = "Waiting for the install to finish."
-NOT_ACCEPTED = "Not started: the model's licence was not accepted."
+INSTALLING = _("Waiting for the install to finish.")
+NOT_ACCEPTED = _("Not started: the model's licence was not accepted.")
 LICENCE_SETTING = "UNet3DSegmenter/AcceptedModelLicences"
 """Settings group: model name -> the licence the user accepted for it."""
 """Added to the name of a stopped run's last.pt in the model box."""
@@ -407,12 +407,12 @@ class PanelState:
         key = f"{LICENCE_SETTING}/{pathlib.Path(model).stem}"
         if self.settings.value(key) == licence:
             return True
-        name = pathlib.Path(model).stem
-        if not self.confirm(f"The model '{name}' is shared under {licence}: it was trained on data under that licence, "
-                            f"and what you make with it (segmentations, models fine-tuned from it) that you share must "
-                            f"be shared under the same licence, with attribution. Its model card "
-                            f"({pathlib.Path(model).with_suffix('.md').name}, beside the model) says more.\n\n"
-                            f"Use this model under {licence}?"):
+        question = _("The model '{name}' is shared under {licence}: it was trained on data under that licence, and what "
+                     "you make with it (segmentations, models fine-tuned from it) that you share must be shared under "
+                     "the same licence, with attribution. Its model card ({card}, beside the model) says more.\n\n"
+                     "Use this model under {licence}?")
+        card = pathlib.Path(model).with_suffix(".md").name
+        if not self.confirm(question.format(name=pathlib.Path(model).stem, licence=licence, card=card)):
             return False
         self.settings.setValue(key, licence)
         return True
