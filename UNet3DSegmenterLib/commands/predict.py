@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probabilities", type=Path, default=None,
                         help="also write class probabilities (multi-component image, or a FRACTIONAL DICOM SEG for a "
                              ".dcm name; a folder for folder input)")
+    parser.add_argument("--uncertainty", type=Path, default=None, metavar="PATH",
+                        help="also write where the model is unsure, one float per voxel (--uncertainty-measure; a "
+                             "folder for folder input), from the same pass")
     SegmentOptions.add_arguments(parser.add_argument_group("segmentation"))
     parser.add_argument("--progress-json", action="store_true",
                         help="print progress as one JSON object per line on stdout (for the Slicer module)")
@@ -89,6 +92,17 @@ def _check_format(output: Path, output_format: str | None) -> None:
                         f"{FORMAT_SUFFIXES[output_format]}, or a folder")
 
 
+def _uncertainty_outputs(args: argparse.Namespace, options: SegmentOptions, cases: list[Case]) -> dict[Path, Path]:
+    """Each case's --uncertainty file by its output, checked as --probabilities is (the same rules place it)."""
+    if args.uncertainty is None:
+        return {}
+    try:
+        planned = _plan(argparse.Namespace(**{**vars(args), "probabilities": args.uncertainty}), options)
+    except UserError as error:
+        raise UserError(str(error).replace("--probabilities", "--uncertainty")) from None
+    return {case.output: case.probabilities for case in planned if case.probabilities is not None}
+
+
 def _check_writable(paths: list[Path]) -> None:
     for folder in {path.parent for path in paths}:
         existing = next((parent for parent in [folder, *folder.parents] if parent.exists()), Path("."))
@@ -105,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
 
     options = SegmentOptions.from_arguments(args)
     every = _plan(args, options)
+    uncertainty = _uncertainty_outputs(args, options, every)
     check_input_spacing(args.input_spacing, [case.source for case in every])
-    outputs = [path for case in every for path in case.outputs]
+    outputs = [path for case in every for path in case.outputs] + list(uncertainty.values())
     check_outputs(outputs, [case.source for case in every] + checkpoint_paths(args.checkpoint))
     _check_writable(outputs)
     if any(is_dicom_seg_name(path) for path in outputs):
@@ -116,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         shard = parse_shard(options.shard) if options.shard is not None else None
         cases = _my_cases(every, shard, distributed, folder=len(every) > 1 or every[0].source != args.input)
-        failures = _predict(args, Predictor(args.checkpoint, options), cases, single=len(every) == 1)
+        failures = _predict(args, Predictor(args.checkpoint, options), cases, uncertainty, single=len(every) == 1)
         failed = round(distributed.mean(len(failures)) * distributed.world_size)
     finally:
         distributed.stop()
@@ -151,7 +166,8 @@ def _fingerprint(cases: list[Case]) -> int:
     return int.from_bytes(digest[:6], "big")
 
 
-def _predict(args: argparse.Namespace, predictor, cases: list[Case], single: bool) -> list[str]:
+def _predict(args: argparse.Namespace, predictor, cases: list[Case], uncertainty: dict[Path, Path],
+             single: bool) -> list[str]:
     """Run the cases, reporting each as it is written; returns the names of those that failed."""
     from ..inference.predictor import predict_files
 
@@ -179,7 +195,10 @@ def _predict(args: argparse.Namespace, predictor, cases: list[Case], single: boo
 
     failures = []
     plan = [(case.source, case.output, case.probabilities) for case in cases]
-    for index, error in predict_files(predictor, plan, progress, spacing=args.input_spacing, warn=warn):
+    uncertainty_outputs = [uncertainty[case.output] for case in cases] if uncertainty else None
+    for index, error in predict_files(predictor, plan, progress, spacing=args.input_spacing, warn=warn,
+                                      uncertainty=predictor.options.uncertainty_measure,
+                                      uncertainty_outputs=uncertainty_outputs):
         name, output = names[index], cases[index].output
         if bars[index].done != bars[index].total:
             bars[index].close()
