@@ -7,7 +7,8 @@ leaves a broken checkpoint.
 
 One network::
 
-    format_version     int: 1, or 2 when the preprocessing resizes to a fixed grid or scales a window
+    format_version     int: 1, or 2 when the preprocessing resizes to a fixed grid or scales a window, or 3
+                       when the network was trained by nnU-Net (preprocessing 'nnunet': its own steps)
     architecture       a name of models.ARCHITECTURES ('unet3d', 'resunet3d', 'resnet18unet', 'vnet')
     architecture_args  constructor arguments of the network
     state_dict         weights
@@ -56,12 +57,13 @@ from .errors import UserError
 from .fingerprint import TrainingFingerprint
 from .labels import Label
 from .models import architecture_name, build_model, count_parameters
+from .nnunet_folder import is_nnunet_folder, load_nnunet_folder
 from .preprocess import Preprocessing
 from .volume import float3, int3
 
 ENSEMBLE_FORMAT = 2
-FORMAT_VERSION = 2
-"""The newest checkpoint format this version reads."""
+FORMAT_VERSION = 3
+"""The newest checkpoint format this version reads (3: a network trained by nnU-Net, with its preprocessing)."""
 _REQUIRED = ("format_version", "architecture", "architecture_args", "state_dict", "labels",
              "preprocessing", "inference")
 
@@ -109,6 +111,8 @@ class Checkpoint:
     def format_version(self) -> int:
         """The oldest format that holds this checkpoint (see the module docstring)."""
         preprocessing = self.preprocessing
+        if preprocessing.nnunet is not None:
+            return 3
         return 2 if preprocessing.size is not None or preprocessing.normalization == "window" else 1
 
     def to_dict(self) -> dict:
@@ -227,7 +231,7 @@ class Ensemble:
                             "inference": {"patch_size": record["inference"]["patch_size"]},
                             "training": record["training"],
                             **({"fingerprint": record["fingerprint"]} if "fingerprint" in record else {})})
-        return {"format_version": ENSEMBLE_FORMAT, "labels": shared["labels"],
+        return {"format_version": max(ENSEMBLE_FORMAT, shared["format_version"]), "labels": shared["labels"],
                 "preprocessing": shared["preprocessing"], "inference": {"overlap": shared["inference"]["overlap"]},
                 "members": members, "training": self.training}
 
@@ -328,6 +332,8 @@ def load_checkpoint(source: CheckpointSource) -> Checkpoint | Ensemble:
         path = Path(source)
         if not path.is_dir():
             return _load_file(path)
+        if is_nnunet_folder(path):
+            return load_nnunet_folder(path)
         files = checkpoint_files(path)
     else:
         files = [Path(item) for item in source]
@@ -420,7 +426,7 @@ def _ensemble_from_record(record: dict, path: Path) -> Ensemble:
     networks = []
     for index, member in enumerate(members, start=1):
         inference = {**dict(member.get("inference") or {}), "overlap": dict(record["inference"]).get("overlap", 0.5)}
-        network = {**member, **shared, "inference": inference, "format_version": ENSEMBLE_FORMAT}
+        network = {**member, **shared, "inference": inference, "format_version": record["format_version"]}
         networks.append(_from_record(network, path, f" (member {index})"))
     return Ensemble(networks, dict(record.get("training") or {}))
 
