@@ -56,8 +56,9 @@ from .checkpoint_checks import check_record
 from .errors import UserError
 from .fingerprint import TrainingFingerprint
 from .labels import Label
-from .models import architecture_name, build_model, count_parameters
-from .nnunet_folder import is_nnunet_folder, load_nnunet_folder
+from .models import NNUNET_ARCHITECTURES, architecture_name, build_model, count_parameters
+from .nnunet_folder import load_nnunet_folder, nnunet_model_files, nnunet_source
+from .nnunet_networks import describe as describe_nnunet_network
 from .preprocess import Preprocessing
 from .volume import float3, int3
 
@@ -140,7 +141,8 @@ class Checkpoint:
         model = build_model(self.architecture, self.architecture_args)
         args = self.architecture_args
         items: list[tuple[str | None, str]] = [
-            ("architecture", f"{self.architecture} (depth {args.get('depth')}, base width {args.get('base_width')}, "
+            ("architecture", describe_nnunet_network(args) if self.architecture in NNUNET_ARCHITECTURES else
+                             f"{self.architecture} (depth {args.get('depth')}, base width {args.get('base_width')}, "
                              f"{args.get('norm')} norm, dropout {args.get('dropout')})"),
             ("parameters", f"{count_parameters(model):,}"),
             ("input channels", f"{self.in_channels}"),
@@ -240,8 +242,9 @@ class Ensemble:
         descriptions = [member._description() for member in self.members]
         shared = [item for item in descriptions[0]
                   if item[0] not in ("training", None) and all(item in other for other in descriptions[1:])]
-        lines = [_lines([("ensemble", f"{len(self.members)} networks; predictions average their softmax "
-                                      "probabilities (the lines below hold for every network)")] + shared)]
+        averaged = "logits, as nnU-Net does" if self.preprocessing.nnunet is not None else "softmax probabilities"
+        lines = [_lines([("ensemble", f"{len(self.members)} networks; predictions average their {averaged} "
+                                      "(the lines below hold for every network)")] + shared)]
         if self.training:
             made = _training_items(self.training)
             lines.append(_lines([("made by", made[0][1])] + made[1:]))
@@ -318,7 +321,7 @@ def save_checkpoint(checkpoint: Checkpoint | Ensemble, path: str | os.PathLike) 
 
 
 CheckpointSource = str | os.PathLike | Sequence[str | os.PathLike]
-"""A checkpoint file, a folder of checkpoints, or several of either."""
+"""A checkpoint file, a folder of checkpoints, an nnU-Net model folder (or one of its folds), or several."""
 
 
 def load_checkpoint(source: CheckpointSource) -> Checkpoint | Ensemble:
@@ -326,14 +329,17 @@ def load_checkpoint(source: CheckpointSource) -> Checkpoint | Ensemble:
 
     ``source`` is a ``.pt`` file (one network, or an ensemble file), a folder (see
     :func:`checkpoint_files`) or a list of either. One network gives a :class:`Checkpoint`; several
-    give an :class:`Ensemble` of all their networks (an ensemble file counts as its members).
+    give an :class:`Ensemble` of all their networks (an ensemble file counts as its members). An
+    nnU-Net model folder, one of its ``fold_N`` folders or a fold's ``.pth`` file is read by
+    :mod:`.nnunet_folder` (see :func:`~.nnunet_folder.nnunet_source`).
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        nnunet = nnunet_source(path)
+        if nnunet is not None:
+            return load_nnunet_folder(*nnunet)
         if not path.is_dir():
             return _load_file(path)
-        if is_nnunet_folder(path):
-            return load_nnunet_folder(path)
         files = checkpoint_files(path)
     else:
         files = [Path(item) for item in source]
@@ -372,9 +378,12 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
 
     A cross-validation output (``fold_0/best.pt``, ``fold_1/best.pt``, ...) stands for its folds'
     best checkpoints; a training output (``best.pt`` beside ``last.pt``) for its ``best.pt``; any
-    other folder for every ``.pt`` file in it, in name order.
+    other folder for every ``.pt`` file in it, in name order; an nnU-Net model folder for its records
+    and the checkpoints of its trained folds.
     """
     folder = Path(folder)
+    if nnunet_source(folder) is not None:
+        return nnunet_model_files(folder)
     folds = sorted((path for path in folder.glob("fold_*") if path.is_dir() and path.name[5:].isdigit()),
                    key=lambda path: int(path.name[5:]))
     if folds:
@@ -395,7 +404,7 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
 def checkpoint_paths(sources: Sequence[str | os.PathLike]) -> list[Path]:
     """The checkpoint files that ``sources`` (files, or folders as :func:`checkpoint_files` reads them) stand for."""
     return [file for source in map(Path, sources)
-            for file in (checkpoint_files(source) if source.is_dir() else [source])]
+            for file in (checkpoint_files(source) if source.is_dir() or nnunet_source(source) else [source])]
 
 
 def _load_file(path: Path) -> Checkpoint | Ensemble:

@@ -79,6 +79,32 @@ def load_nnunet_folder(folder: str | os.PathLike, folds: Sequence[int | str] | N
                               "average": "logits, as nnU-Net averages its folds"})
 
 
+def nnunet_source(path: str | os.PathLike) -> tuple[Path, list[str] | None, str] | None:
+    """What ``path`` asks of an nnU-Net model folder: (folder, folds or None for all, checkpoint name).
+
+    The folder itself means every trained fold; ``FOLDER/fold_0`` that fold; ``FOLDER/fold_0/checkpoint_best.pth``
+    that fold's checkpoint of that name. None when ``path`` is none of these.
+    """
+    path = Path(path)
+    if is_nnunet_folder(path):
+        return path, None, "checkpoint_final.pth"
+    if path.is_dir() and path.name.startswith("fold_") and is_nnunet_folder(path.parent):
+        return path.parent, [path.name[5:]], "checkpoint_final.pth"
+    if path.suffix == ".pth" and path.parent.name.startswith("fold_") and is_nnunet_folder(path.parent.parent):
+        return path.parent.parent, [path.parent.name[5:]], path.name
+    return None
+
+
+def nnunet_model_files(path: str | os.PathLike) -> list[Path]:
+    """The files an nnU-Net model (see :func:`nnunet_source`) is read from: plans.json, dataset.json and the
+    checkpoints of its chosen (else every trained) fold."""
+    source = nnunet_source(path)
+    assert source is not None, f"{path} is no nnU-Net model"
+    folder, folds, checkpoint_name = source
+    names = folds or [fold.name[5:] for fold in sorted(folder.glob("fold_*")) if (fold / checkpoint_name).is_file()]
+    return [folder / "plans.json", folder / "dataset.json", *(folder / f"fold_{name}" / checkpoint_name for name in names)]
+
+
 def _read_json(path: Path) -> dict:
     if path.stat().st_size > _MAX_JSON_BYTES:
         raise UserError(f"{path} is {path.stat().st_size} bytes, too large for an nnU-Net record: check the folder")

@@ -306,5 +306,15 @@ class ResidualEncoderUNet(_NnUNetNetwork):
                                    _per_stage(args["n_conv_per_stage_decoder"], stages - 1))
 
 
+def describe(arguments: dict) -> str:
+    """The network in words, as ``info`` prints it."""
+    kind = "residual-encoder U-Net" if "n_blocks_per_stage" in arguments else "U-Net"
+    features = _per_stage(arguments["features_per_stage"], int(arguments["n_stages"]))
+    norm = str(arguments.get("norm_op") or "no").split(".")[-1].replace("3d", "").replace("Norm", " norm").lower()
+    activation = str(arguments.get("nonlin") or "no activation").split(".")[-1]
+    return (f"nnU-Net's {kind} ({arguments['n_stages']} stages, {'-'.join(map(str, features))} features, {norm}, "
+            f"{activation})")
+
+
 NETWORKS = {"PlainConvUNet": PlainConvUNet, "ResidualEncoderUNet": ResidualEncoderUNet}
 """nnU-Net's network class names (the last part of the plans' ``network_class_name``) -> the classes here."""

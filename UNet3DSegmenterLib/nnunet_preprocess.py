@@ -100,7 +100,8 @@ def describe(plan: dict) -> str:
         elif record["use_mask"]:
             text += " inside the non-zero mask"
         channels.append(f"channel {channel}: {text}")
-    return "nnU-Net's, " + "; ".join(channels)
+    mirroring = ", ".join(str(axis) for axis in plan["mirror_axes"] or ()) or "none"
+    return "nnU-Net's, " + "; ".join(channels) + f" (with --tta mirrored on its axes {mirroring})"
 
 
 def prepare(volume: Volume, plan: dict) -> Prepared:
