@@ -107,6 +107,9 @@ def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_fr
                             fingerprint=previous.fingerprint or training_fingerprint(fingerprint_cases, datalist.modality))
     labels = _labels(config, datalist)
     init = load_single_checkpoint(config.init, "fine-tuning (--init)") if config.init else None
+    if init is not None and init.preprocessing.nnunet is not None:
+        raise UserError(f"--init {config.init} was trained by nnU-Net, whose preprocessing this trainer does not "
+                        "repeat: fine-tune it with nnU-Net, or train a new network here")
     if init is not None:
         architecture, arguments = _init_architecture(config, init, len(labels))
     else:
