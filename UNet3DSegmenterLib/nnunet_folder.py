@@ -211,13 +211,15 @@ def _architecture(configuration: dict, channels: int, classes: int, folder: Path
 
 
 def _architecture_before_2_3(configuration: dict, channels: int, classes: int, folder: Path) -> tuple[str, dict]:
+    """The network of plans written before nnU-Net 2.3 (TotalSegmentator's among them), as nnU-Net's own
+    plans handler reconstructs it."""
     class_name = str(configuration.get("UNet_class_name", ""))
     if class_name not in ARCHITECTURE_NAMES or "conv_kernel_sizes" not in configuration:
         raise UserError(f"{folder}: its plans name no network this engine builds ({class_name or 'none'})")
     kernels, strides = configuration["conv_kernel_sizes"], configuration["pool_op_kernel_sizes"]
     base, most = int(configuration["UNet_base_num_features"]), int(configuration["unet_max_num_features"])
-    arguments = {"n_stages": len(kernels), "features_per_stage": [min(base * 2 ** stage, most)
-                                                                  for stage in range(len(kernels))],
+    stages = len(configuration["n_conv_per_stage_encoder"])
+    arguments = {"n_stages": stages, "features_per_stage": [min(base * 2 ** stage, most) for stage in range(stages)],
                  "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": kernels, "strides": strides,
                  "n_conv_per_stage_decoder": configuration["n_conv_per_stage_decoder"], "conv_bias": True,
                  "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",

@@ -161,8 +161,8 @@ class Predictor:
         for member, (array, unpad) in enumerate(padded):
             report = None if progress is None else _offset_progress(progress, sum(windows[:member]), sum(windows))
             logits = self._infer(torch.from_numpy(array), member, _Logits(classes, array.shape[1:]), report, cancel)
-            logits = logits[(slice(None), *unpad)].astype(np.float16)  # as nnU-Net sums its folds
-            total = logits if total is None else np.add(total, logits, out=total)
+            logits = logits[(slice(None), *unpad)]
+            total = logits if total is None else np.add(total, logits, out=total)  # float16, as nnU-Net sums folds
         assert total is not None
         if len(self.members) > 1:
             total /= np.float16(len(self.members))
@@ -291,12 +291,13 @@ class _Probabilities(_Output):
 
 
 class _Logits(_Output):
-    """The weighted averages of the logits, written slab by slab (nnU-Net's models average logits)."""
+    """The weighted averages of the logits in float16, written slab by slab: nnU-Net's models average
+    logits, and nnU-Net keeps them in float16."""
 
     normalized = True
 
     def __init__(self, classes: int, shape: tuple[int, ...]):
-        self.array = np.empty((classes, *shape), np.float32)
+        self.array = np.empty((classes, *shape), np.float16)
 
     def write(self, z: int, slab: torch.Tensor) -> None:
         self.array[:, z: z + slab.shape[1]] = slab.cpu().numpy()

@@ -137,6 +137,24 @@ def test_2d_and_cascade_configurations_are_refused_in_one_line(tmp_path):
         load_checkpoint(folder)
 
 
+def test_plans_written_before_nnunet_2_3_give_the_same_network(tmp_path):
+    """Older plans (TotalSegmentator's models were planned so) name the network by keys of the configuration."""
+    folder = _copy(PLAIN, tmp_path)
+
+    def old_style(configuration: dict) -> None:
+        arguments = configuration.pop("architecture")["arch_kwargs"]
+        configuration.update(UNet_class_name="PlainConvUNet", UNet_base_num_features=4, unet_max_num_features=16,
+                             n_conv_per_stage_encoder=arguments["n_conv_per_stage"],
+                             n_conv_per_stage_decoder=arguments["n_conv_per_stage_decoder"],
+                             conv_kernel_sizes=arguments["kernel_sizes"], pool_op_kernel_sizes=arguments["strides"],
+                             num_pool_per_axis=[1, 2, 2])
+
+    _edit_plans(folder, old_style)
+    old, new = load_nnunet_folder(folder, folds=[0]), load_nnunet_folder(PLAIN, folds=[0])
+    assert isinstance(old, Checkpoint) and isinstance(new, Checkpoint)
+    assert old.architecture_args == new.architecture_args
+
+
 def test_region_based_labels_are_refused(tmp_path):
     folder = _copy(RESENC, tmp_path)
     dataset = json.loads((folder / "dataset.json").read_text())
