@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -454,10 +454,11 @@ def _from_record(record, path: Path, part: str = "") -> Checkpoint:
     missing = [key for key in _REQUIRED if key not in record]
     if missing:
         raise UserError(f"{path}{part} is missing checkpoint fields: {', '.join(missing)}")
-    try:
+
+    def make() -> Checkpoint:
         labels = [Label(int(item["value"]), str(item["name"]), float3(item["color"]))
                   for item in record["labels"]]
-        checkpoint = Checkpoint(
+        return Checkpoint(
             architecture=record["architecture"],
             architecture_args=dict(record["architecture_args"]),
             state_dict=record["state_dict"],
@@ -468,9 +469,18 @@ def _from_record(record, path: Path, part: str = "") -> Checkpoint:
             training=dict(record.get("training") or {}),
             fingerprint=TrainingFingerprint.from_dict(record["fingerprint"]) if record.get("fingerprint") else None,
         )
-        check_record(checkpoint)  # as a whole, before a network is built from it
-        checkpoint.build_model()  # the weights must load
+
+    return checked_checkpoint(make, f"{path}{part}")
+
+
+def checked_checkpoint(make: Callable[[], Checkpoint], source: str) -> Checkpoint:
+    """The checkpoint ``make()`` describes, its record checked as a whole before a network is built from it
+    and its weights loaded once; any inconsistency is a one-line :class:`UserError` naming ``source``."""
+    try:
+        checkpoint = make()
+        check_record(checkpoint)
+        checkpoint.build_model()
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0][:160]
-        raise UserError(f"{path}{part} is an inconsistent checkpoint ({type(error).__name__}: {reason})") from None
+        raise UserError(f"{source} is an inconsistent checkpoint ({type(error).__name__}: {reason})") from None
     return checkpoint

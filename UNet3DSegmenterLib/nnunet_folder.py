@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint_checks import check_record
 from .errors import UserError
 from .labels import Label, default_color
 from .nnunet_networks import NETWORKS
@@ -240,7 +239,7 @@ def _spacing_xyz(plan: dict) -> tuple[float, float, float]:
 
 
 def _fold_checkpoint(folder: Path, fold: str, path: Path, plans: dict, dataset: dict):
-    from .checkpoint import Checkpoint
+    from .checkpoint import Checkpoint, checked_checkpoint
 
     record = safe_load(path)
     name, configuration = _configuration(folder, plans, record, path)
@@ -250,19 +249,15 @@ def _fold_checkpoint(folder: Path, fold: str, path: Path, plans: dict, dataset: 
     channels = len(dataset.get("channel_names") or dataset.get("modality") or {})
     labels = _labels(dataset, folder)
     architecture, arguments = _architecture(configuration, channels, len(labels), folder)
-    try:
+    def make() -> Checkpoint:
         plan = plan_record(plans, configuration, record.get("inference_allowed_mirroring_axes"))
         preprocessing = Preprocessing(spacing=_spacing_xyz(plan), normalization="none", channels=channels,
                                       nnunet=plan)
-        checkpoint = Checkpoint(architecture, arguments, dict(record["network_weights"]), labels, preprocessing,
-                                tuple(configuration["patch_size"]), overlap=0.5,
-                                training=_training(folder, fold, name, record, dataset, plans))
-        check_record(checkpoint)  # as a whole, before a network is built from it
-        checkpoint.build_model()  # the weights must load
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        reason = str(error).splitlines()[0][:160]
-        raise UserError(f"{path} cannot be used: {reason} ({type(error).__name__})") from None
-    return checkpoint
+        return Checkpoint(architecture, arguments, dict(record["network_weights"]), labels, preprocessing,
+                          tuple(configuration["patch_size"]), overlap=0.5,
+                          training=_training(folder, fold, name, record, dataset, plans))
+
+    return checked_checkpoint(make, str(path))
 
 
 def _training(folder: Path, fold: str, configuration: str, record: dict, dataset: dict, plans: dict) -> dict:
