@@ -83,23 +83,25 @@ def tiny_plans(plans: dict) -> tuple[dict, dict]:
     return plans, resenc
 
 
-def trainer_class():
+def trainer_class(epochs: int = 2, iterations: int = 4, mirror_axes: tuple[int, ...] | None = (1, 2)):
+    """nnU-Net's trainer shortened to ``epochs`` of ``iterations``, mirroring only on ``mirror_axes`` (None:
+    nnU-Net's own choice). Its name names the result folder."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     class nnUNetTrainerTiny(nnUNetTrainer):
-        """nnU-Net's trainer, shortened, mirroring allowed on axes 1 and 2 only."""
-
+        # nnU-Net records its constructor's arguments by name: keep its signature
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                      device: torch.device = CPU):
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = 2
-            self.num_iterations_per_epoch = 4
+            self.num_epochs = epochs
+            self.num_iterations_per_epoch = iterations
             self.num_val_iterations_per_epoch = 1
 
         def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-            rotation, dummy_2d, patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-            self.inference_allowed_mirroring_axes = (1, 2)
-            return rotation, dummy_2d, patch_size, (1, 2)
+            rotation, dummy_2d, patch_size, axes = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+            if mirror_axes is not None:
+                self.inference_allowed_mirroring_axes = axes = mirror_axes
+            return rotation, dummy_2d, patch_size, axes
 
     return nnUNetTrainerTiny
 
