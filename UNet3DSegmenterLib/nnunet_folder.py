@@ -135,6 +135,9 @@ def _fold_files(folder: Path, folds: Sequence[int | str] | None, checkpoint_name
 
 def safe_load(path: Path) -> dict:
     """An nnU-Net checkpoint loaded with ``weights_only=True`` and the allow-list of plain numpy values."""
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise UserError(f"{path}: loading nnU-Net checkpoints safely needs PyTorch 2.5 or newer (this is "
+                        f"{torch.__version__}): upgrade PyTorch")
     try:
         with torch.serialization.safe_globals(_numpy_allow_list()):
             record = torch.load(path, map_location="cpu", weights_only=True)
