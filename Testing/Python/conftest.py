@@ -29,7 +29,7 @@ SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 @pytest.fixture(scope="session", autouse=True)
 def engine_cache(tmp_path_factory) -> Iterator[Path]:
     """The engine's cache folder (measured inference paths) for the whole session, never the user's;
-    and the opt-in OpenVINO path off (inference/test_openvino_path.py turns it on where it is tested)."""
+    and the OpenVINO path off (inference/test_openvino_path.py turns it on where it is tested)."""
     folder = tmp_path_factory.mktemp("engine-cache")
     settings = {"UNET3D_SEGMENTER_CACHE": str(folder), "UNET3D_SEGMENTER_OPENVINO": "0"}
     previous = {name: os.environ.get(name) for name in settings}

@@ -2,9 +2,10 @@
 
 On processors without native bfloat16 (AVX2 only, most laptops and desktops) OpenVINO's CPU plugin runs
 the same 3D networks faster than PyTorch's float32 kernels. It is an optional extra
-(``pip install "unet3d-segmenter[openvino]"``), turned on with ``UNET3D_SEGMENTER_OPENVINO=1`` (see
-:func:`openvino_available`); otherwise nothing here is imported and the other paths run as before. :mod:`.calibration` measures it beside
-the others and keeps whichever is fastest, so it is used only where it wins.
+(``pip install "unet3d-segmenter[openvino]"``), used where it is installed unless
+``UNET3D_SEGMENTER_OPENVINO=0`` turns it off (see :func:`openvino_available`); otherwise nothing here is
+imported and the other paths run as before. :mod:`.calibration` measures it beside the others and keeps
+whichever is fastest, so it is used only where it wins.
 
 The untouched network is read into OpenVINO through its PyTorch front end (a TorchScript trace), in
 float32, once per network and OpenVINO version: the result is kept in the engine's cache folder
@@ -17,6 +18,7 @@ follows the engine's: float32, or bfloat16 where asked for and native.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import io
@@ -25,6 +27,7 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +41,9 @@ ON_ENVIRONMENT = "UNET3D_SEGMENTER_OPENVINO"
 
 
 def openvino_available() -> bool:
-    """Whether the OpenVINO path is turned on (``UNET3D_SEGMENTER_OPENVINO=1``) and the runtime is
-    installed (checked without importing it).
-
-    Opt-in for now: a long test run that loaded OpenVINO and then wrote volumes with SimpleITK in the
-    same process ended in a segmentation fault, not yet explained, so it is not offered by default."""
-    return os.environ.get(ON_ENVIRONMENT) == "1" and importlib.util.find_spec("openvino") is not None
+    """Whether the OpenVINO runtime is installed (checked without importing it) and not turned off
+    with ``UNET3D_SEGMENTER_OPENVINO=0``."""
+    return os.environ.get(ON_ENVIRONMENT) != "0" and importlib.util.find_spec("openvino") is not None
 
 
 class OpenVINOForward:
@@ -66,10 +66,15 @@ class OpenVINOForward:
         shape = tuple(batch.shape)
         with self._lock:  # an infer request is not shared between threads
             if shape not in self._requests:
-                self._requests[shape] = self._compile(batch)
+                with signal_stack_kept():
+                    self._requests[shape] = self._compile(batch)
             request = self._requests[shape]
             request.infer([batch.detach().to("cpu", torch.float32).contiguous().numpy()])
             return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    def __del__(self) -> None:
+        with signal_stack_kept():  # each compiled network puts back a signal stack of its own when it goes
+            getattr(self, "_requests", {}).clear()
 
     def _compile(self, batch: torch.Tensor) -> Any:
         """An infer request of the network compiled for exactly this batch shape (a fixed shape lets
@@ -141,6 +146,38 @@ def import_without_telemetry() -> Any:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
+
+
+class _SignalStack(ctypes.Structure):
+    """Linux's ``stack_t``: where a thread's signal handlers run (``sigaltstack``)."""
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """Put this thread's alternate signal stack back as it was, whatever OpenVINO did to it meanwhile.
+
+    OpenVINO's CPU plugin gives the calling thread a signal stack of its own when it compiles a
+    network and, when that network is destroyed, sets back the stack it found then. Networks that go
+    in another order than they came leave the thread on a freed stack, and the next signal handled
+    there (a child process ending: SIGCHLD, in a DataLoader worker's shutdown for one) kills the
+    process with a segmentation fault. So every compile and every destruction here is wrapped."""
+    if sys.platform != "linux":  # the layout above is Linux's; other systems are left alone
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(before)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        before.ss_flags &= _SS_DISABLE  # (SS_ONSTACK is only reported, never set)
+        libc.sigaltstack(ctypes.byref(before), None)
+
+
+_SS_DISABLE = 2
 
 
 def _save(openvino: Any, network: Any, path: Path) -> None:

@@ -170,14 +170,14 @@ def _pipInstall(requirements: list[str]) -> None:
 def openVINOOffer() -> str | None:
     """Why installing the optional OpenVINO runtime would speed Segment up here, in words for the panel;
     None where it is installed, the engine cannot run yet, the processor computes bfloat16 natively
-    (PyTorch's own path is as fast there), or the opt-in OpenVINO path is not turned on
-    (``UNET3D_SEGMENTER_OPENVINO=1``, see the engine's inference/openvino_path.py). Imports torch."""
+    (PyTorch's own path is as fast there), or the OpenVINO path is turned off
+    (``UNET3D_SEGMENTER_OPENVINO=0``, see the engine's inference/openvino_path.py). Imports torch."""
     if importlib.util.find_spec("openvino") is not None or engineProblem() is not None:
         return None
     from ..inference.openvino_path import ON_ENVIRONMENT
     from ..runtime import cpu_supports_bf16
 
-    if os.environ.get(ON_ENVIRONMENT) != "1" or cpu_supports_bf16():
+    if os.environ.get(ON_ENVIRONMENT) == "0" or cpu_supports_bf16():
         return None
     return ("This processor has no native bfloat16, so PyTorch segments in float32 here. The optional OpenVINO "
             f"runtime ({OPENVINO_REQUIREMENT}, about 60 MB, its usage telemetry left out) is often several times "

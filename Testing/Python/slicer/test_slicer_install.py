@@ -39,8 +39,8 @@ def test_openvino_is_offered_only_where_it_is_missing_and_the_processor_lacks_na
                         lambda name, *args: None if name == "openvino" else real_find_spec(name, *args))
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
     monkeypatch.setenv("UNET3D_SEGMENTER_OPENVINO", "0")
-    assert logic.openVINOOffer() is None  # opt-in: not offered unless turned on
-    monkeypatch.setenv("UNET3D_SEGMENTER_OPENVINO", "1")
+    assert logic.openVINOOffer() is None  # turned off
+    monkeypatch.delenv("UNET3D_SEGMENTER_OPENVINO")
     offer = logic.openVINOOffer()
     assert offer and "OpenVINO" in offer and install.OPENVINO_REQUIREMENT in offer and "\n" not in offer
     monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)

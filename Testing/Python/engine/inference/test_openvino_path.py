@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import subprocess
@@ -87,8 +89,10 @@ def test_a_network_is_converted_once_and_read_back_later(offered, monkeypatch):
         OpenVINOForward(network("unet3d", "instance", seed=1), torch.float32)(batch())
 
 
-def test_the_path_is_offered_where_openvino_is_installed_and_turned_on(monkeypatch):
+def test_the_path_is_offered_where_openvino_is_installed_unless_turned_off(monkeypatch):
     assert "openvino" in inference_paths(network("unet3d", "batch"), CPU, torch.float32)
+    monkeypatch.delenv(openvino_path.ON_ENVIRONMENT)
+    assert openvino_available()  # on wherever it is installed, unless turned off
     monkeypatch.setenv(openvino_path.ON_ENVIRONMENT, "0")
     assert not openvino_available()
     assert "openvino" not in inference_paths(network("unet3d", "batch"), CPU, torch.float32)
@@ -156,3 +160,29 @@ def test_openvino_labelmaps_equal_pytorchs_on_the_bundled_model(shared_dataset, 
     assert openvino._prepared[("cpu", torch.float32, 0)].choices == {
         shape: "openvino" for shape in openvino._prepared[("cpu", torch.float32, 0)].choices}
     assert same / total >= 0.9999, same / total
+
+
+def signal_stack() -> tuple[int | None, int, int]:
+    """This thread's alternate signal stack: (address, flags, size), read with Linux's ``stack_t``."""
+    class Stack(ctypes.Structure):
+        _fields_ = [("address", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+    stack = Stack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+    return stack.address, stack.flags, stack.size
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sigaltstack's stack_t is read with Linux's layout")
+def test_compiled_networks_leave_the_thread_on_its_own_signal_stack():
+    before = signal_stack()
+    model = network("unet3d", "batch")
+    forwards = [OpenVINOForward(model, torch.float32) for _ in range(2)]
+    for forward in forwards:  # several compiled networks, destroyed in the order they came (not the reverse)
+        for shape in [(2, 1, 16, 16, 16), (1, 1, 16, 16, 16), (1, 1, 16, 24, 32)]:
+            forward(torch.randn(*shape))
+        assert signal_stack() == before
+    del forward
+    forwards.clear()
+    gc.collect()
+    assert signal_stack() == before
+
