@@ -65,7 +65,10 @@ from UNet3DSegmenterLib.slicer import (  # noqa: E402
     segmentation,
     selftest,
     training,
+    translation,
 )
+
+_ = translation._  # user-facing text marked for Slicer's translation
 
 #
 # UNet3DSegmenter
@@ -77,11 +80,11 @@ class UNet3DSegmenter(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "UNet3D Segmenter"
+        self.parent.title = _("UNet3D Segmenter")
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
         self.parent.contributors = ["UNet3DSegmenter contributors"]
-        self.parent.helpText = """
+        self.parent.helpText = _("""
 <p>Segments CT and MRI volumes with 3D U-Net, residual U-Net, ResNet-18 U-Net or VNet models, and trains new models
 from segmentations you already have in the scene.</p>
 <p><b>Segment</b>: choose the input volume and a model (the bundled models are listed with the
@@ -103,8 +106,9 @@ hippocampus. The status line warns when what is segmented lies far outside a mod
 <p>The first time, the module offers to install PyTorch (through the PyTorch extension when it is
 installed, otherwise with pip). From the Python console:
 <code>UNet3DSegmenterLogic().segment(volumeNode, "model.pt")</code>.</p>
-"""
-        self.parent.acknowledgementText = """
+""") + _('<p>Documentation: <a href="{url}">README</a>, section <i>3D Slicer</i>, beside this module.</p>').format(
+            url=(MODULE_DIRECTORY / "README.md").as_uri())
+        self.parent.acknowledgementText = _("""
 <p>The segmentation engine implements the 3D U-Net (Cicek et al., MICCAI 2016), a residual U-Net and
 VNet (Milletari et al., 3DV 2016) in PyTorch.</p>
 <p>Bundled models come with a model card in <code>Resources/Models/</code> that names the data they
@@ -112,7 +116,7 @@ were trained on and its license. The hippocampus model was trained on the Medica
 Decathlon Task04 Hippocampus data (Simpson et al., arXiv:1902.09063; Antonelli et al., Nature
 Communications 2022), shared under CC-BY-SA 4.0; the model, and the sample crop from the same data
 (<code>Resources/Samples/</code>), are shared under the same license.</p>
-"""
+""")
         problem = install.slicerVersionProblem(slicerVersion=getattr(slicer.app, "applicationVersion", ""))
         if problem:  # say it where the user looks: the module's help, and the error log
             self.parent.helpText = f"<p><b>{problem}</b></p>" + self.parent.helpText
@@ -131,7 +135,7 @@ class UNet3DSegmenterParameterNode:
     """The panel's state, saved with the scene.
 
     Segment: inputVolume, checkpointPath (the model file), device, overlap (fraction of a window
-    shared with its neighbours), testTimeAugmentation (average over axis flips, 8x slower),
+    shared with its neighbours; set to the model's own when the model changes), testTimeAugmentation (average over axis flips, 8x slower),
     largestComponent (keep the largest connected piece of each structure), outputSegmentation
     (None: a new segmentation is created), region (the whole volume, or only inside roiNode, a box
     the user places around the structure).
@@ -145,7 +149,7 @@ class UNet3DSegmenterParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     checkpointPath: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
-    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+    overlap: Annotated[float, WithinRange(0.0, panel.MAX_OVERLAP)] = 0.5
     testTimeAugmentation: bool = False
     largestComponent: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
@@ -200,7 +204,9 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = UNet3DSegmenterLogic()
         self.state = panel.PanelState(self.logic, notify=slicer.util.errorDisplay,
-                                      showSegmentation=self._showSegmentation, showChart=self._showChart)
+                                      showSegmentation=self._showSegmentation, showChart=self._showChart,
+                                      refresh=self._refresh, confirm=slicer.util.confirmYesNoDisplay,
+                                      settings=qt.QSettings())
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -228,7 +234,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.connect("timeout()", self.onPoll)
 
         self.initializeParameterNode()
-        qt.QTimer.singleShot(0, self.onCheckEngine)  # importing torch takes a moment: once the panel shows
+        qt.QTimer.singleShot(0, self.onCheckEngine)  # importing torch takes a moment: once the panel shows, once
 
     def cleanup(self) -> None:
         if self.state is not None:
@@ -245,9 +251,13 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
+        if self.state is not None:
+            self.state.shown = True
         self.initializeParameterNode()
 
     def exit(self) -> None:
+        if self.state is not None:
+            self.state.shown = False
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -265,7 +275,7 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()  # a loaded scene brings its own parameters: model, pairs, devices
 
     def onNodeRemoved(self, caller, event) -> None:
-        self.state.cleanPairs()
+        self.state.nodeRemoved()
         self.updateGUI()
 
     def initializeParameterNode(self) -> None:
@@ -346,8 +356,13 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
         self._shownPairs = pairs
 
-    def _showSegmentation(self, inputVolume, segmentationNode) -> None:
-        slicer.util.setSliceViewerLayers(background=inputVolume, fit=True)
+    def _showSegmentation(self, inputVolume, segmentationNode, fit: bool) -> None:
+        slicer.util.setSliceViewerLayers(background=inputVolume, fit=fit)
+
+    def _refresh(self) -> None:
+        """Show the state now and let Slicer handle what the user did meanwhile (a long step in the GUI thread)."""
+        self.updateGUI()
+        slicer.app.processEvents()
 
     def _showChart(self, chartNode) -> None:
         slicer.modules.plots.logic().ShowChartInLayout(chartNode)
@@ -355,8 +370,8 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- user actions ----------------------------------------------------------------------------
 
     def onCheckEngine(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Checking PyTorch failed.", waitCursor=True):
-            self.state.checkEngine()
+        with slicer.util.tryWithErrorDisplay(_("Checking PyTorch failed."), waitCursor=True):
+            self.state.ensureEngineChecked()
         self.updateGUI()
 
     def onModelSelected(self, index: int) -> None:
@@ -364,36 +379,37 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = ""
         if dialog == "file":
             path = qt.QFileDialog.getOpenFileName(
-                slicer.util.mainWindow(), "Choose a UNet3DSegmenter checkpoint", "", "PyTorch checkpoint (*.pt)")
+                slicer.util.mainWindow(), _("Choose a UNet3DSegmenter checkpoint"), "", _("PyTorch checkpoint (*.pt)"))
         elif dialog == "folder":
             path = qt.QFileDialog.getExistingDirectory(
-                slicer.util.mainWindow(), "Choose a folder of fold checkpoints (a cross-validation's output)")
+                slicer.util.mainWindow(), _("Choose a folder of fold checkpoints (a cross-validation's output)"))
         elif dialog == "nnunet":
             path = qt.QFileDialog.getExistingDirectory(
-                slicer.util.mainWindow(), "Choose an nnU-Net model folder (Trainer__Plans__configuration)")
+                slicer.util.mainWindow(), _("Choose an nnU-Net model folder (Trainer__Plans__configuration)"))
         if path:
             self.state.addModel(path)
         self.updateGUI()
 
     def onSegmentButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Segmentation could not start."), waitCursor=True):
             if self.state.pressSegment():
                 self._pollTimer.start()
         self.updateGUI()
 
     def onPlaceRoi(self) -> None:
-        with slicer.util.tryWithErrorDisplay("The ROI could not be placed.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("The ROI could not be placed."), waitCursor=True):
             self.state.placeRoi()
         self.updateGUI()
 
     def onTrainButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
+        # no wait cursor: the export goes case by case, with Slicer responsive and Stop working between cases
+        with slicer.util.tryWithErrorDisplay(_("Training could not start.")):
             if self.state.pressTrain():
                 self._pollTimer.start()
         self.updateGUI()
 
     def onResumeButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Training could not resume.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Training could not resume."), waitCursor=True):
             if self.state.startResume():
                 self._pollTimer.start()
         self.updateGUI()
@@ -419,17 +435,33 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUI()
 
     def onInstallOpenVINOButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Installing OpenVINO failed.", waitCursor=True):
-            if self.logic.installOpenVINO(askConfirmation=True):
-                slicer.util.infoDisplay("OpenVINO is installed. The next segmentation with each model measures it "
-                                        "beside PyTorch and keeps the faster.")
-        self.onCheckEngine()
+        if self.state.installing or not slicer.util.confirmOkCancelDisplay(
+                (self.logic.openVINOOffer() or "") + " " + _("Install it now?")):  # asked before the wait cursor
+            return
+        if self._install(_("Installing OpenVINO failed."), lambda: self.logic.installOpenVINO(askConfirmation=False)):
+            slicer.util.infoDisplay(_("OpenVINO is installed. The next segmentation with each model measures it "
+                                      "beside PyTorch and keeps the faster."))
 
     def onInstallButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Installation failed.", waitCursor=True):
-            if self.logic.installRequirements(askConfirmation=True):
-                slicer.util.infoDisplay("PyTorch is installed. If Segment stays disabled, restart Slicer.")
-        self.onCheckEngine()
+        if self.state.installing or not slicer.util.confirmOkCancelDisplay(
+                self.logic.installDescription() + " " + _("Continue?")):  # asked before the wait cursor
+            return
+        if self._install(_("Installation failed."), lambda: self.logic.installRequirements(askConfirmation=False)):
+            slicer.util.infoDisplay(_("PyTorch is installed. If Segment stays disabled, restart Slicer."))
+
+    def _install(self, failure: str, install) -> bool:
+        """Run ``install()`` with Install, Segment and Train disabled (pip lets Slicer process clicks); True when done."""
+        if not self.state.beginInstall():
+            return False
+        self.updateGUI()
+        installed = False
+        try:
+            with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+                installed = bool(install())
+        finally:
+            self.state.endInstall()
+            self.updateGUI()
+        return installed
 
 
 #
@@ -528,6 +560,10 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         """A checkpoint from a path (or the Checkpoint itself); ValueError when it cannot be used."""
         return segmentation.loadCheckpoint(checkpoint)
 
+    def segmentDefaults(self, checkpoint):
+        """The engine's ``SegmentOptions`` as ``checkpoint`` would run by default: its recorded overlap filled in."""
+        return segmentation.segmentDefaults(checkpoint)
+
     # --- volumes and segmentations <-> engine ----------------------------------------------------
 
     @staticmethod
@@ -564,25 +600,26 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
 
     # --- segment ---------------------------------------------------------------------------------
 
-    def segment(self, inputVolume, checkpoint, outputSegmentation=None, device: str = "auto", overlap: float = 0.5,
-                tta: bool = False, largestComponent: bool = False, progress=None, roi=None, warn=None):
+    def segment(self, inputVolume, checkpoint, outputSegmentation=None, *, options=None, progress=None, roi=None,
+                warn=None, **optionKeywords):
         """Segment ``inputVolume`` with ``checkpoint`` (a .pt path or a Checkpoint); waits for the result.
 
         Returns ``outputSegmentation`` (a new segmentation node when None) holding one segment per
         label of the checkpoint, with its name and colour, on the input's geometry, placed beside the
         input in the subject hierarchy. Running again into the same node replaces its segments.
+        ``options`` (the engine's ``SegmentOptions``) and ``optionKeywords`` (``device="cpu"``,
+        ``overlap=0.25``, ``tta=True``, ``largestComponent=True``, ``precision``, ``batchSize``) say how;
+        an overlap left unset is the one the checkpoint records.
         ``roi`` (a vtkMRMLMarkupsROINode aligned with the R, A, S axes) segments only inside its box;
         the segments are empty outside it. ``progress(done, total)`` is called after each batch of
         windows; ``warn(message)`` (default: the log) when what is segmented lies far outside the
         model's training data. Nothing in the scene changes when this raises.
         """
-        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent,
-                                   roi)
+        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, options, roi, **optionKeywords)
         return segmentation.finish(job, segmentation.predict(job, progress, warn))
 
-    def segmentInBackground(self, inputVolume, checkpoint, outputSegmentation=None, device: str = "auto",
-                            overlap: float = 0.5, tta: bool = False, largestComponent: bool = False,
-                            onProgress=None, onFinished=None, onError=None, roi=None, onWarning=None):
+    def segmentInBackground(self, inputVolume, checkpoint, outputSegmentation=None, *, options=None, onProgress=None,
+                            onFinished=None, onError=None, roi=None, onWarning=None, **optionKeywords):
         """Start :meth:`segment` in a child process (the engine's command line) and return at once.
 
         The returned ``EngineProcess`` reports through ``onWarning(message)``, ``onProgress(done, total)``,
@@ -590,8 +627,7 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         panel does, on a timer) or ``wait()``. ``cancel()`` ends the child and its own children and adds
         nothing to the scene. Inputs are checked here, so a bad input raises ValueError at once.
         """
-        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, device, overlap, tta, largestComponent,
-                                   roi)
+        job = segmentation.prepare(inputVolume, checkpoint, outputSegmentation, options, roi, **optionKeywords)
         return segmentation.startInBackground(job, self.pythonExecutable, self.childEnvironment(), onProgress,
                                               onFinished, onError, onWarning)
 
@@ -667,7 +703,7 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
     def trainInBackground(self, pairs, outputFolder, architecture: str | None = None, epochs: int = 100,
                           patchSize=None, batchSize: int = 2, learningRate=None, device: str = "auto",
                           initCheckpoint=None, tableNode=None, onProgress=None, onFinished=None, onError=None,
-                          onCancelled=None, **options):
+                          onCancelled=None, exportProgress=None, **options):
         """Start :meth:`train` in a child process (``train --config run.json --progress-json``) and return at once.
 
         The returned ``EngineProcess`` carries ``tableNode`` and ``chartNode`` (loss and Dice per
@@ -676,9 +712,12 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         ``cancel()`` stops the run gracefully: it ends its iteration and saves last.pt, log.csv and
         the curves (``process.job.result`` then holds the trainer's last event). With ``resume=True`` and no
         pairs it continues the stopped run in ``outputFolder`` (``train --config run.json --resume``).
+        The pairs are exported here first, case by case: ``exportProgress(done, total)`` is called before
+        and after each (the panel shows it and lets Slicer process events); when it returns False the
+        export stops, nothing is written and ``export.ExportStopped`` is raised.
         """
         job = training.prepare(pairs, outputFolder, architecture, epochs, patchSize, batchSize, learningRate, device,
-                               initCheckpoint, tableNode, **options)
+                               initCheckpoint, tableNode, exportProgress=exportProgress, **options)
         return training.startInBackground(job, self.pythonExecutable, self.childEnvironment(), onProgress,
                                           onFinished, onError, onCancelled)
 

@@ -6,8 +6,10 @@ command line::
     core:       volume (the Volume type), io (read/write NIfTI, NRRD, MHA, NumPy, DICOM series),
                 integrity (truncated files), dicom (sort DICOM files by their tags), preprocess,
                 models, checkpoint, metrics, evaluation, datalist, labels, choices, runtime (device,
-                precision), progress, atomic, errors, phantom (generated data), plots, fingerprint
-                (what the training images were like), roi (segment inside a box)
+                precision), progress, protocol (what a parent process and the command line agree
+                on), atomic, errors, phantom (generated data), plots, fingerprint (what the training
+                images were like), roi (segment inside a box), segment_options (every segmentation
+                option, declared once)
     inference:  io.read_volume -> preprocess -> inference.predictor (inference.fast + models,
                 inference.sliding_window) -> inference.postprocess -> io.write_volume
     training:   training.config -> datalist -> training.splits -> training.planning ->
@@ -50,6 +52,7 @@ _PUBLIC = {
     "build_model": "models",
     "Predictor": "inference.predictor", "Prediction": "inference.predictor",
     "Preprocessing": "preprocess", "RegionOfInterest": "roi", "TrainingFingerprint": "fingerprint",
+    "SegmentOptions": "segment_options",
     "patchify": "inference.sliding_window", "unpatchify": "inference.sliding_window",
     "sliding_window_inference": "inference.sliding_window",
     "get_dataloader": "training.patches",
@@ -59,7 +62,7 @@ _PUBLIC = {
 
 __all__ = [
     "Checkpoint", "Ensemble", "Label", "Prediction", "Predictor", "Preprocessing", "RegionOfInterest",
-    "ResNet18UNet3D", "ResidualUNet3D", "TrainingConfig", "TrainingFingerprint", "UNet3D", "UserError", "VNet", "Volume", "build_model", "cross_validate",
+    "ResNet18UNet3D", "ResidualUNet3D", "SegmentOptions", "TrainingConfig", "TrainingFingerprint", "UNet3D", "UserError", "VNet", "Volume", "build_model", "cross_validate",
     "get_dataloader", "load_checkpoint", "load_ensemble", "patchify", "read_volume", "save_checkpoint",
     "sliding_window_inference", "train", "unpatchify", "write_volume",
 ]
@@ -93,6 +96,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from .models import ResidualUNet3D, ResNet18UNet3D, UNet3D, VNet, build_model
     from .preprocess import Preprocessing
     from .roi import RegionOfInterest
+    from .segment_options import SegmentOptions
     from .training.config import TrainingConfig
     from .training.cross_validation import cross_validate
     from .training.patches import get_dataloader

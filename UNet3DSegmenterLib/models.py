@@ -328,3 +328,21 @@ def architecture_name(model: nn.Module) -> str:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+def instance_norm_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                             out: torch.Tensor, means: torch.Tensor | None = None,
+                             inverse_stds: torch.Tensor | None = None) -> torch.Tensor:
+    """Instance norm of a channels-last batch into ``out`` (which may be ``x`` itself).
+
+    Training-mode batch norm of a single sample is instance norm of that sample; its CPU kernel is
+    vectorised for channels-last, takes float32 statistics of bfloat16 inputs and works element by
+    element, so input and output may be the same memory. ``means`` and ``inverse_stds`` (samples x
+    channels), when given, receive the statistics its backward needs.
+    """
+    for sample in range(x.shape[0]):
+        torch.ops.aten.native_batch_norm.out(
+            x[sample: sample + 1], weight, bias, None, None, True, 0.0, eps, out=out[sample: sample + 1],
+            save_mean=torch.empty(0) if means is None else means[sample],
+            save_invstd=torch.empty(0) if inverse_stds is None else inverse_stds[sample])
+    return out

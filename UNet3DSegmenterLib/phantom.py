@@ -21,7 +21,6 @@ voxels do not squash it. Everything is drawn from the seed alone: the same seed 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_text_atomically
 from .io import write_volume
 from .volume import Volume, float3, int3
 
@@ -163,21 +161,13 @@ def write_phantom_dataset(
         write_volume(image, folder / "images" / name)
         write_volume(labels, folder / "labels" / name)
         training.append({"image": f"./images/{name}", "label": f"./labels/{name}"})
-    description = {
-        "name": "phantom",
-        "description": (
-            f"Synthetic {modality} phantoms from UNet3DSegmenterLib.phantom, seed {seed}, "
-            f"grid (z, y, x) {tuple(shape)}, spacing (x, y, z) {tuple(spacing)} mm"
-        ),
-        "tensorImageSize": "3D",
-        "modality": {"0": modality},
-        "labels": {"0": "background", **{str(value): PHANTOM_LABELS[value][0] for value in range(1, classes + 1)}},
-        "numTraining": cases,
-        "numTest": 0,
-        "training": training,
-        "test": [],
-    }
-    _write_text_atomically(folder / "dataset.json", json.dumps(description, indent=2) + "\n")
+    from .datalist import write_datalist  # beside its reader; imported here, as generating volumes needs neither
+    from .labels import Label
+
+    names = [Label(value, *PHANTOM_LABELS[value]) for value in range(1, classes + 1)]
+    write_datalist(folder, training, names, "phantom",
+                   f"Synthetic {modality} phantoms from UNet3DSegmenterLib.phantom, seed {seed}, grid (z, y, x) "
+                   f"{tuple(shape)}, spacing (x, y, z) {tuple(spacing)} mm", modality)
     return folder
 
 
@@ -485,8 +475,3 @@ def _blur(image: np.ndarray, sigma_voxels: float) -> np.ndarray:
             blurred += weight * padded[tuple(window)]
         image = blurred
     return image
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(path, text)

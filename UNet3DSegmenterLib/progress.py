@@ -1,8 +1,7 @@
 """Progress for people (a bar in the terminal) and for programs (one JSON object per line).
 
-The events are declared here, once: the trainer's progress callback and ``train --progress-json``
-carry :data:`TrainingEvent`, ``predict --progress-json`` carries :data:`PredictEvent`, and the
-Slicer module reads both from its child process.
+What the JSON lines carry (the events), and the rest of what a parent process and the engine's
+command line agree on, is declared in ``protocol.py``.
 """
 
 from __future__ import annotations
@@ -11,121 +10,9 @@ import json
 import math
 import sys
 import time
-from typing import Literal, TextIO, TypedDict
+from typing import TextIO
 
 import numpy as np
-
-
-class PreparingEvent(TypedDict):
-    """Cases read, resampled and normalised before training: ``done`` of ``total`` ``kind`` cases."""
-
-    event: Literal["preparing"]
-    kind: Literal["training", "validation"]
-    done: int
-    total: int
-
-
-class IterationEvent(TypedDict):
-    """One optimiser step; ``eta`` is the estimated seconds left in the whole run."""
-
-    event: Literal["iteration"]
-    epoch: int
-    epochs: int
-    iteration: int
-    iterations: int
-    loss: float
-    eta: float
-
-
-class _EpochEventRequired(TypedDict):
-    event: Literal["epoch"]
-    epoch: int
-    epochs: int
-    train_loss: float
-    lr: float
-    seconds: float
-    eta: float
-
-
-class EpochEvent(_EpochEventRequired, total=False):
-    """The end of an epoch; ``dice`` (class name -> Dice) and ``mean_dice`` only after a validation."""
-
-    dice: dict[str, float]
-    mean_dice: float
-
-
-class DoneEvent(TypedDict):
-    """The run ended (completed, stopped early or cancelled); ``best_dice`` is None without validation."""
-
-    event: Literal["done"]
-    best_checkpoint: str
-    last_checkpoint: str
-    best_dice: float | None
-    stopped: str
-
-
-class TestEvent(TypedDict):
-    """best.pt (or a cross-validation's ensemble) scored on the held-out test cases: the loss, and per
-    class name Dice, IoU and HD95 in mm (None where a class is missing on one side), all case means."""
-
-    event: Literal["test"]
-    checkpoint: str
-    report: str
-    cases: int
-    loss: float
-    dice: dict[str, float]
-    iou: dict[str, float]
-    hd95: dict[str, float | None]
-    mean_dice: float
-
-
-class FoldEvent(TypedDict):
-    """Cross-validation starts (or resumes) training fold ``fold`` (0-based) of ``folds``."""
-
-    event: Literal["fold"]
-    fold: int
-    folds: int
-
-
-class CrossValidationEvent(TypedDict):
-    """Every fold is trained: the mean over folds of each fold's validation Dice per class name."""
-
-    event: Literal["cross_validation"]
-    report: str
-    ensemble: str
-    folds: int
-    dice: dict[str, float]
-    mean_dice: float
-
-
-class WindowsEvent(TypedDict):
-    """Sliding-window progress of one case of ``predict``."""
-
-    event: Literal["progress"]
-    case: str
-    done: int
-    total: int
-
-
-class WarningEvent(TypedDict):
-    """A case of ``predict`` lies far outside the model's training data (see fingerprint.py): one
-    plain line, before its windows run. The case is segmented all the same."""
-
-    event: Literal["warning"]
-    case: str
-    message: str
-
-
-class WrittenEvent(TypedDict):
-    """A case's labelmap was written by ``predict``."""
-
-    event: Literal["written"]
-    case: str
-    output: str
-
-
-TrainingEvent = PreparingEvent | IterationEvent | EpochEvent | DoneEvent | TestEvent | FoldEvent | CrossValidationEvent
-PredictEvent = WindowsEvent | WarningEvent | WrittenEvent
 
 
 def _duration(seconds: float) -> str:

@@ -19,9 +19,14 @@ answers here follow it, so that one machine can run every kind's code path.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import logging
 import os
+import platform
+import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -165,3 +170,51 @@ def _say_float32_instead(precision: str, device: str) -> None:
               if device == "cpu" and precision == "bfloat16" else f"{precision} is not offered on the {device} here")
     log.warning("%s was asked for, but %s: computing in float32 instead (same results, no speed-up)",
                 "bf16" if precision == "bfloat16" else precision, reason)
+
+
+# glibc's mallopt parameters, and their defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_reuse_lock = threading.Lock()
+_reuse_depth = 0
+
+
+@functools.cache
+def _glibc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[None]:
+    """Inside the block, freed tensors stay in the process's heap for the next ones to reuse.
+
+    glibc hands every allocation above 32 MB straight back to the operating system when it is
+    freed, so each large activation of each window costs fresh pages, which the kernel zeroes
+    one 4 KB fault at a time: a third of a forward pass on two cores. Inside this block glibc
+    keeps them; on leaving the outermost block the defaults come back and the unused memory is
+    returned. Elsewhere than Linux with glibc this does nothing.
+    """
+    global _reuse_depth
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _reuse_lock:
+        _reuse_depth += 1
+        if _reuse_depth == 1:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    try:
+        yield
+    finally:
+        with _reuse_lock:
+            _reuse_depth -= 1
+            if _reuse_depth == 0:
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)

@@ -94,7 +94,7 @@ def _measure(args) -> dict:
 
     import torch
 
-    from UNet3DSegmenterLib.inference.fast import reuse_freed_memory
+    from UNet3DSegmenterLib.runtime import reuse_freed_memory
 
     if args.threads:
         torch.set_num_threads(args.threads)

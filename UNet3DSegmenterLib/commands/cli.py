@@ -14,9 +14,7 @@ import logging
 import sys
 
 from ..errors import UserError
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+from ..protocol import EXIT_INTERRUPTED, EXIT_USER_ERROR, error_line
 
 # name -> help; the module of the same name in this package implements it.
 COMMANDS = {
@@ -52,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(error_line(str(error)), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from ..atomic import remove_stale_partials
-from ..choices import DEVICES, PRECISIONS
 from ..errors import UserError
 from ..io import (
     FORMATS,
@@ -22,13 +21,16 @@ from ..io import (
 )
 from ..paths import check_outputs
 from ..progress import ProgressBar, emit_json
+from ..protocol import EXIT_USER_ERROR, error_line
+from ..segment_options import SegmentOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``predict`` subcommand's options."""
     parser.add_argument("--checkpoint", "-c", required=True, type=Path, nargs="+", metavar="CHECKPOINT",
                         help="model checkpoint (.pt); several, or a folder of fold checkpoints, make an ensemble "
-                             "that averages their probabilities")
+                             "that averages their probabilities; or an nnU-Net v2 model folder (or one of its "
+                             "fold_N folders), whose folds' logits are averaged")
     parser.add_argument("--input", "-i", required=True, type=Path,
                         help="a volume file (.nii.gz, .nrrd, .mha, .npy), a DICOM series folder, or a folder of "
                              "volumes (files or DICOM series folders)")
@@ -36,18 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labelmap file, or a folder when the input is a folder of volumes")
     parser.add_argument("--input-spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
                         help="voxel spacing in mm of .npy inputs (default 1 1 1; other formats record their own)")
-    parser.add_argument("--roi", type=float, nargs=6, metavar=("R1", "A1", "S1", "R2", "A2", "S2"), default=None,
-                        help="segment only inside this box: two opposite corners in RAS mm, as Slicer shows them "
-                             "(the labelmap covers the whole input, 0 outside the box)")
-    parser.add_argument("--device", default="auto", choices=DEVICES)
-    parser.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (default: checkpoint's)")
-    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower)")
-    parser.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
     parser.add_argument("--probabilities", type=Path, default=None,
                         help="also write class probabilities (multi-component image; a folder for folder input)")
-    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="compute precision (auto: bf16 on CPUs with native bf16, fp16 on CUDA)")
+    SegmentOptions.add_arguments(parser.add_argument_group("segmentation"))
     parser.add_argument("--progress-json", action="store_true",
                         help="print progress as one JSON object per line on stdout (for the Slicer module)")
 
@@ -96,17 +89,15 @@ def run(args: argparse.Namespace) -> int:
     """Segment every case the options name; exit status 2 when some cases of a folder failed."""
     from ..checkpoint import checkpoint_paths
     from ..inference.predictor import Predictor, predict_files
-    from ..roi import RegionOfInterest
 
-    roi = RegionOfInterest.from_values(args.roi) if args.roi is not None else None
+    options = SegmentOptions.from_arguments(args)
     cases = _plan(args)
     check_input_spacing(args.input_spacing, [source for source, _, _ in cases])
     outputs = [output for _, output, _ in cases] + [p for _, _, p in cases if p is not None]
     check_outputs(outputs, [source for source, _, _ in cases] + checkpoint_paths(args.checkpoint))
     _check_writable(outputs)
     remove_stale_partials(outputs)
-    predictor = Predictor(args.checkpoint, device=args.device, overlap=args.overlap, batch_size=args.batch_size,
-                          tta=args.tta, largest_component=args.largest_component, precision=args.precision)
+    predictor = Predictor(args.checkpoint, options)
     names = [case_name(source) for source, _, _ in cases]
     bars = {index: ProgressBar(f"[{index + 1}/{len(cases)}] {name}", "windows")  # silent until updated
             for index, name in enumerate(names)}
@@ -130,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         return report
 
     failures = []
-    for index, error in predict_files(predictor, cases, progress, spacing=args.input_spacing, roi=roi, warn=warn):
+    for index, error in predict_files(predictor, cases, progress, spacing=args.input_spacing, warn=warn):
         name, output = names[index], cases[index][1]
         if bars[index].done != bars[index].total:
             bars[index].close()
@@ -138,12 +129,12 @@ def run(args: argparse.Namespace) -> int:
             if len(cases) == 1:
                 raise error
             failures.append(name)
-            print(f"error: {name}: {error}", file=sys.stderr)
+            print(error_line(f"{name}: {error}"), file=sys.stderr)
         elif args.progress_json:
             emit_json(event="written", case=name, output=str(output))
         else:
             print(f"wrote {output}", file=sys.stderr)
     if failures:
-        print(f"error: {len(failures)} of {len(cases)} cases failed: {', '.join(failures)}", file=sys.stderr)
-        return 2
+        print(error_line(f"{len(failures)} of {len(cases)} cases failed: {', '.join(failures)}"), file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0

@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..progress import ProgressBar, emit_json
-
-STOP_FILE = "STOP"
-"""A file of this name in the output folder stops the run after the current iteration."""
+from ..protocol import EXIT_OK, stop_file, withdraw_stop_request
 
 _EXAMPLES = """\
 Everything not given is chosen from the training cases (spacing, patch size, normalisation).
@@ -62,18 +60,18 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_arguments(args)
     reporter = _JsonReporter() if args.progress_json else _TerminalReporter()
-    stop = _StopRequest(config.output / STOP_FILE)
+    stop = _StopRequest(stop_file(config.output))
     with stop:
         result = (cross_validate if config.cross_validation else train)(config, progress=reporter, cancel=stop)
     reporter.close()
     if result.stopped == "cancelled":
-        stop.file.unlink(missing_ok=True)  # honoured: it must not stop the next run in this folder
+        withdraw_stop_request(config.output)  # honoured: it must not stop the next run in this folder
         kept = (f"{result.output} holds the folds so far" if isinstance(result, CrossValidationResult)
                 else f"{result.last_checkpoint} holds the weights so far")
         print(f"stopped as asked; {kept}: continue with --resume", file=sys.stderr)
-        return 0
+        return EXIT_OK
     if args.progress_json:
-        return 0
+        return EXIT_OK
     if isinstance(result, CrossValidationResult):
         print(_cross_validation_table(result.report), file=sys.stderr)
         print(f"ensemble of the {config.folds} folds: {result.ensemble}; everything is in {result.output}",
@@ -82,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         dice = "no validation cases" if result.best_dice != result.best_dice else f"mean Dice {result.best_dice:.4f}"
         print(f"best checkpoint: {result.best_checkpoint} ({dice}, epoch {result.best_epoch}); "
               f"everything is in {result.output}", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 class _StopRequest:

@@ -13,44 +13,24 @@ and only changes how they are carried out:
 
 :func:`inference_paths` offers the ways to run a network on a device (the rewrite, or the
 untouched network under autocast); :mod:`.calibration` measures which is fastest here.
-:func:`reuse_freed_memory` keeps freed activations in the process instead of handing them back to
-the operating system, which would otherwise zero fresh pages for every large tensor.
+The instance norm kernel (``models.instance_norm_per_sample``) and the allocator setting that keeps
+freed activations in the process (``runtime.reuse_freed_memory``) are the core's: training uses them too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import functools
-import platform
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from ..models import instance_norm_per_sample
 from .openvino_path import OpenVINOForward, openvino_available
 
 CHANNELS_LAST = torch.channels_last_3d
-
-
-def instance_norm_per_sample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                             out: torch.Tensor, means: torch.Tensor | None = None,
-                             inverse_stds: torch.Tensor | None = None) -> torch.Tensor:
-    """Instance norm of a channels-last batch into ``out`` (which may be ``x`` itself).
-
-    Training-mode batch norm of a single sample is instance norm of that sample; its CPU kernel is
-    vectorised for channels-last, takes float32 statistics of bfloat16 inputs and works element by
-    element, so input and output may be the same memory. ``means`` and ``inverse_stds`` (samples x
-    channels), when given, receive the statistics its backward needs.
-    """
-    for sample in range(x.shape[0]):
-        torch.ops.aten.native_batch_norm.out(
-            x[sample: sample + 1], weight, bias, None, None, True, 0.0, eps, out=out[sample: sample + 1],
-            save_mean=torch.empty(0) if means is None else means[sample],
-            save_invstd=torch.empty(0) if inverse_stds is None else inverse_stds[sample])
-    return out
 
 
 class _InstanceNormActivation(nn.Module):
@@ -268,52 +248,3 @@ def _under_autocast(network: nn.Module, device: torch.device, dtype: torch.dtype
             return network(batch.to(device, non_blocking=True))
 
     return forward
-
-
-# glibc's mallopt parameters, and their defaults
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-_reuse_lock = threading.Lock()
-_reuse_depth = 0
-
-
-@functools.cache
-def _glibc():
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def reuse_freed_memory() -> Iterator[None]:
-    """Inside the block, freed tensors stay in the process's heap for the next ones to reuse.
-
-    glibc hands every allocation above 32 MB straight back to the operating system when it is
-    freed, so each large activation of each window costs fresh pages, which the kernel zeroes
-    one 4 KB fault at a time: a third of a forward pass on two cores. Inside this block glibc
-    keeps them; on leaving the outermost block the defaults come back and the unused memory is
-    returned. Elsewhere than Linux with glibc this does nothing.
-    """
-    global _reuse_depth
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    with _reuse_lock:
-        _reuse_depth += 1
-        if _reuse_depth == 1:
-            libc.mallopt(_M_MMAP_MAX, 0)
-            libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
-    try:
-        yield
-    finally:
-        with _reuse_lock:
-            _reuse_depth -= 1
-            if _reuse_depth == 0:
-                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-                libc.malloc_trim(0)
-

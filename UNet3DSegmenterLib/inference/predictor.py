@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,10 +37,10 @@ from ..checkpoint import Checkpoint, CheckpointSource, Ensemble, load_checkpoint
 from ..errors import UserError
 from ..preprocess import preprocess_image
 from ..roi import RegionOfInterest, crop, paste
-from ..runtime import resolve_device, resolve_precision
+from ..runtime import resolve_device, resolve_precision, reuse_freed_memory
+from ..segment_options import SegmentOptions
 from ..volume import Volume
 from .calibration import CalibratedForward
-from .fast import reuse_freed_memory
 from .postprocess import (
     keep_largest_component,
     label_dtype,
@@ -71,43 +72,47 @@ class Predictor:
     Args:
         checkpoint: a :class:`Checkpoint` or :class:`Ensemble`, the path of a ``.pt`` file, a folder
             of checkpoints (e.g. a cross-validation's output), or a list of paths (an ensemble).
-        device: 'auto', 'cpu' or 'cuda'.
-        overlap: window overlap in [0, 1); default from the checkpoint (usually 0.5).
-        batch_size: windows per forward pass; default 2 on the CPU, 4 on a GPU.
-        tta: average over the eight axis flips (mirroring test-time augmentation), 8x slower.
-        largest_component: keep only the largest connected component of each class.
-        precision: 'auto' (bfloat16 on CPUs with native bf16, fp16 autocast on CUDA, else fp32),
-            'fp32', 'bf16' or 'fp16'.
+        options: how to segment (:class:`~UNet3DSegmenterLib.segment_options.SegmentOptions`);
+            ``keywords`` replace single options: ``device`` ('auto', 'cpu', 'cuda', 'mps'),
+            ``overlap`` (window overlap in [0, 1); default from the checkpoint, usually 0.5),
+            ``batch_size`` (windows per forward pass; default 2 on the CPU, 4 on a GPU), ``tta``
+            (average over the eight axis flips, 8x slower), ``largest_component`` (keep only the
+            largest connected component of each class), ``precision`` ('auto': bfloat16 on CPUs
+            with native bf16, fp16 autocast on CUDA, else fp32; 'fp32', 'bf16', 'fp16') and ``roi``
+            (six numbers, two corners in RAS mm: :meth:`predict` segments inside that box).
+
+    Example::
+
+        >>> Predictor("model.pt", device="cpu", largest_component=True).predict(read_volume("ct.nii.gz"))
     """
 
-    def __init__(self, checkpoint: Checkpoint | Ensemble | CheckpointSource, device: str = "auto",
-                 overlap: float | None = None, batch_size: int | None = None, tta: bool = False,
-                 largest_component: bool = False, precision: str = "auto"):
+    def __init__(self, checkpoint: Checkpoint | Ensemble | CheckpointSource, options: SegmentOptions | None = None,
+                 **keywords: Any):
+        self.options = (options or SegmentOptions()).with_keywords(**keywords)
         self.checkpoint = checkpoint if isinstance(checkpoint, (Checkpoint, Ensemble)) else load_checkpoint(checkpoint)
         self.members = members_of(self.checkpoint)
-        self.device = resolve_device(device)
-        self.overlap = self.checkpoint.overlap if overlap is None else float(overlap)
+        self.device = resolve_device(self.options.device)
+        self.overlap = self.options.overlap_for(self.checkpoint)
         if not 0 <= self.overlap < 1:
             raise UserError(f"overlap must be at least 0 and below 1, got {self.overlap}")
-        if batch_size is not None and batch_size < 1:
-            raise UserError(f"batch size must be at least 1 window, got {batch_size}")
-        self.batch_size = batch_size or (4 if self.device.type == "cuda" else 2)
-        self.tta = tta
-        self.largest_component = largest_component
-        self.precision = precision
+        self.batch_size = self.options.batch_size or (4 if self.device.type == "cuda" else 2)
+        self.tta = self.options.tta
+        self.largest_component = self.options.largest_component
+        self.precision = self.options.precision
         self._models = [member.build_model() for member in self.members]
         self._prepared: dict = {}
 
     def predict(self, volume: Volume, probabilities: bool = False, progress: ProgressCallback | None = None,
                 cancel: CancelCheck | None = None, roi: RegionOfInterest | None = None,
                 warn: WarningCallback | None = None) -> Prediction:
-        """Segment ``volume``, or only its voxels inside ``roi``; the labelmap (and probabilities) lie on
-        exactly its grid, 0 (background) outside the ROI.
+        """Segment ``volume``, or only its voxels inside ``roi`` (default: the options' ``roi``); the labelmap
+        (and probabilities) lie on exactly its grid, 0 (background) outside the ROI.
 
         Each warning about the input goes to ``warn(line)`` (default: the ``UNet3DSegmenterLib`` logger)
         before the work starts, and is kept in ``Prediction.warnings``.
         """
         self._check_input(volume)
+        roi = roi if roi is not None else self.options.region()
         block = roi.block(volume) if roi is not None else None
         region = crop(volume, block) if block is not None else volume
         warnings = self.input_warnings(region)

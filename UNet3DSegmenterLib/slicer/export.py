@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def trainingLabels(pairs, initLabels=None) -> list:
     names they lack follow. Colours come from the first segment with that name.
     """
     Label = engine().Label
-    labels: dict[str, object] = {}
+    labels: dict[str, Any] = {}
     colors: dict[str, tuple] = {}
     for _, segmentationNode in pairs:
         segmentation = segmentationNode.GetSegmentation()
@@ -71,13 +72,19 @@ def checkPairs(pairs) -> None:
                              "rename one, segment names become label names")
 
 
-def exportTrainingPairs(pairs, folder, labels=None) -> pathlib.Path:
+class ExportStopped(Exception):
+    """The user stopped an export between two cases; nothing was written."""
+
+
+def exportTrainingPairs(pairs, folder, labels=None, progress=None) -> pathlib.Path:
     """Write (volume, segmentation) pairs as a training dataset in ``folder``; return the folder.
 
     Layout: ``images/<case>.nii.gz``, ``labels/<case>.nii.gz`` (the segments as one labelmap on the
     volume's grid) and ``dataset.json`` (case list, value -> name and colour). ``labels`` default to
     :func:`trainingLabels`. Every pair is checked before anything is written; the folder appears
     complete or not at all (a previous export there is replaced); the scene is left as it was.
+    ``progress(done, total)`` is called before the first case and after each; when it returns False
+    the export stops with :class:`ExportStopped`, leaving nothing.
     """
     pairs = list(pairs)
     checkPairs(pairs)
@@ -89,7 +96,13 @@ def exportTrainingPairs(pairs, folder, labels=None) -> pathlib.Path:
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     entries = []
+
+    def goOn(done: int) -> None:
+        if progress is not None and progress(done, len(pairs)) is False:
+            raise ExportStopped(f"the export stopped after {done} of {len(pairs)} cases")
+
     try:
+        goOn(0)
         with asValueError():
             writeVolume = engine().write_volume
             for index, (volumeNode, segmentationNode) in enumerate(pairs):
@@ -101,6 +114,7 @@ def exportTrainingPairs(pairs, folder, labels=None) -> pathlib.Path:
                 writeVolume(volume.with_array(labelmap), partial / "labels" / f"{case}.nii.gz")
                 entries.append({"image": f"./images/{case}.nii.gz", "label": f"./labels/{case}.nii.gz",
                                 "volume": volumeNode.GetName(), "segmentation": segmentationNode.GetName()})
+                goOn(index + 1)
             from ..datalist import write_datalist
 
             write_datalist(partial, entries, labels, DATASET_NAME,

@@ -13,8 +13,21 @@ import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import slicer
+
+if TYPE_CHECKING:  # the engine's types, for the type checker only: loading them imports torch
+    from ..checkpoint import Checkpoint as _Checkpoint
+    from ..checkpoint import Ensemble as _Ensemble
+    from ..inference.predictor import Predictor as _Predictor
+    from ..labels import Label as _Label
+    from ..models import UNet3D as _UNet3D
+    from ..preprocess import Preprocessing as _Preprocessing
+    from ..roi import RegionOfInterest as _RegionOfInterest
+    from ..training.config import TrainingConfig as _TrainingConfig
+    from ..volume import Volume as _Volume
 
 MINIMUM_SLICER = "5.10"
 """The first Slicer release whose Python (3.12) the engine runs on; Slicer 5.8 ships Python 3.9."""
@@ -195,7 +208,25 @@ def installOpenVINO(askConfirmation: bool = True) -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def engine():
+class Engine(Protocol):
+    """The engine package as the Slicer side uses it: what :func:`engine` returns, typed for the checker."""
+
+    Checkpoint: type[_Checkpoint]
+    Ensemble: type[_Ensemble]
+    Label: type[_Label]
+    Predictor: type[_Predictor]
+    Preprocessing: type[_Preprocessing]
+    RegionOfInterest: type[_RegionOfInterest]
+    TrainingConfig: type[_TrainingConfig]
+    UNet3D: type[_UNet3D]
+    Volume: type[_Volume]
+    load_checkpoint: Callable[..., _Checkpoint | _Ensemble]
+    save_checkpoint: Callable[..., Any]
+    read_volume: Callable[..., _Volume]
+    write_volume: Callable[..., Any]
+
+
+def engine() -> Engine:
     """The engine package, ready to use; ValueError naming what to install when PyTorch cannot load."""
     try:
         import torch  # noqa: F401  (the package itself imports lazily; the engine needs torch)

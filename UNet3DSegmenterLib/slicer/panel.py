@@ -15,12 +15,25 @@ Decisions kept here, and why:
   scene brings its own, which is listed even when it is not a bundled one).
 - The device choices are computed once (CUDA is offered only when PyTorch sees a GPU) and applied
   again after every binding of the panel to the parameter node, which refills the combo boxes.
-- Closing the scene cancels a running segmentation (its input is gone; nothing is added to the new
-  scene and no error is shown); a training run goes on, since it works on files, not on the scene.
+- Closing the scene, or deleting the input volume, cancels a running segmentation (its input is gone;
+  nothing is added to the scene and no error is shown); a training run goes on, since it works on
+  files, not on the scene.
+- PyTorch is checked once, when the panel first shows, and again after an install; during an install
+  (Slicer processes events while pip prints) Install, Segment and Train are disabled, so that no
+  click starts a second install or a run on half-installed packages.
+- A finished segmentation refits the views only while the module is shown (``shown``).
+- A model whose card names a share-alike licence (the bundled hippocampus model: CC-BY-SA 4.0) is used
+  from the panel (Segment, or fine-tuning from it) only once the user has accepted that licence, once,
+  remembered in the application's settings.
 - Segment works on the whole volume or inside an ROI (``region``). 'Place ROI' adds one at the
   volume's centre, the size of the model's typical training image (its fingerprint's median extent;
   half the volume for a model that records none), and switches to it: the user drags it over the
   structure. Segment is enabled inside an ROI only once one is chosen.
+- The overlap follows the model: when the chosen model changes (and PyTorch can read it), the overlap
+  becomes the one that model records (its training's), so that a checkpoint's overlap reaches the
+  user; one the user then sets holds until the model changes. A scene that names a model keeps its
+  own overlap. Every other Segment option goes from the parameter node to the engine through the
+  engine's ``SegmentOptions`` (its ``parameter`` names), declared once.
 - A warning from the engine (the input lies far outside the model's training data) stays in the
   status line, after the progress and after the result, until the next run.
 - Every training run gets a folder of its own under the models folder (the name given, else the
@@ -39,11 +52,15 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from ..choices import DEVICES
-from .export import segmentedPairs
-from .process import stopAll
+from ..segment_options import SegmentOptions
+from .export import ExportStopped, segmentedPairs
+from .install import asValueError
+from .process import EngineProcess, stopAll
 from .scene import segmentNames
+from .translation import _
 
 log = logging.getLogger("UNet3DSegmenter")
 
@@ -59,7 +76,13 @@ SHUTDOWN_SECONDS = 10.0
 """Longest wait for background runs at Reload or application exit."""
 DOUBLE_CLICK_SECONDS = 1.0
 """A Cancel or Stop this soon after the start is the second click of a double-click on Segment or Train."""
+MAX_OVERLAP = 0.9
+"""The top of the panel's overlap slider; a model that records more is segmented at this overlap from the panel."""
 STOPPED_MARK = " (stopped)"
+INSTALLING = "Waiting for the install to finish."
+NOT_ACCEPTED = "Not started: the model's licence was not accepted."
+LICENCE_SETTING = "UNet3DSegmenter/AcceptedModelLicences"
+"""Settings group: model name -> the licence the user accepted for it."""
 """Added to the name of a stopped run's last.pt in the model box."""
 
 
@@ -115,7 +138,7 @@ class PanelView:
     train: Button
     trainingProgress: int
     trainingStatus: str
-    resume: Button = field(default_factory=lambda: Button("Resume", False))
+    resume: Button = field(default_factory=lambda: Button(_("Resume"), False))
     runNamePlaceholder: str = ""
 
 
@@ -123,14 +146,15 @@ class PanelView:
 class _Run:
     """A background run and what the panel says about it."""
 
-    process: object = None
+    process: EngineProcess | None = None
     status: str = ""
     progress: tuple = (0, 100)
     stopping: bool = False
     started: float = field(default_factory=time.monotonic)
-    inputVolume: object = None
+    inputVolume: Any = None  # the volume node a segmentation works on
     warnings: list = field(default_factory=list)
     folder: pathlib.Path | None = None  # a training run's output folder
+    exporting: bool = False  # a training run's pairs are being exported, case by case, in the GUI thread
 
     def say(self, status: str) -> None:
         """Show ``status``, followed by the run's warnings, which stay until the next run."""
@@ -141,25 +165,42 @@ class _Run:
         return time.monotonic() - self.started < DOUBLE_CLICK_SECONDS
 
     @property
+    def live(self) -> EngineProcess | None:
+        """The process while it runs, else None."""
+        return self.process if self.process is not None and self.process.running else None
+
+    @property
     def running(self) -> bool:
-        return self.process is not None and self.process.running
+        return self.live is not None
 
 
 class PanelState:
     """The panel's decisions over the module's Logic and its parameter node (see the module docstring).
 
     ``notify(message)`` shows an error to the user (the Widget passes an error dialog);
-    ``showSegmentation(volume, segmentation)`` and ``showChart(chartNode)`` put a result in the views.
+    ``showSegmentation(volume, segmentation, fit)`` and ``showChart(chartNode)`` put a result in the views
+    (``fit``: refit them; not while the user works in another module, see :attr:`shown`); ``refresh()``
+    shows the state at once and lets the application handle events, between the cases of an export.
+    ``confirm(question)`` asks the user yes or no; ``settings`` (``value(key)``, ``setValue(key, value)``:
+    a QSettings) keeps the answers that outlive the session (a model's licence, once accepted).
     """
 
-    def __init__(self, logic, notify=None, showSegmentation=None, showChart=None) -> None:
+    def __init__(self, logic, notify=None, showSegmentation=None, showChart=None, refresh=None, confirm=None,
+                 settings=None) -> None:
         self.logic = logic
-        self.parameters = None
+        self.parameters: Any = None  # the module's parameter node wrapper
         self.notify = notify or (lambda message: log.error("%s", message))
-        self.showSegmentation = showSegmentation or (lambda volume, segmentation: None)
+        self.showSegmentation = showSegmentation or (lambda volume, segmentation, fit: None)
         self.showChart = showChart or (lambda chart: None)
+        self.refresh = refresh or (lambda: None)
+        self.confirm = confirm or (lambda question: False)  # no way to ask: nothing is accepted for the user
+        self.settings = settings if settings is not None else _MemorySettings()
         self.engineChecked = False
         self.engineProblem: str | None = None
+        self.missing: list[str] = []  # the engine's pip requirements not installed, as the last check found
+        self.installText = ""
+        self.installing = False  # an install runs (Slicer processes events while pip prints)
+        self.shown = True  # the module is the one shown: a finished run may refit the views
         self.cuda = False
         self.mps = False
         self.openVINOOffer: str | None = None
@@ -169,6 +210,8 @@ class PanelState:
         self.training = _Run()
         self.stoppedRun: pathlib.Path | None = None  # the folder of the run stopped last, which Resume continues
         self._descriptions: dict = {}
+        self._channels: dict = {}
+        self.overlapModel: str | None = None  # the model the overlap parameter was last set from (or kept for)
 
     # --- the parameter node and the scene ----------------------------------------------------------
 
@@ -177,9 +220,19 @@ class PanelState:
         self.parameters = parameters
         if parameters is None:
             return
+        self.overlapModel = parameters.checkpointPath or None  # a node that names a model keeps its overlap
         self.cleanPairs()
         self.syncModels()
         self.applyDeviceChoices()
+        self.followModelOverlap()
+
+    def nodeRemoved(self) -> None:
+        """A node left the scene: drop what it leaves of its pair, and cancel quietly a segmentation whose input
+        it was (as closing the scene does: the result would have nowhere to go)."""
+        self.cleanPairs()
+        if self.segmentation.running and self.segmentation.inputVolume is not None \
+                and self.segmentation.inputVolume.GetScene() is None:
+            self.cancelSegmentation("Cancelled: the input volume was deleted.")
 
     def sceneStartClose(self) -> None:
         """The scene is about to close: cancel a segmentation (its input goes), forget the parameter node."""
@@ -189,15 +242,39 @@ class PanelState:
             self.lastModel = self.parameters.checkpointPath  # shown again in the new scene
         self.parameters = None
 
+    def ensureEngineChecked(self) -> None:
+        """:meth:`checkEngine` the first time; later (the module entered again) what it found holds."""
+        if not self.engineChecked:
+            self.checkEngine()
+
     def checkEngine(self) -> None:
-        """Whether the engine loads, and whether PyTorch sees a GPU (imports torch: call once the panel shows)."""
+        """Whether the engine loads, and whether PyTorch sees a GPU (imports torch: call once the panel shows,
+        and again after an install); what it finds is kept for :meth:`view`."""
+        self.missing = self.logic.missingRequirements()
         self.engineProblem = self.logic.engineProblem()
         self.cuda = self.engineProblem is None and self.logic.cudaAvailable()
         self.mps = self.engineProblem is None and self.logic.mpsAvailable()
         self.openVINOOffer = self.logic.openVINOOffer() if self.engineProblem is None else None
+        needed = bool(self.missing) or self.engineProblem is not None
+        self.installText = self.logic.installDescription(self.engineProblem) if needed else ""
         self.engineChecked = True
         self._descriptions.clear()
+        self._channels.clear()
         self.applyDeviceChoices()
+        self.followModelOverlap()
+
+    def beginInstall(self) -> bool:
+        """An install starts (the user confirmed it); False when one runs already: a click that came while pip
+        printed, which must not start a second one. Install, Segment and Train wait until :meth:`endInstall`."""
+        if self.installing:
+            return False
+        self.installing = True
+        return True
+
+    def endInstall(self) -> None:
+        """The install ended, well or not: check the engine again and let the buttons go."""
+        self.installing = False
+        self.checkEngine()
 
     @property
     def engineReady(self) -> bool:
@@ -275,6 +352,7 @@ class PanelState:
             return items[index].dialog
         self.parameters.checkpointPath = items[index].path
         self.lastModel = items[index].path
+        self.followModelOverlap()
         return ""
 
     def addModel(self, path) -> None:
@@ -285,13 +363,14 @@ class PanelState:
         if self.parameters is not None:
             self.parameters.checkpointPath = path
         self.lastModel = path
+        self.followModelOverlap()
 
     def describeModel(self, path: str) -> str:
         """The structures a model segments, for the label under the model box (read once per file version)."""
         if not path:
             return ""
         if not self.engineReady:
-            return "Install PyTorch to read the model." if self.logic.missingRequirements() else ""
+            return "Install PyTorch to read the model." if self.missing else ""
         file = pathlib.Path(path)
         if not file.exists():
             return f"The file {path} does not exist."
@@ -299,6 +378,40 @@ class PanelState:
         if key not in self._descriptions:
             self._descriptions[key] = self.logic.describeModel(path)
         return self._descriptions[key]
+
+    def followModelOverlap(self) -> None:
+        """Set the overlap to the one the chosen model records, once per change of model (see the module docstring)."""
+        parameters = self.parameters
+        if parameters is None or not self.engineReady or not parameters.checkpointPath \
+                or parameters.checkpointPath == self.overlapModel:
+            return
+        self.overlapModel = parameters.checkpointPath
+        if not pathlib.Path(parameters.checkpointPath).exists():
+            return
+        try:
+            recorded = self.logic.segmentDefaults(parameters.checkpointPath).overlap
+        except ValueError:
+            return  # the Segment button and the label under the model box say what is wrong with it
+        parameters.overlap = min(recorded, MAX_OVERLAP)
+
+    def acceptLicence(self, model: str) -> bool:
+        """True when ``model`` may be used: it names no share-alike licence, or the user accepted that licence
+        once (remembered in the settings), here or before."""
+        licence = modelLicence(pathlib.Path(model))
+        if licence is None:
+            return True
+        key = f"{LICENCE_SETTING}/{pathlib.Path(model).stem}"
+        if self.settings.value(key) == licence:
+            return True
+        name = pathlib.Path(model).stem
+        if not self.confirm(f"The model '{name}' is shared under {licence}: it was trained on data under that licence, "
+                            f"and what you make with it (segmentations, models fine-tuned from it) that you share must "
+                            f"be shared under the same licence, with attribution. Its model card "
+                            f"({pathlib.Path(model).with_suffix('.md').name}, beside the model) says more.\n\n"
+                            f"Use this model under {licence}?"):
+            return False
+        self.settings.setValue(key, licence)
+        return True
 
     # --- devices ---------------------------------------------------------------------------------
 
@@ -343,7 +456,7 @@ class PanelState:
 
     def pairs(self) -> list[tuple]:
         """The (volume, segmentation) pairs to train on, in the order they were added."""
-        return [(volume, segmentation) for _, volume, segmentation in self._pairEntries()]
+        return [(volume, segmentation) for _role, volume, segmentation in self._pairEntries()]
 
     def addPair(self, volume, segmentation) -> bool:
         """Add a pair (as one reference role); False when it is incomplete or already there."""
@@ -436,12 +549,14 @@ class PanelState:
     def startSegmentation(self) -> bool:
         """Segment the chosen input with the chosen model in the background; False (user told) when it cannot start."""
         parameters = self.parameters
+        if not self.acceptLicence(parameters.checkpointPath):
+            self.segmentation = _Run(status=NOT_ACCEPTED)
+            return False
         self.segmentation = _Run(status="Starting the engine...", inputVolume=parameters.inputVolume)
         try:
             self.segmentation.process = self.logic.segmentInBackground(
                 parameters.inputVolume, parameters.checkpointPath, parameters.outputSegmentation,
-                device=parameters.device, overlap=parameters.overlap, tta=parameters.testTimeAugmentation,
-                largestComponent=parameters.largestComponent, onProgress=self._segmentProgress,
+                options=self.segmentOptions(), onProgress=self._segmentProgress,
                 onFinished=self._segmentFinished, onError=self._segmentFailed,
                 roi=parameters.roiNode if self.usesRoi() else None, onWarning=self._segmentWarning)
         except ValueError as error:
@@ -450,10 +565,16 @@ class PanelState:
             return False
         return True
 
+    def segmentOptions(self) -> SegmentOptions:
+        """The Segment options the parameter node holds (ValueError for a value out of range)."""
+        with asValueError():
+            return SegmentOptions.from_parameters(self.parameters)
+
     def cancelSegmentation(self, status: str = "Cancelled.") -> None:
         """Stop the running segmentation; nothing is added to the scene."""
-        if self.segmentation.running:
-            self.segmentation.process.cancel()
+        process = self.segmentation.live
+        if process is not None:
+            process.cancel()
         self.segmentation.status, self.segmentation.progress = status, (0, 100)
 
     def _segmentWarning(self, message: str) -> None:
@@ -469,7 +590,7 @@ class PanelState:
         names = segmentNames(segmentationNode)
         self.segmentation.say(f"Done in {seconds:.0f} s: {', '.join(names)}.")
         self.segmentation.progress = (self.segmentation.progress[1], self.segmentation.progress[1])
-        self.showSegmentation(self.segmentation.inputVolume, segmentationNode)
+        self.showSegmentation(self.segmentation.inputVolume, segmentationNode, self.shown)
 
     def _segmentFailed(self, message: str) -> None:
         self.segmentation.say("Segmentation failed.")
@@ -483,7 +604,7 @@ class PanelState:
     def defaultRunName(self) -> str:
         """The run folder's name when none is given: the pairs' segment names and the date and time."""
         names: list[str] = []
-        for _, segmentation in self.pairs():
+        for _volume, segmentation in self.pairs():
             names += [name for name in segmentNames(segmentation) if name not in names]
         return defaultRunName(names)
 
@@ -497,7 +618,7 @@ class PanelState:
     def pressTrain(self) -> bool:
         """The Train / Stop button: start a run, or stop the running one unless the click is the second of a
         double-click on Train. True when a run started."""
-        if self.training.running:
+        if self.training.running or self.training.exporting:
             if not self.training.justStarted():
                 self.stopTraining()
             return False
@@ -511,12 +632,15 @@ class PanelState:
         if folder is None:
             self.notify("Training could not start: choose the models folder first.")
             return False
+        if initCheckpoint and not self.acceptLicence(initCheckpoint):
+            self.training = _Run(status=NOT_ACCEPTED)
+            return False
         return self._startTrainingRun(folder, "Exporting the training pairs...", lambda **callbacks: (
             self.logic.trainInBackground(
                 self.pairs(), folder, architecture=None if initCheckpoint else parameters.architecture,
                 epochs=parameters.epochs, patchSize=parameters.patchSize or None, batchSize=parameters.batchSize,
                 learningRate=parameters.learningRate or None, device=parameters.trainingDevice,
-                initCheckpoint=initCheckpoint, **callbacks)))
+                initCheckpoint=initCheckpoint, exportProgress=self._exportProgress, **callbacks)))
 
     def resumeFolder(self) -> pathlib.Path | None:
         """The stopped run that Resume continues: the selected model's run if it was stopped, else the run stopped
@@ -543,20 +667,45 @@ class PanelState:
         try:
             process = start(onProgress=self._trainingProgress, onFinished=self._trainingFinished,
                             onError=self._trainingFailed, onCancelled=self._trainingStopped)
+        except ExportStopped:
+            self.training.status, self.training.progress = "Stopped during the export; nothing was trained.", (0, 100)
+            self.training.stopping = False
+            return False
         except ValueError as error:
             self.training.status = "Training could not start."
             self.notify(f"Training could not start: {error}")
             return False
+        finally:
+            self.training.exporting = False
         self.training.process = process
         self.training.status = f"Preparing the training cases of {folder.name}..."
-        self.parameters.trainingTable = process.tableNode
+        if self.parameters is not None:  # the scene may have closed while the export let Slicer handle events
+            self.parameters.trainingTable = process.tableNode
         self.showChart(process.chartNode)
+        if self.training.stopping:  # Stop came after the last case: the run saves what it has, as any stopped run
+            self.training.stopping = False
+            self.stopTraining()
         return True
 
+    def _exportProgress(self, done: int, total: int) -> bool:
+        """One more case exported: say so, let Slicer handle clicks (Stop among them); False once Stop was pressed."""
+        self.training.exporting = True
+        if not self.training.stopping:
+            self.training.status = f"Exporting the training pairs: {done} of {total}..."
+            self.training.progress = (int(100 * done / max(total, 1) / 10), 100)  # the export: the first tenth
+        self.refresh()
+        return not self.training.stopping
+
     def stopTraining(self) -> None:
-        """Ask the run to stop after its current iteration; it saves last.pt, log.csv and the curves first."""
-        if self.training.running and not self.training.stopping:
-            self.training.process.cancel()
+        """Ask the run to stop after its current iteration; it saves last.pt, log.csv and the curves first. During
+        the export, stop it after the current case."""
+        if self.training.exporting and not self.training.stopping:
+            self.training.stopping = True
+            self.training.status = "Stopping the export after this case..."
+            return
+        process = self.training.live
+        if process is not None and not self.training.stopping:
+            process.cancel()
             self.training.stopping = True
             self.training.status = "Stopping after this iteration; last.pt is saved first..."
 
@@ -588,7 +737,8 @@ class PanelState:
         self.notify(f"Training failed: {message}")
 
     def _trainingStopped(self) -> None:
-        folder = self.training.process.job.outputFolder
+        assert self.training.folder is not None  # every training run has its folder
+        folder = self.training.folder
         last, best = folder / "last.pt", folder / "best.pt"
         if not last.is_file():
             self.training.status = "Stopped before the first checkpoint was saved."
@@ -605,8 +755,9 @@ class PanelState:
         """Let the background runs report; True while one still runs (the Widget polls on a timer)."""
         running = False
         for run in (self.segmentation, self.training):
-            if run.running:
-                running = run.process.poll() or running
+            process = run.live
+            if process is not None:
+                running = process.poll() or running
         return running
 
     def shutdown(self, seconds: float = SHUTDOWN_SECONDS) -> None:
@@ -622,32 +773,34 @@ class PanelState:
         index = self.modelIndex()
         chosen = models[index].path if index >= 0 else ""
         pairs = self.pairs()
-        missing = self.logic.missingRequirements()
+        missing = self.missing
         needed = bool(missing) or self.engineProblem is not None
         offer = None if needed else self.openVINOOffer  # an optional speed-up: shown, but folded away
-        installText = self.logic.installDescription(self.engineProblem) if needed else offer or ""
+        installText = self.installText if needed else offer or ""
+        if self.installing:
+            installText = "Installing... Slicer may pause while the packages download; Segment and Train wait."
         return PanelView(
             installVisible=needed or offer is not None,
             installText=installText,
-            installEnabled=bool(missing),
+            installEnabled=bool(missing) and not self.installing,
             installCollapsed=not needed,
-            openVINO=Button("Install OpenVINO", offer is not None, offer or ""),
+            openVINO=Button(_("Install OpenVINO"), offer is not None and not self.installing, offer or ""),
             models=models, modelIndex=index, modelLabels=self.describeModel(chosen),
             devices=self.deviceChoices(),
             segment=self._segmentButton(chosen),
             segmentProgress=self.segmentation.progress, segmentStatus=self.segmentation.status,
             roiEnabled=self.usesRoi(),
-            placeRoi=Button("Place ROI", parameters is not None and bool(parameters.inputVolume)
+            placeRoi=Button(_("Place ROI"), parameters is not None and bool(parameters.inputVolume)
                             and not self.segmentation.running,
                             "Add a box at the volume's centre, the size of the model's training images; drag it "
                             "over the structure, then Segment segments inside it only."),
             pairs=[(volume.GetName(), f"{segmentation.GetName()} ({', '.join(segmentNames(segmentation))})")
                    for volume, segmentation in pairs],
-            addPair=Button("Add pair", parameters is not None and trainingVolume is not None
+            addPair=Button(_("Add pair"), parameters is not None and trainingVolume is not None
                            and trainingSegmentation is not None and (trainingVolume, trainingSegmentation) not in pairs,
                            "Add the volume and segmentation above to the training pairs."),
-            removePair=Button("Remove pair", 0 <= selectedPairRow < len(pairs), "Remove the selected training pair."),
-            addSegmented=Button("Add the segmented volumes", bool(self.segmentedPairsToAdd()),
+            removePair=Button(_("Remove pair"), 0 <= selectedPairRow < len(pairs), "Remove the selected training pair."),
+            addSegmented=Button(_("Add the segmented volumes"), bool(self.segmentedPairsToAdd()),
                                 "Add each volume segmented here with its segmentation (corrected in Segment Editor, "
                                 "if need be) to the training pairs."),
             architectureEnabled=not self.fineTuning(),
@@ -656,44 +809,74 @@ class PanelState:
             resume=self._resumeButton(), runNamePlaceholder=self.defaultRunName())
 
     def _resumeButton(self) -> Button:
-        folder = None if self.training.running or not self.engineReady else self.resumeFolder()
+        busy = self.training.running or self.training.exporting or self.installing
+        folder = None if busy or not self.engineReady else self.resumeFolder()
         if folder is None:
-            return Button("Resume", False, "Continue a stopped run: select its model (or stop a run) first.")
-        return Button("Resume", True, f"Continue the stopped run {folder.name} from its last.pt.")
+            return Button(_("Resume"), False, "Continue a stopped run: select its model (or stop a run) first.")
+        return Button(_("Resume"), True, f"Continue the stopped run {folder.name} from its last.pt.")
 
     def _segmentButton(self, model: str) -> Button:
         if self.segmentation.running:
-            return Button("Cancel", True, "Stop the segmentation; nothing is added to the scene.")
+            return Button(_("Cancel"), True, "Stop the segmentation; nothing is added to the scene.")
         parameters = self.parameters
+        if self.installing:
+            return Button(_("Segment"), False, INSTALLING)
         if not self.engineReady:
-            return Button("Segment", False, "Install PyTorch first (Install section)." if self.engineChecked
+            return Button(_("Segment"), False, "Install PyTorch first (Install section)." if self.engineChecked
                           else "Checking that PyTorch loads...")
-        if parameters is None or not _plainScalarVolume(parameters.inputVolume) or not model:
-            return Button("Segment", False, "Choose an input volume and a model.")
+        if parameters is None or not _segmentableVolume(parameters.inputVolume) or not model:
+            return Button(_("Segment"), False, "Choose an input volume and a model.")
         if not pathlib.Path(model).exists():
-            return Button("Segment", False, f"The model {model} does not exist: choose another model.")
+            return Button(_("Segment"), False, f"The model {model} does not exist: choose another model.")
+        mismatch = self._channelMismatch(parameters.inputVolume, model)
+        if mismatch:
+            return Button(_("Segment"), False, mismatch)
         if self.usesRoi():
             if not parameters.roiNode:
-                return Button("Segment", False, "Choose an ROI, or click Place ROI, to segment inside it.")
-            return Button("Segment", True, f"Segment the input volume inside {parameters.roiNode.GetName()}.")
-        return Button("Segment", True, "Segment the input volume with the chosen model.")
+                return Button(_("Segment"), False, "Choose an ROI, or click Place ROI, to segment inside it.")
+            return Button(_("Segment"), True, f"Segment the input volume inside {parameters.roiNode.GetName()}.")
+        return Button(_("Segment"), True, "Segment the input volume with the chosen model.")
+
+    def _channelMismatch(self, volume, model: str) -> str:
+        """Why ``model`` cannot segment ``volume`` (its channels differ: e.g. an RGB volume and a CT model); ''."""
+        expected = self.modelChannels(model)
+        channels = volumeChannels(volume)
+        if expected is None or channels == expected:
+            return ""
+        kind = "one channel (a scalar volume)" if channels == 1 else f"{channels} channels (an RGB or vector volume)"
+        return (f"{volume.GetName()} has {kind}, but the model expects {expected}: choose a model made for this kind "
+                "of image, or another volume.")
+
+    def modelChannels(self, path: str) -> int | None:
+        """The input channels of a model (read once per file version); None when it cannot be read here."""
+        if not self.engineReady:
+            return None
+        key = (path, pathlib.Path(path).stat().st_mtime_ns)
+        if key not in self._channels:
+            try:
+                self._channels[key] = int(self.logic.loadCheckpoint(path).in_channels)
+            except ValueError:
+                self._channels[key] = None  # the label under the model box says what is wrong with it
+        return self._channels[key]
 
     def _trainButton(self, pairs, model: str) -> Button:
-        if self.training.running:
+        if self.training.running or self.training.exporting:
             if self.training.stopping:
-                return Button("Stopping...", False, "The run ends its iteration and saves last.pt.")
-            return Button("Stop", True, "Stop after the current iteration; last.pt keeps the weights so far.")
+                return Button(_("Stopping..."), False, "The run ends its iteration and saves last.pt.")
+            return Button(_("Stop"), True, "Stop after the current iteration; last.pt keeps the weights so far.")
+        if self.installing:
+            return Button(_("Train"), False, INSTALLING)
         if not self.engineReady:
-            return Button("Train", False, "Install PyTorch first (Install section)." if self.engineChecked
+            return Button(_("Train"), False, "Install PyTorch first (Install section)." if self.engineChecked
                           else "Checking that PyTorch loads...")
         if not pairs:
-            return Button("Train", False, "Add at least one pair of a volume and its segmentation.")
+            return Button(_("Train"), False, "Add at least one pair of a volume and its segmentation.")
         if self.fineTuning() and not (model and pathlib.Path(model).is_file()):
-            return Button("Train", False, "Choose the model to fine-tune in the Segment section.")
+            return Button(_("Train"), False, "Choose the model to fine-tune in the Segment section.")
         if self.modelsFolder() is None:
-            return Button("Train", False, "Choose the models folder, under which each run gets a folder of its own.")
+            return Button(_("Train"), False, "Choose the models folder, under which each run gets a folder of its own.")
         what = f"Fine-tune {modelName(pathlib.Path(model))}" if self.fineTuning() else "Train a new network"
-        return Button("Train", True, f"{what} on the pairs above, in a new folder under {self.modelsFolder()}.")
+        return Button(_("Train"), True, f"{what} on the pairs above, in a new folder under {self.modelsFolder()}.")
 
 
 def _stoppedRun(folder: pathlib.Path) -> bool:
@@ -707,9 +890,43 @@ def _stoppedRun(folder: pathlib.Path) -> bool:
     return (folder / "last.state.pt").is_file() and logged < epochs and not (folder / "validation_report.json").exists()
 
 
+def modelLicence(path: pathlib.Path) -> str | None:
+    """The share-alike licence (e.g. 'CC-BY-SA 4.0') that a model's card (its .md beside it) names; None for none."""
+    card = path.with_suffix(".md")
+    try:
+        match = re.search(r"CC[- ]BY[- ]SA(?: [0-9.]+)?", card.read_text(encoding="utf-8")) if card.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+    return match.group(0) if match else None
+
+
+class _MemorySettings:
+    """Settings kept for this session only: where no application settings are given (scripts, tests)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def value(self, key: str) -> str | None:
+        return self.values.get(key)
+
+    def setValue(self, key: str, value: str) -> None:
+        self.values[key] = value
+
+
 def _plainScalarVolume(node) -> bool:
     """A scalar volume of the class the input selector shows: not a labelmap, vector (RGB) or other subclass."""
     return node is not None and node.GetClassName() == "vtkMRMLScalarVolumeNode"
+
+
+def _segmentableVolume(node) -> bool:
+    """A volume of a class the input selector shows: scalar, or vector (RGB, multi-channel); not a labelmap."""
+    return node is not None and node.GetClassName() in ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
+
+
+def volumeChannels(node) -> int:
+    """The channels a volume node holds: its voxels' components (1 for a scalar volume, 3 for RGB)."""
+    image = node.GetImageData()
+    return image.GetNumberOfScalarComponents() if image is not None else 1
 
 
 def modelName(path: pathlib.Path) -> str:

@@ -27,8 +27,15 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Any
+
+from ..protocol import EXIT_OK, error_message
 
 log = logging.getLogger("UNet3DSegmenter")
+
+# Windows process creation flags (the subprocess module defines them on Windows only).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
 
 
 class EngineProcess:
@@ -55,20 +62,30 @@ class EngineProcess:
         self.workingDirectory = workingDirectory
         self.stopFile = pathlib.Path(stopFile) if stopFile is not None else None
         self.cancelGraceSeconds = cancelGraceSeconds
-        self.returncode = None
-        self.errorMessage = None
+        self.returncode: int | None = None
+        self.errorMessage: str | None = None
         self.cancelled = False
-        self._process = None
-        self._lines = queue.Queue()
+        # What the caller keeps with the run: a segmentation's temporary folder, a training run's job and curves.
+        self.temporaryFolder: pathlib.Path | None = None
+        self.job: Any = None
+        self.tableNode: Any = None
+        self.chartNode: Any = None
+        self._process: subprocess.Popen[str] | None = None
+        self._lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._openStreams = 0
-        self._stderrTail = collections.deque(maxlen=200)
-        self._exitedAt = None
-        self._killAt = None
+        self._stderrTail: collections.deque[str] = collections.deque(maxlen=200)
+        self._exitedAt: float | None = None
+        self._killAt: float | None = None
         self._done = False
 
     @property
     def pid(self):
         return self._process.pid if self._process is not None else None
+
+    @property
+    def _child(self) -> subprocess.Popen[str]:
+        assert self._process is not None, "the process has not been started"
+        return self._process
 
     @property
     def running(self) -> bool:
@@ -77,19 +94,20 @@ class EngineProcess:
 
     def start(self) -> EngineProcess:
         """Start the child; ValueError with one line when the program cannot start."""
-        options = {}
+        options: dict[str, Any] = {}
         if os.name == "nt":
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+            options["creationflags"] = CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
         else:
             options["start_new_session"] = True  # its own process group, so that a kill reaches its children
         try:
-            self._process = subprocess.Popen(
+            child = subprocess.Popen(
                 self.arguments, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True, encoding="utf-8", errors="replace", bufsize=1, env=self.environment,
                 cwd=self.workingDirectory, **options)
         except OSError as error:
             raise ValueError(f"cannot start {self.arguments[0]}: {error.strerror or error}") from None
-        for stream, name in ((self._process.stdout, "stdout"), (self._process.stderr, "stderr")):
+        self._process = child
+        for stream, name in ((child.stdout, "stdout"), (child.stderr, "stderr")):
             self._openStreams += 1
             threading.Thread(target=self._read, args=(stream, name), daemon=True).start()
         return self
@@ -148,7 +166,7 @@ class EngineProcess:
         self.cancelled = True
         self._signalGroup(kill=True)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self._process.wait(timeout=self.PIPE_GRACE_SECONDS)
+            self._child.wait(timeout=self.PIPE_GRACE_SECONDS)
         self._exitedAt = self._exitedAt or time.monotonic() - self.PIPE_GRACE_SECONDS
         self.poll()
 
@@ -163,11 +181,12 @@ class EngineProcess:
 
     def _signalGroup(self, kill: bool) -> None:
         if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True, check=False)
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._child.pid)], capture_output=True, check=False,
+                           creationflags=CREATE_NO_WINDOW)  # no console window flashes on every cancel
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             # start_new_session made the child the leader of a group that its own children join
-            os.killpg(self._process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            os.killpg(self._child.pid, signal.SIGKILL if kill else signal.SIGTERM)
 
     def _dispatch(self) -> None:
         while True:
@@ -182,7 +201,7 @@ class EngineProcess:
             else:
                 self._stderrTail.append(line)
                 if line.strip():
-                    log.info("engine: %s", line)
+                    log.debug("engine: %s", line)  # an error reaches the user through onError, in one line
 
     def _handleOutput(self, line: str) -> None:
         event = None
@@ -191,21 +210,21 @@ class EngineProcess:
                 event = json.loads(line)
         if not isinstance(event, dict):
             if line.strip():
-                log.info("engine: %s", line)
+                log.debug("engine: %s", line)
             return
         if self.onProgress is not None:
             self.onProgress(event)
 
     def _finish(self) -> None:
         self._done = True
-        self.returncode = self._process.poll()
+        self.returncode = self._child.poll()
         if self.stopFile is not None:
             with contextlib.suppress(OSError):
                 self.stopFile.unlink()  # honoured or not, it must not stop the next run in this folder
         if self.cancelled:
             if self.onCancelled is not None:
                 self.onCancelled()
-        elif self.returncode == 0:
+        elif self.returncode == EXIT_OK:
             if self.onFinished is not None:
                 self.onFinished()
         else:
@@ -216,8 +235,9 @@ class EngineProcess:
     def _errorMessage(self) -> str:
         lines = [line.strip() for line in self._stderrTail if line.strip()]
         for line in reversed(lines):
-            if line.startswith("error:"):
-                return line[len("error:"):].strip()
+            message = error_message(line)
+            if message is not None:
+                return message
         if lines:
             return lines[-1]
         code = self.returncode
@@ -244,12 +264,16 @@ def engineCommand(python, *arguments) -> list:
 def childEnvironment(moduleFolder) -> dict:
     """The environment for an engine child process: ``moduleFolder`` (which holds UNet3DSegmenterLib) named
     for :func:`engineCommand` and first on PYTHONPATH, so that the child runs this module's engine, and
-    unbuffered output, so that progress arrives as it happens."""
+    unbuffered UTF-8 output, so that progress arrives as it happens and as written."""
     environment = dict(os.environ)
     paths = [str(moduleFolder)] + [path for path in environment.get("PYTHONPATH", "").split(os.pathsep) if path]
     environment["PYTHONPATH"] = os.pathsep.join(paths)
     environment[ENGINE_FOLDER_VARIABLE] = str(moduleFolder)
     environment["PYTHONUNBUFFERED"] = "1"
+    # UTF-8 for the child's files and pipes whatever the system's code page, as the parent decodes them, so that a
+    # non-ASCII path in an error line arrives as written.
+    environment["PYTHONUTF8"] = "1"
+    environment["PYTHONIOENCODING"] = "utf-8"
     return environment
 
 

@@ -9,39 +9,47 @@ Slicer stays responsive and the run can be cancelled.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from ..choices import DEVICES
+from ..segment_options import SegmentOptions
 from .install import asValueError, engine, oneLine
 from .process import EngineProcess, engineCommand
 from .scene import regionFromRoiNode, storeSegmentation, volumeFromNode
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint, Ensemble
+    from ..volume import Volume
 
 log = logging.getLogger("UNet3DSegmenter")
 
 
 @dataclass
 class SegmentationJob:
-    """What one segmentation needs, checked: the input node and its Volume, the loaded checkpoint, the options."""
+    """What one segmentation needs, checked: the input node and its Volume, the loaded checkpoint, the options
+    (``options.roi`` holds the ROI node's box in RAS mm)."""
 
-    inputVolume: object
-    volume: object
-    checkpoint: object
+    inputVolume: Any  # vtkMRMLScalarVolumeNode
+    volume: Volume
+    checkpoint: Checkpoint | Ensemble
     checkpointPath: pathlib.Path | None  # None: an in-memory Checkpoint
-    outputSegmentation: object = None
-    device: str = "auto"
-    overlap: float = 0.5
-    tta: bool = False
-    largestComponent: bool = False
-    region: object = None  # the engine's RegionOfInterest, or None for the whole volume
+    options: SegmentOptions
+    outputSegmentation: Any = None  # vtkMRMLSegmentationNode, or None for a new one
 
     @property
     def checkpointName(self) -> str:
         return str(self.checkpointPath) if self.checkpointPath is not None else "in-memory checkpoint"
+
+    @property
+    def region(self):
+        """The engine's RegionOfInterest, or None for the whole volume."""
+        return self.options.region()
 
 
 def loadCheckpoint(checkpoint):
@@ -55,28 +63,40 @@ def loadCheckpoint(checkpoint):
         return package.load_checkpoint(checkpoint)
 
 
-def prepare(inputVolume, checkpoint, outputSegmentation=None, device: str = "auto", overlap: float = 0.5,
-            tta: bool = False, largestComponent: bool = False, roi=None) -> SegmentationJob:
+def segmentOptions(options: SegmentOptions | None = None, **keywords) -> SegmentOptions:
+    """``options`` (default: every default) with ``keywords`` (``largestComponent`` or ``largest_component``, ...)
+    on top; ValueError with one line for a value out of range, TypeError for an unknown keyword."""
+    with asValueError():
+        return (options or SegmentOptions()).with_keywords(**keywords)
+
+
+def segmentDefaults(checkpoint) -> SegmentOptions:
+    """The options ``checkpoint`` runs with when none is chosen: every default, and the overlap it records."""
+    loaded = loadCheckpoint(checkpoint)
+    return SegmentOptions(overlap=SegmentOptions().overlap_for(loaded))
+
+
+def prepare(inputVolume, checkpoint, outputSegmentation=None, options: SegmentOptions | None = None, roi=None,
+            **keywords) -> SegmentationJob:
     """Check the inputs of a segmentation; ValueError, and nothing changed, when one cannot work.
 
-    ``roi`` (a vtkMRMLMarkupsROINode, or None for the whole volume) restricts the work to its box.
+    ``options`` and ``keywords`` are those of :func:`segmentOptions` (an overlap left unset is the
+    checkpoint's); ``roi`` (a vtkMRMLMarkupsROINode, or None for the whole volume) restricts the
+    work to its box.
     """
+    options = segmentOptions(options, **keywords)
     volume = volumeFromNode(inputVolume)
     region = regionFromRoiNode(roi, inputVolume) if roi is not None else None
     if region is not None:
         with asValueError():
             region.block(volume)  # a box that misses the volume is refused now, not in the child
+        options = dataclasses.replace(options, roi=(*region.first, *region.second))
     loaded = loadCheckpoint(checkpoint)
     if volume.channels != loaded.in_channels:
         raise ValueError(f"volume {inputVolume.GetName()} has {volume.channels} channel(s) but the model expects "
                          f"{loaded.in_channels}: choose a model made for this kind of image")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be at least 0 and below 1, got {overlap}")
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
     path = pathlib.Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
-    return SegmentationJob(inputVolume, volume, loaded, path, outputSegmentation, device, float(overlap), bool(tta),
-                           bool(largestComponent), region)
+    return SegmentationJob(inputVolume, volume, loaded, path, options, outputSegmentation)
 
 
 def predict(job: SegmentationJob, progress=None, warn=None):
@@ -85,9 +105,7 @@ def predict(job: SegmentationJob, progress=None, warn=None):
     Each warning about the input (far outside the model's training data) goes to ``warn(message)``
     (default: the log)."""
     with asValueError():
-        predictor = engine().Predictor(job.checkpoint, device=job.device, overlap=job.overlap, tta=job.tta,
-                                       largest_component=job.largestComponent)
-        return predictor.predict(job.volume, progress=progress, roi=job.region, warn=warn).labelmap
+        return engine().Predictor(job.checkpoint, job.options).predict(job.volume, progress=progress, warn=warn).labelmap
 
 
 def finish(job: SegmentationJob, labelmap):
@@ -120,11 +138,7 @@ def startInBackground(job: SegmentationJob, python: str, environment: dict, onPr
         shutil.rmtree(folder, ignore_errors=True)
         raise
     arguments = engineCommand(python, "predict", "--checkpoint", checkpointPath, "--input", inputPath,
-                              "--output", outputPath, "--device", job.device, "--overlap", job.overlap, "--progress-json")
-    arguments += ["--tta"] if job.tta else []
-    arguments += ["--largest-component"] if job.largestComponent else []
-    if job.region is not None:
-        arguments += ["--roi", *job.region.first, *job.region.second]
+                              "--output", outputPath, *job.options.to_arguments(), "--progress-json")
 
     def progress(event: dict) -> None:
         if process.cancelled:

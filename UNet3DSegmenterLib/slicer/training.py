@@ -4,7 +4,7 @@
 names and colours from the segments, ``init`` when fine-tuning a model) and exports the pairs;
 :func:`finish` names the checkpoint the run produced. In between, :func:`run` trains in this process
 (Python console, tests) and :func:`startInBackground` runs ``unet3d-segmenter train --config
-run.json --progress-json`` in a child process (the panel), stopped by a ``STOP`` file so that it
+run.json --progress-json`` in a child process (the panel), stopped by a stop file (``protocol.py``) so that it
 always saves. Both fill a table of loss and Dice per epoch, plotted by a chart in the scene.
 A new run refuses a folder that holds a model before it exports anything (the engine's
 ``TrainingConfig.check_output``); :func:`prepareResume` continues a stopped run from its run.json.
@@ -12,22 +12,26 @@ A new run refuses a folder that holds a model before it exports anything (the en
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import pathlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import slicer
 import vtk
 
-from .export import checkPairs, exportTrainingPairs, trainingLabels
+from ..protocol import TrainingEvent, stop_file, withdraw_stop_request
+from .export import ExportStopped, checkPairs, exportTrainingPairs, trainingLabels
 from .install import asValueError, engine
 from .process import EngineProcess, engineCommand
 from .segmentation import loadCheckpoint
 
+if TYPE_CHECKING:
+    from ..training.config import TrainingConfig
+
 CHART_ROLE = "UNet3DSegmenter.Chart"
-STOP_FILE = "STOP"
-"""The file that stops ``unet3d-segmenter train`` gracefully (``commands.train.STOP_FILE``)."""
 
 # TrainingConfig fields that prepare() sets from its own arguments, the pairs and the output folder.
 _SET_HERE = {"data", "output", "architecture", "epochs", "patch_size", "batch_size", "lr", "device", "init",
@@ -41,11 +45,11 @@ STOP_GRACE_SECONDS = 30.0
 class TrainingJob:
     """A checked training run: the engine's configuration, the labels, and the curves in the scene."""
 
-    config: object  # UNet3DSegmenterLib.TrainingConfig
+    config: TrainingConfig
     pairs: list
     labels: list
-    tableNode: object
-    chartNode: object
+    tableNode: Any  # vtkMRMLTableNode
+    chartNode: Any  # vtkMRMLPlotChartNode
     result: dict | None = None  # the trainer's 'done' event, once it came
 
     @property
@@ -55,7 +59,7 @@ class TrainingJob:
 
 def prepare(pairs, outputFolder, architecture: str | None = None, epochs: int = 100, patchSize=None,
             batchSize: int = 2, learningRate=None, device: str = "auto", initCheckpoint=None, tableNode=None,
-            **options) -> TrainingJob:
+            exportProgress=None, **options) -> TrainingJob:
     """Check a training run and export its pairs to ``outputFolder/data``; ValueError, nothing written, when it cannot run.
 
     ``initCheckpoint`` (a path or a Checkpoint) makes it fine-tune that model: its labels keep their
@@ -80,7 +84,10 @@ def prepare(pairs, outputFolder, architecture: str | None = None, epochs: int = 
         options.setdefault("val_fraction", 0.0)
     patch = None
     if patchSize:
-        patch = tuple(int(size) for size in patchSize) if isinstance(patchSize, (tuple, list)) else (int(patchSize),) * 3
+        sizes = [int(size) for size in (patchSize if isinstance(patchSize, (tuple, list)) else [patchSize] * 3)]
+        if len(sizes) != 3:
+            raise ValueError(f"patchSize is one edge length or three (z, y, x) in voxels, got {patchSize}")
+        patch = (sizes[0], sizes[1], sizes[2])
     TrainingConfig = engine().TrainingConfig
     unknown = sorted(set(options) - {field.name for field in dataclasses.fields(TrainingConfig)})
     if unknown:
@@ -98,10 +105,14 @@ def prepare(pairs, outputFolder, architecture: str | None = None, epochs: int = 
             label_names={label.value: label.name for label in labels},
             label_colors={label.value: tuple(label.color) for label in labels}, **options)
         config.check_output()  # before the export: a model there stays as it was
-    exportTrainingPairs(pairs, config.data, labels)
+    try:
+        exportTrainingPairs(pairs, config.data, labels, exportProgress)
+    except ExportStopped:
+        with contextlib.suppress(OSError):
+            outputFolder.rmdir()  # the run's new folder, left empty: no trace of a run that never started
+        raise
     if init is not None and config.init is None:
         config.init = engine().save_checkpoint(init, outputFolder / "init.pt")
-    (outputFolder / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop this run
     return _job(config, pairs, labels, tableNode)
 
 
@@ -122,7 +133,6 @@ def prepareResume(pairs, outputFolder, tableNode=None, **options) -> TrainingJob
     Label = engine().Label
     labels = [Label(value, name, (config.label_colors or {}).get(value, (0.5, 0.5, 0.5)))
               for value, name in sorted((config.label_names or {}).items())]
-    (outputFolder / STOP_FILE).unlink(missing_ok=True)  # a stale request must not stop this run
     job = _job(config, [], labels, tableNode)
     if tableNode is None:  # a new table: its curves start at epoch 1, as the run's own log does
         addLoggedEpochs(job.tableNode, outputFolder / "log.csv", [label.name for label in labels])
@@ -149,6 +159,7 @@ def addLoggedEpochs(tableNode, logFile: pathlib.Path, labelNames) -> None:
 
 def _job(config, pairs, labels, tableNode) -> TrainingJob:
     """The job, with a new table and chart of the curves unless ``tableNode`` is given."""
+    withdraw_stop_request(config.output)  # a stale request must not stop this run
     chartNode = None
     if tableNode is None:
         tableNode, chartNode = createTrainingCurves([label.name for label in labels])
@@ -167,8 +178,8 @@ def run(job: TrainingJob, progress=None, cancel=None) -> None:
     """Train in this process; ``progress(event)`` gets every trainer event, ``cancel()`` True stops after an iteration."""
     from ..training.trainer import train
 
-    def report(event: dict) -> None:
-        record(job, event)
+    def report(event: TrainingEvent) -> None:
+        record(job, dict(event))
         if progress is not None:
             progress(event)
 
@@ -222,7 +233,7 @@ def startInBackground(job: TrainingJob, python: str, environment: dict, onProgre
     arguments = engineCommand(python, "train", "--config", configPath, *how, "--progress-json")
     process = EngineProcess(arguments, onProgress=report, onFinished=finished, onError=onError,
                             onCancelled=onCancelled, environment=environment,
-                            stopFile=job.outputFolder / STOP_FILE, cancelGraceSeconds=STOP_GRACE_SECONDS)
+                            stopFile=stop_file(job.outputFolder), cancelGraceSeconds=STOP_GRACE_SECONDS)
     process.job, process.tableNode, process.chartNode = job, job.tableNode, job.chartNode
     return process.start()
 

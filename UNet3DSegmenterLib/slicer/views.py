@@ -31,6 +31,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import slicer
@@ -105,7 +106,7 @@ class _View:
         # Displayable managers reach the view's interactor through the render window.
         self.interactor = vtk.vtkGenericRenderWindowInteractor()
         self.interactor.SetRenderWindow(self.renderWindow)
-        self.displayableManagerGroup = None
+        self.displayableManagerGroup: Any = None
         self._addedNodes: list = []
 
     def _addDisplayableManagers(self, factory, names: Sequence[str], viewNode) -> None:

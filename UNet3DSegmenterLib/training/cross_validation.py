@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from ..checkpoint import Ensemble, load_single_checkpoint, save_checkpoint
 from ..datalist import load_datalist
 from ..errors import UserError
 from ..metrics import METRIC_NAMES
-from ..progress import TrainingEvent
+from ..protocol import CrossValidationEvent, FoldEvent, TrainingEvent
 from .config import TrainingConfig
 from .distributed import Distributed
 from .losses import build_loss
@@ -106,7 +106,7 @@ class _CrossValidation:
         for fold in range(self.folds):
             if fold in finished:
                 continue
-            self._emit(event="fold", fold=fold, folds=self.folds)
+            self._emit(FoldEvent(event="fold", fold=fold, folds=self.folds))
             result = train(self._fold_config(fold), self.progress, self.cancel)
             if result.stopped == "cancelled":
                 return CrossValidationResult(self.output, "cancelled", self._report(finished),
@@ -154,8 +154,9 @@ class _CrossValidation:
         report["ensemble"] = str(ensemble)
         test_path = self._test(report, members[0].labels)
         write_json(report, self.paths["cv_report.json"])
-        self._emit(event="cross_validation", report=str(self.paths["cv_report.json"]), ensemble=str(ensemble),
-                   folds=self.folds, dice=training["cv_dice"], mean_dice=report["mean_foreground_dice"])
+        self._emit(CrossValidationEvent(event="cross_validation", report=str(self.paths["cv_report.json"]),
+                                        ensemble=str(ensemble), folds=self.folds, dice=training["cv_dice"],
+                                        mean_dice=report["mean_foreground_dice"]))
         return CrossValidationResult(self.output, "completed", report, self.paths["cv_report.json"], ensemble,
                                      test_path)
 
@@ -172,7 +173,7 @@ class _CrossValidation:
         folds_mean = _mean_over([entry["test"]["mean"] for entry in report["per_fold"] if "test" in entry])
         report["test"] = {"cases": split.test, "ensemble": _summary(_as_json(scores)),
                           "mean_of_folds": folds_mean}
-        self._emit(**test_event(scores, self.paths["ensemble.pt"], self.paths["test_report.json"]))
+        self._emit(test_event(scores, self.paths["ensemble.pt"], self.paths["test_report.json"]))
         return self.paths["test_report.json"]
 
     def _report(self, finished: dict[int, dict]) -> dict:
@@ -190,9 +191,9 @@ class _CrossValidation:
             "mean_foreground_dice": float(np.mean([scores["dice"] for scores in mean.values()])) if mean else None,
         }
 
-    def _emit(self, **event: Any) -> None:
+    def _emit(self, event: TrainingEvent) -> None:
         if self.main:
-            self.progress(cast(TrainingEvent, event))
+            self.progress(event)
 
 
 def _fold_entry(fold: int, result: TrainingResult) -> dict:

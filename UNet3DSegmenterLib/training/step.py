@@ -19,7 +19,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..choices import OPTIMIZERS
-from ..inference.fast import instance_norm_per_sample
+from ..models import instance_norm_per_sample
 
 CHANNELS_LAST = torch.channels_last_3d
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,10 +39,9 @@ from ..atomic import atomic_path, remove_stale_partials, write_json
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..datalist import load_datalist
 from ..errors import UserError
-from ..inference.fast import reuse_freed_memory
 from ..paths import check_outputs
-from ..progress import TrainingEvent
-from ..runtime import training_dtype
+from ..protocol import DoneEvent, EpochEvent, IterationEvent, PreparingEvent, TrainingEvent
+from ..runtime import reuse_freed_memory, training_dtype
 from .augment import Augmenter
 from .config import TrainingConfig
 from .distributed import Distributed
@@ -181,7 +180,7 @@ class _Run:
 
         def report(done: int, total: int) -> None:
             if self.distributed.main:
-                self.progress({"event": "preparing", "kind": kind, "done": done, "total": total})
+                self.progress(PreparingEvent(event="preparing", kind=kind, done=done, total=total))
 
         return prepare_cases(cases, self.plan.preprocessing, self.plan.label_values, crop, self.config.resample_labels,
                              self.plan.label_map, self.config.cache_dir, report)
@@ -201,8 +200,9 @@ class _Run:
                 self.partial["loss_sum"] += loss
                 done = self._step() - steps_at_start
                 eta = (time.perf_counter() - started) / done * (self.total_steps - self._step())
-                self._emit(event="iteration", epoch=self.epoch + 1, epochs=config.epochs, iteration=self.iteration,
-                           iterations=config.iterations_per_epoch, loss=loss, eta=round(eta, 1))
+                self._emit(IterationEvent(event="iteration", epoch=self.epoch + 1, epochs=config.epochs,
+                                          iteration=self.iteration, iterations=config.iterations_per_epoch,
+                                          loss=loss, eta=round(eta, 1)))
                 if self.distributed.any(bool(self.cancel and self.cancel())):
                     self.partial["seconds"] = time.perf_counter() - epoch_started
                     if self.distributed.main:
@@ -257,9 +257,11 @@ class _Run:
             stopped = self._stopping(row if validating else None)
             eta = (time.perf_counter() - started) / max(1, self._step() - steps_at_start) * \
                 (self.total_steps - self._step())
-            self._emit(event="epoch", epoch=self.epoch, epochs=config.epochs, train_loss=train_loss,
-                       **({"dice": row["dice"], "mean_dice": row["mean_dice"]} if validating else {}),
-                       lr=lr, seconds=round(row["seconds"], 2), eta=round(eta, 1))
+            ended = EpochEvent(event="epoch", epoch=self.epoch, epochs=config.epochs, train_loss=train_loss, lr=lr,
+                               seconds=round(row["seconds"], 2), eta=round(eta, 1))
+            if validating:
+                ended["dice"], ended["mean_dice"] = row["dice"], row["mean_dice"]
+            self._emit(ended)
         codes = ("completed", "patience", "dice_threshold")
         flag = [self.distributed.any(stopped == code) for code in codes[1:]]
         return codes[1 + flag.index(True)] if any(flag) else "completed"
@@ -281,13 +283,13 @@ class _Run:
             report = case_report(self.paths["best.pt"], self.test_files, str(self.device), self.config.resample_labels,
                                  self.step_fn.loss)
             write_json(report, self.paths["test_report.json"])
-            self._emit(**test_event(report, self.paths["best.pt"], self.paths["test_report.json"]))
+            self._emit(test_event(report, self.paths["best.pt"], self.paths["test_report.json"]))
 
     # --- writing ------------------------------------------------------------------------------
 
-    def _emit(self, **event: Any) -> None:
+    def _emit(self, event: TrainingEvent) -> None:
         if self.distributed.main:
-            self.progress(cast(TrainingEvent, event))
+            self.progress(event)
 
     def _checkpoint(self) -> Checkpoint:
         plan, config = self.plan, self.config
@@ -356,8 +358,8 @@ class _Run:
         report, test_report = self.paths["validation_report.json"], self.paths["test_report.json"]
         best_dice = self.best["dice"] if self.best["dice"] > -math.inf else math.nan
         if self.distributed.main:
-            self._emit(event="done", best_checkpoint=str(self.paths["best.pt"]),
-                       last_checkpoint=str(self.paths["last.pt"]), best_dice=best_dice, stopped=stopped)
+            self._emit(DoneEvent(event="done", best_checkpoint=str(self.paths["best.pt"]),
+                                 last_checkpoint=str(self.paths["last.pt"]), best_dice=best_dice, stopped=stopped))
         return TrainingResult(self.output, self.paths["best.pt"], self.paths["last.pt"], best_dice,
                               self.best["epoch"], self.epoch, stopped, list(self.log.rows),
                               report if report.is_file() else None, test_report if test_report.is_file() else None)

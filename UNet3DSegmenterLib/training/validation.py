@@ -24,7 +24,7 @@ from ..checkpoint import CheckpointSource
 from ..inference.fast import input_layout, prepare_for_inference
 from ..inference.sliding_window import sliding_window_inference
 from ..metrics import dice, iou, voxel_accuracy
-from ..progress import TestEvent
+from ..protocol import TestEvent
 from ..runtime import resolve_precision
 from .patches import PreparedCase
 

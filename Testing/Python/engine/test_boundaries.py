@@ -80,11 +80,24 @@ def test_a_moved_module_still_imports_from_its_old_path_with_a_warning(old, new)
     assert any(issubclass(warning.category, DeprecationWarning) and new in str(warning.message) for warning in caught)
 
 
+def _relative_imports(path: Path, level: int) -> set[str]:
+    """The first part of each package-relative module ``path`` imports at ``level`` (1: ``from .x``, 2: ``from ..x``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.module.split(".")[0] for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == level and node.module}
+
+
 def test_imports_flow_one_way_core_never_imports_the_pipelines_or_commands():
     """The package's entry points (__init__'s lazy names, __main__) may name anything; the core may not."""
     core = [path for path in PACKAGE.glob("*.py") if path.name not in ("__init__.py", "__main__.py")]
     for path in core:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-                assert node.module.split(".")[0] not in ("training", "commands"), f"{path.name} imports {node.module}"
+        imported = _relative_imports(path, 1) & {"inference", "training", "commands", "slicer"}
+        assert not imported, f"{path.name} imports {sorted(imported)}"
+
+
+def test_training_reaches_inference_only_for_validation_on_whole_cases():
+    """Validation runs whole cases through inference's own sliding window, as Segment does; every other helper
+    training shares with inference lives in the core."""
+    for path in sorted((PACKAGE / "training").glob("*.py")):
+        if path.name != "validation.py":
+            assert "inference" not in _relative_imports(path, 2), f"training/{path.name} imports inference"

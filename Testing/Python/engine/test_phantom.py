@@ -175,6 +175,16 @@ def test_dataset_json_follows_the_decathlon_layout(tmp_path):
         assert (folder / entry["image"]).is_file() and (folder / entry["label"]).is_file()
 
 
+def test_the_phantom_dataset_is_written_by_the_datalist_writer_and_reads_back_with_its_colours(tmp_path):
+    from UNet3DSegmenterLib.datalist import load_datalist
+
+    folder = write_phantom_dataset(tmp_path, cases=2, shape=(16, 24, 24), classes=2, modality="CT")
+    datalist = load_datalist(folder)
+    assert datalist.label_names == {0: "background", 1: "organ", 2: "lesion"}
+    assert datalist.label_colors == {value: PHANTOM_LABELS[value][1] for value in (1, 2)}
+    assert datalist.modality == "CT" and [case.name for case in datalist.cases] == ["phantom_000", "phantom_001"]
+
+
 def test_dataset_files_read_back_as_the_generated_phantoms(tmp_path):
     shape, spacing = (16, 24, 24), (1.5, 1.5, 3.0)
     folder = write_phantom_dataset(tmp_path, cases=2, shape=shape, spacing=spacing, seed=9, classes=2)

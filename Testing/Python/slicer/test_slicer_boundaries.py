@@ -46,8 +46,10 @@ def test_the_slicer_side_and_each_of_its_modules_import_where_torch_cannot():
     loaded = set(result.stdout.split())
     assert {f"UNet3DSegmenterLib.slicer.{name}" for name in SLICER_SIDE} <= loaded
     engine = {name for name in loaded if not name.startswith("UNet3DSegmenterLib.slicer")}
-    # the small torch-free core only: choices, whole-or-nothing writes, safe file names, errors and progress events
-    light = {"", "._moved", ".choices", ".atomic", ".paths", ".errors", ".progress", ".labels"}
+    # the small torch-free core only: choices, whole-or-nothing writes, safe file names, errors, progress events
+    # and the segment options
+    light = {"", "._moved", ".choices", ".atomic", ".paths", ".errors", ".progress", ".protocol", ".labels",
+             ".segment_options"}
     assert engine <= {"UNet3DSegmenterLib" + name for name in light}, \
         f"the Slicer side loads engine modules at import: {sorted(engine)}"
 

@@ -116,3 +116,20 @@ def test_forgetting_the_engine_modules_makes_reload_read_them_anew():
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reloaded" in result.stdout
+
+
+def test_the_engine_door_is_typed_and_the_type_checker_covers_the_slicer_side():
+    import typing
+
+    import tomllib
+
+    import UNet3DSegmenterLib
+
+    assert typing.get_type_hints(install.engine)["return"] is install.Engine
+    engine = install.engine()
+    members = [name for name in install.Engine.__annotations__]
+    assert members and all(getattr(engine, name) is getattr(UNet3DSegmenterLib, name) for name in members)
+    config = tomllib.loads((Path(install.__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
+    mypy = config["tool"]["mypy"]
+    assert "UNet3DSegmenterLib" in mypy["files"]
+    assert not [path for path in mypy.get("exclude", []) if "slicer" in path], "mypy skips the Slicer side"

@@ -207,7 +207,7 @@ _CONNECTORS = {
     "str": {"QLineEdit", "QTextEdit"},
     "choice": {"QComboBox"},
     "path": {"ctkPathLineEdit", "ctkDirectoryButton"},
-    "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
+    "node": {"qMRMLNodeComboBox"},  # Slicer 5.10 has no subject hierarchy tree view connector
 }
 
 
@@ -229,6 +229,17 @@ def test_bound_widgets_are_of_a_class_that_can_show_their_parameter():
         assert widgets[widget] in _CONNECTORS[kind], f"{widget} ({widgets[widget]}) cannot be bound to {name}: {kind}"
         if kind == "float" and widgets[widget] == "ctkSliderWidget":
             assert "WithinRange" in parameters[name], f"{name}: a slider needs a bounded float"
+
+
+def test_no_node_selector_offers_two_ways_to_create_a_node():
+    """With addEnabled, the box's own 'Create new ...' entry sits beside a none entry that says the same."""
+    for widget in ElementTree.parse(UI_FILE).getroot().iter("widget"):
+        if widget.get("class") != "qMRMLNodeComboBox":
+            continue
+        properties = {prop.get("name"): prop[0] for prop in widget.findall("property")}
+        adds = properties.get("addEnabled") is not None and properties["addEnabled"].text == "true"
+        none = properties.get("noneDisplay")
+        assert not (adds and none is not None and none.text.lower().startswith("create new")), widget.get("name")
 
 
 def test_node_selectors_follow_the_scene():
@@ -458,6 +469,21 @@ def test_parameter_choices_come_from_the_engines_choices_and_defaults_fit(slicer
     assert checked >= 9 and not expected
 
 
+def test_each_segment_option_the_panel_shows_is_a_bound_parameter_with_the_engines_default(slicer_scene):
+    import dataclasses
+
+    from UNet3DSegmenterLib.segment_options import SegmentOptions
+
+    parameters = slicer_scene.module.UNet3DSegmenterParameterNode.allParameters
+    bound = set(_ui_bindings().values())
+    shown = SegmentOptions.parameter_names()
+    assert {"device", "overlap", "tta", "largest_component"} <= set(shown)
+    for item in dataclasses.fields(SegmentOptions):
+        if item.name in shown and item.default is not None:  # None (overlap): the model's, set as the model changes
+            assert parameters[shown[item.name]].default.value == item.default, item.name
+    assert set(shown.values()) <= bound, "a segment option the panel holds has no widget"
+
+
 def test_parameter_node_keeps_the_panel_state_in_the_scene_and_refuses_what_slicer_refuses(slicer_scene, logic):
     node = slicer_scene.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "input")
     parameters = logic.getParameterNode()
@@ -615,3 +641,72 @@ def test_the_harness_stand_ins_are_strict(slicer_harness):
         slicer.app.someSetting = 1
     with pytest.raises(RuntimeError):
         slicer_harness.module.UNet3DSegmenterWidget()
+
+
+# --- extension readiness -----------------------------------------------------------------------------
+
+
+def test_the_help_links_the_documentation_that_ships_with_the_module(slicer_scene):
+    _, parent = slicer_scene.loadModule()
+    links = re.findall(r'<a href="([^"]+)">', parent.helpText)
+    assert links, "the help text has no documentation link"
+    from urllib.parse import unquote, urlparse
+
+    readme = Path(unquote(urlparse(links[-1]).path))
+    assert readme.name == "README.md" and readme.is_file()
+    assert "README.md" in _cmake_sets()["MODULE_PYTHON_RESOURCES"], "the package would lack the linked page"
+
+
+def _wrapped(node: ast.AST) -> bool:
+    """A ``_("...")`` call, or text built from such calls, names and markup without words."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_":
+        return True
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format":
+        return _wrapped(node.func.value)
+    if isinstance(node, ast.BinOp):
+        return _wrapped(node.left) and _wrapped(node.right)
+    literal = [part for part in ([node] if isinstance(node, ast.Constant) else
+                                 node.values if isinstance(node, ast.JoinedStr) else []) if isinstance(part, ast.Constant)]
+    return not any(re.search("[A-Za-z]", re.sub("<[^>]+>", "", str(part.value))) for part in literal)  # words, not tags
+
+
+def test_user_facing_text_is_marked_for_translation():
+    shown = []
+    for node in ast.walk(MODULE_TREE):
+        if isinstance(node, ast.Assign) and any(isinstance(target, ast.Attribute) and target.attr in
+                                                ("title", "helpText", "acknowledgementText") for target in node.targets):
+            shown.append(node.value)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                "tryWithErrorDisplay", "infoDisplay", "confirmOkCancelDisplay", "getOpenFileName", "getExistingDirectory"):
+            shown += [argument for argument in node.args if not isinstance(argument, ast.Call)
+                      or not isinstance(argument.func, ast.Attribute)]  # mainWindow() is no text
+    unwrapped = [ast.unparse(node)[:60] for node in shown if not _wrapped(node)]
+    assert len(shown) > 15 and not unwrapped, unwrapped
+    panel_tree = ast.parse((REPOSITORY / "UNet3DSegmenterLib" / "slicer" / "panel.py").read_text(encoding="utf-8"))
+    labels = [node.args[0] for node in ast.walk(panel_tree) if isinstance(node, ast.Call)
+              and isinstance(node.func, ast.Name) and node.func.id == "Button" and node.args]
+    assert labels and all(_wrapped(label) for label in labels), "a button label is not marked for translation"
+
+
+def test_without_slicers_translation_layer_the_text_is_shown_as_written():
+    from UNet3DSegmenterLib.slicer import translation
+
+    assert translation._("Segment") == "Segment"
+
+
+def test_what_the_extensions_index_check_can_see_before_publishing_passes():
+    """scripts/check_description_files.py of the Extensions Index: the project name is the extension's, the
+    category one it accepts, a licence file at the root; addresses stay empty until they exist."""
+    text = CMAKE_FILE.read_text(encoding="utf-8")
+    assert re.findall(r"project\s*\(\s*([^\s)]+)", text, re.IGNORECASE)[0] == "UNet3DSegmenter"
+    assert _cmake_sets()["EXTENSION_CATEGORY"][0].strip('"') == "Segmentation"
+    assert (REPOSITORY / "LICENSE").is_file()
+
+
+def test_the_input_selector_offers_scalar_and_vector_volumes_but_no_labelmaps():
+    selector = next(widget for widget in ElementTree.parse(UI_FILE).getroot().iter("widget")
+                    if widget.get("name") == "inputSelector")
+    properties = {prop.get("name"): prop for prop in selector.findall("property")}
+    assert [item.text for item in properties["nodeTypes"].iter("string")] == ["vtkMRMLScalarVolumeNode",
+                                                                             "vtkMRMLVectorVolumeNode"]
+    assert properties["showChildNodeTypes"][0].text == "false"  # labelmaps are scalar volumes' children

@@ -317,13 +317,36 @@ def test_the_default_input_is_a_plain_scalar_volume_never_a_labelmap_or_rgb_volu
                                          nodeClassName="vtkMRMLVectorVolumeNode")
     state.chooseDefaultInput()
     assert state.parameters.inputVolume is None and not state.view().segment.enabled
-    state.parameters.inputVolume = rgb  # a scene saved that way: the selector cannot show it
+    state.parameters.inputVolume = rgb  # chosen by the user: a one-channel model cannot segment it, and says why
+    view = state.view()
+    assert not view.segment.enabled and view.segment.toolTip.startswith(
+        "photo has 3 channels (an RGB or vector volume), but the model expects 1")
+    state.parameters.inputVolume = labelmap  # a scene saved that way: the selector cannot show it
     assert not state.view().segment.enabled
     state.parameters.inputVolume = None
     volume, _ = selftest.addPhantom(seed=5)
     state.chooseDefaultInput()
     assert state.parameters.inputVolume is volume and state.view().segment.enabled
     assert labelmap.IsA("vtkMRMLScalarVolumeNode") and rgb.IsA("vtkMRMLScalarVolumeNode")  # what the old lookup took
+
+
+def test_a_vector_volume_is_segmented_by_a_model_with_as_many_channels(slicer_scene, logic, state, tmp_path):
+    import numpy as np
+
+    from UNet3DSegmenterLib import Checkpoint, Label, Preprocessing, build_model, save_checkpoint
+
+    model = build_model("unet3d", dict(in_channels=3, out_channels=2, depth=2, base_width=2, norm="instance"))
+    path = save_checkpoint(Checkpoint.from_model(model, [Label(0, "background"), Label(1, "stain", (1, 0, 0))],
+                                                 Preprocessing(spacing=None, channels=3), (8, 8, 8)),
+                           tmp_path / "colour.pt")
+    rgb = slicer.util.addVolumeFromArray(np.random.default_rng(0).integers(0, 255, (8, 9, 10, 3), np.uint8),
+                                         name="photo", nodeClassName="vtkMRMLVectorVolumeNode")
+    state.addModel(path)
+    state.parameters.inputVolume = rgb
+    assert state.view().segment.enabled, state.view().segment.toolTip
+    assert logic.segmentNames(logic.segment(rgb, path, device="cpu")) == ["stain"]
+    state.parameters.inputVolume = selftest.addPhantom(seed=5)[0]
+    assert "has one channel (a scalar volume), but the model expects 3" in state.view().segment.toolTip
 
 
 # --- devices ---------------------------------------------------------------------------------------
@@ -339,6 +362,135 @@ def test_the_gpu_choice_follows_pytorch_after_every_binding(slicer_scene, logic,
         state.parameters.device = state.parameters.trainingDevice = "cuda"
         state.setParameterNode(logic.getParameterNode())
         assert (state.parameters.device, state.parameters.trainingDevice) == ("auto", "auto")
+
+
+# --- install ---------------------------------------------------------------------------------------
+
+
+def test_during_an_install_install_segment_and_train_wait_and_a_second_install_is_refused(
+        slicer_scene, logic, state, checkpoint_path, tmp_path, monkeypatch):
+    state.parameters.inputVolume = selftest.addPhantom(seed=3)[0]
+    state.addModel(checkpoint_path)
+    volume, segmentation, _ = phantom_pair(logic, seed=5)
+    state.addPair(volume, segmentation)
+    state.parameters.trainingOutputFolder = tmp_path
+    assert state.view().segment.enabled and state.view().train.enabled
+    monkeypatch.setattr(logic, "missingRequirements", lambda: ["nibabel>=5.0"])
+    state.checkEngine()
+    assert state.view().installEnabled
+    assert state.beginInstall()
+    assert not state.beginInstall(), "a click while pip printed started a second install"
+    view = state.view()
+    assert not view.installEnabled and not view.segment.enabled and not view.train.enabled
+    assert view.segment.toolTip == panel.INSTALLING and "Installing" in view.installText
+    monkeypatch.setattr(logic, "missingRequirements", lambda: [])
+    state.endInstall()
+    view = state.view()
+    assert view.segment.enabled and view.train.enabled and not view.installVisible
+
+
+def test_pytorch_is_checked_once_however_often_the_module_is_entered(slicer_scene, logic, monkeypatch):
+    calls = []
+    check = logic.engineProblem
+    monkeypatch.setattr(logic, "engineProblem", lambda: calls.append(1) or check())
+    fresh = panel.PanelState(logic)
+    for _ in range(3):  # the panel shown, then the module entered twice more
+        fresh.setParameterNode(logic.getParameterNode())
+        fresh.ensureEngineChecked()
+        fresh.view()
+    assert len(calls) == 1 and fresh.engineReady
+
+
+# --- licences --------------------------------------------------------------------------------------
+
+
+def test_a_share_alike_model_is_used_only_once_its_licence_is_accepted_and_the_answer_is_kept(
+        slicer_scene, logic, checkpoint_path, tmp_path):
+    model = _save_copy(checkpoint_path, tmp_path / "shared.pt")
+    model.with_suffix(".md").write_text("# shared\n\nTrained on data licensed **CC-BY-SA 4.0**.\n", encoding="utf-8")
+    questions, answers, settings = [], [False, True], panel._MemorySettings()
+
+    def ask(question):
+        questions.append(question)
+        return answers.pop(0)
+
+    def panelState():
+        fresh = panel.PanelState(logic, confirm=ask, settings=settings)
+        fresh.setParameterNode(logic.getParameterNode())
+        fresh.checkEngine()
+        fresh.parameters.inputVolume = selftest.addPhantom(seed=3)[0]
+        fresh.addModel(model)
+        return fresh
+
+    first = panelState()
+    assert not first.startSegmentation() and first.view().segmentStatus == panel.NOT_ACCEPTED
+    assert "CC-BY-SA 4.0" in questions[0] and "shared.md" in questions[0]
+    assert first.startSegmentation(), "accepted: the segmentation starts"
+    first.cancelSegmentation()
+    _wait(first)
+    again = panelState()  # Slicer started again, with the same settings
+    assert again.startSegmentation() and len(questions) == 2, "the accepted licence was asked again"
+    again.cancelSegmentation()
+    _wait(again)
+
+
+def test_the_bundled_model_card_names_its_licence():
+    bundled = REPOSITORY / "Resources" / "Models" / "hippocampus.pt"
+    assert panel.modelLicence(bundled) == "CC-BY-SA 4.0"
+    assert panel.modelLicence(REPOSITORY / "Resources" / "Models" / "no-card.pt") is None
+
+
+# --- segment options -------------------------------------------------------------------------------
+
+
+def _model_recording_overlap(checkpoint_path, folder: Path, overlap: float) -> Path:
+    import dataclasses
+
+    from UNet3DSegmenterLib import load_checkpoint, save_checkpoint
+
+    return save_checkpoint(dataclasses.replace(load_checkpoint(checkpoint_path), overlap=overlap),
+                           folder / f"overlap {overlap}.pt")
+
+
+def test_the_overlap_follows_the_chosen_model_until_the_user_sets_one(slicer_scene, logic, state, checkpoint_path,
+                                                                      tmp_path):
+    quarter = _model_recording_overlap(checkpoint_path, tmp_path, 0.25)
+    most = _model_recording_overlap(checkpoint_path, tmp_path, 0.75)
+    state.addModel(quarter)
+    assert state.parameters.overlap == 0.25, "the model's recorded overlap did not reach the panel"
+    state.parameters.overlap = 0.6  # the user's own choice
+    state.selectModel([item.path for item in state.modelItems()].index(str(quarter)))  # the same model again
+    assert state.parameters.overlap == 0.6
+    assert state.segmentOptions().overlap == 0.6
+    state.addModel(most)
+    assert state.parameters.overlap == 0.75
+
+
+def test_a_scene_that_names_a_model_keeps_its_own_overlap(slicer_scene, logic, state, checkpoint_path, tmp_path):
+    quarter = _model_recording_overlap(checkpoint_path, tmp_path, 0.25)
+    state.addModel(quarter)
+    state.parameters.overlap = 0.4
+    state.setParameterNode(logic.getParameterNode())  # the module entered again, or the scene loaded
+    state.checkEngine()
+    assert state.parameters.overlap == 0.4
+
+
+def test_the_overlap_waits_for_pytorch_to_read_the_model(slicer_scene, logic, checkpoint_path, tmp_path):
+    quarter = _model_recording_overlap(checkpoint_path, tmp_path, 0.25)
+    waiting = panel.PanelState(logic)
+    waiting.setParameterNode(logic.getParameterNode())
+    waiting.addModel(quarter)  # before the engine check, as while the panel opens
+    assert waiting.parameters.overlap == 0.5
+    waiting.checkEngine()
+    assert waiting.parameters.overlap == 0.25
+
+
+def test_segment_takes_every_option_from_the_parameter_node(slicer_scene, logic, state):
+    parameters = state.parameters
+    parameters.device, parameters.overlap = "cpu", 0.3
+    parameters.testTimeAugmentation, parameters.largestComponent = True, True
+    options = state.segmentOptions()
+    assert (options.device, options.overlap, options.tta, options.largest_component) == ("cpu", 0.3, True, True)
 
 
 # --- runs ------------------------------------------------------------------------------------------
@@ -357,6 +509,38 @@ def test_closing_the_scene_during_a_segmentation_cancels_it_quietly(slicer_scene
     assert scene_state(slicer_scene.scene) == closed, "the result went into the new scene"
     view = state.view()
     assert view.segmentStatus == "Cancelled: the scene was closed." and view.segment.text == "Segment"
+
+
+@posix
+def test_deleting_the_input_volume_during_a_segmentation_cancels_it_quietly(slicer_scene, logic, state,
+                                                                            checkpoint_path):
+    volume, _ = selftest.addPhantom(seed=3)
+    state.parameters.inputVolume = volume
+    state.addModel(checkpoint_path)
+    assert state.startSegmentation()
+    slicer_scene.scene.RemoveNode(volume)
+    state.nodeRemoved()  # the Widget's NodeRemovedEvent observer
+    after = scene_state(slicer_scene.scene)
+    _wait(state)
+    assert state.messages == [], "an error dialog for a run the user's deletion ended"
+    assert scene_state(slicer_scene.scene) == after
+    assert state.view().segmentStatus == "Cancelled: the input volume was deleted."
+
+
+@posix
+def test_a_finished_segmentation_refits_the_views_only_while_the_module_is_shown(slicer_scene, logic,
+                                                                                 checkpoint_path):
+    shown = []
+    quiet = panel.PanelState(logic, showSegmentation=lambda volume, segmentation, fit: shown.append(fit))
+    quiet.setParameterNode(logic.getParameterNode())
+    quiet.checkEngine()
+    quiet.parameters.inputVolume = selftest.addPhantom(seed=3)[0]
+    quiet.addModel(checkpoint_path)
+    for visible in (True, False):
+        quiet.shown = visible  # the Widget's enter() and exit()
+        assert quiet.startSegmentation()
+        _wait(quiet)
+    assert shown == [True, False]
 
 
 @posix
@@ -443,6 +627,46 @@ def test_fine_tuning_an_ensemble_is_refused_before_anything_is_exported(slicer_s
 
 @pytest.mark.slow
 @posix
+def _exporting_panel(logic, tmp_path, onRefresh):
+    watched = panel.PanelState(logic, refresh=lambda: onRefresh(watched))
+    watched.messages = []
+    watched.notify = watched.messages.append
+    watched.setParameterNode(logic.getParameterNode())
+    watched.checkEngine()
+    for seed in (5, 6, 7):
+        watched.addPair(*phantom_pair(logic, seed=seed)[:2])
+    parameters = watched.parameters
+    parameters.trainingOutputFolder, parameters.trainingRunName = tmp_path, "run"
+    parameters.epochs, parameters.batchSize, parameters.trainingDevice = 1, 1, "cpu"
+    return watched
+
+
+@posix
+def test_the_export_shows_its_progress_case_by_case_letting_slicer_handle_events(slicer_scene, logic, tmp_path):
+    seen = []
+    watched = _exporting_panel(logic, tmp_path, lambda state: seen.append(
+        (state.view().trainingStatus, state.view().train.text)))
+    assert watched.startTraining()
+    assert [status for status, _ in seen] == [f"Exporting the training pairs: {done} of 3..." for done in range(4)]
+    assert {button for _, button in seen} == {"Stop"}, "Train must stop the export, not start another run"
+    watched.stopTraining()
+    _wait(watched)
+
+
+def test_stop_during_the_export_ends_it_quietly_and_leaves_no_run(slicer_scene, logic, tmp_path):
+    def clickStopAfterTheFirstCase(state):
+        if state.training.status.startswith("Exporting the training pairs: 1"):
+            state.training.started -= panel.DOUBLE_CLICK_SECONDS
+            state.pressTrain()  # the click Slicer handled between two cases
+
+    watched = _exporting_panel(logic, tmp_path, clickStopAfterTheFirstCase)
+    assert not watched.startTraining()
+    assert watched.messages == [] and watched.training.process is None
+    view = watched.view()
+    assert view.trainingStatus == "Stopped during the export; nothing was trained." and view.train.text == "Train"
+    assert list(tmp_path.iterdir()) == [], "a stopped export left files behind"
+
+
 def test_training_twice_from_the_panel_keeps_the_first_model(slicer_scene, logic, state, checkpoint_path, tmp_path):
     _fine_tuning_setup(logic, state, checkpoint_path, tmp_path / "tuned", epochs=1)
     assert state.startTraining()

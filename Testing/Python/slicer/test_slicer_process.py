@@ -141,7 +141,7 @@ def test_a_failing_child_reports_one_line(code, expected):
     assert process.errorMessage == expected
 
 
-def test_json_lines_become_events_and_other_output_is_only_logged(caplog):
+def test_json_lines_become_events_and_other_output_is_logged_for_debugging_only(caplog):
     code = ("import json\n"
             "print('plain text')\n"
             "print(json.dumps({'event': 'progress', 'done': 1, 'total': 2}))\n"
@@ -149,12 +149,41 @@ def test_json_lines_become_events_and_other_output_is_only_logged(caplog):
             "print(json.dumps({'event': 'progress', 'done': 2, 'total': 2}))\n")
     recorder = Recorder()
     process = EngineProcess(python(code), **recorder.callbacks()).start()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("DEBUG"):
         assert process.wait(timeout=30)
     assert recorder.progress == [json.loads('{"event": "progress", "done": 1, "total": 2}'),
                                  {"event": "progress", "done": 2, "total": 2}]
     assert recorder.finished == [()] and recorder.errors == []
     assert "plain text" in caplog.text and "{not json" in caplog.text
+    assert all(record.levelname == "DEBUG" for record in caplog.records if "engine:" in record.getMessage()), \
+        "every line the engine prints would fill Slicer's log at INFO"
+
+
+def test_a_non_ascii_path_in_the_childs_error_arrives_as_written(monkeypatch):
+    """Windows runs a child's pipes in the system code page unless told otherwise: here latin-1 stands in for it."""
+    monkeypatch.setenv("PYTHONIOENCODING", "latin-1")
+    monkeypatch.delenv("PYTHONUTF8", raising=False)
+    code = "import sys\nprint('error: C:/Données/Ünal/ct é.nii.gz is 2D', file=sys.stderr)\nsys.exit(2)"
+    recorder = Recorder()
+    process = EngineProcess(python(code), environment=childEnvironment(REPOSITORY), **recorder.callbacks()).start()
+    assert not process.wait(timeout=30)
+    assert recorder.errors == ["C:/Données/Ünal/ct é.nii.gz is 2D"]
+
+
+def test_the_windows_kill_opens_no_console_window():
+    """taskkill is a console program: without CREATE_NO_WINDOW each cancel flashes a console (checked in the code,
+    as this machine is not Windows)."""
+    import ast
+
+    from UNet3DSegmenterLib.slicer import process
+
+    tree = ast.parse(Path(process.__file__).read_text(encoding="utf-8"))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and "taskkill" in ast.unparse(node)
+             and ast.unparse(node.func) == "subprocess.run"]
+    assert calls and all("CREATE_NO_WINDOW" in ast.unparse(keyword.value) for call in calls
+                         for keyword in call.keywords if keyword.arg == "creationflags")
+    assert all(any(keyword.arg == "creationflags" for keyword in call.keywords) for call in calls)
+    assert process.CREATE_NO_WINDOW == 0x08000000
 
 
 def test_a_program_that_cannot_start_is_a_value_error(tmp_path):

@@ -279,3 +279,47 @@ def test_a_result_for_a_deleted_output_segmentation_goes_to_a_new_one(slicer_sce
     result = segmentation.finish(job, segmentation.predict(job))
     assert result is not chosen and result.GetScene() is slicer_scene.scene
     assert logic.segmentNames(result) == ["organ", "lesion"]
+
+
+# --- options ------------------------------------------------------------------------------------------
+
+
+def _windows(logic, node, checkpoint, **options) -> int:
+    totals = []
+    logic.segment(node, checkpoint, device="cpu", progress=lambda done, total: totals.append(total), **options)
+    return totals[-1]
+
+
+@posix
+def test_an_overlap_left_unset_is_the_checkpoints_in_both_paths(slicer_scene, logic, checkpoint_path, tmp_path):
+    import dataclasses
+
+    from UNet3DSegmenterLib import load_checkpoint, save_checkpoint
+
+    recorded = save_checkpoint(dataclasses.replace(load_checkpoint(checkpoint_path), overlap=0.75), tmp_path / "m.pt")
+    image, _ = make_phantom(shape=(64, 96, 96), spacing=(1.0, 1.0, 1.0), seed=4, classes=2)
+    node = logic.addVolumeNode(image, "large")
+    windows = _windows(logic, node, recorded)
+    assert windows == _windows(logic, node, recorded, overlap=0.75) != _windows(logic, node, recorded, overlap=0.5)
+    recorder = Recorder()
+    process = logic.segmentInBackground(node, recorded, device="cpu", largestComponent=True,
+                                        onProgress=recorder.onProgress, onFinished=recorder.onFinished,
+                                        onError=recorder.onError)
+    assert "--overlap" not in process.arguments and "--largest-component" in process.arguments
+    assert process.wait(timeout=120), recorder.errors
+    assert recorder.progress[-1][1] == windows
+
+
+def test_the_job_holds_the_options_as_given_with_the_roi_nodes_box(slicer_scene, logic, checkpoint_path):
+    from UNet3DSegmenterLib.segment_options import SegmentOptions
+    from UNet3DSegmenterLib.slicer import segmentation
+
+    node, _ = selftest.addPhantom(seed=3)
+    roiNode = logic.addRoi(node)
+    job = segmentation.prepare(node, checkpoint_path, options=SegmentOptions(precision="fp32"), roi=roiNode,
+                               device="cpu", tta=True, batchSize=3)
+    assert (job.options.precision, job.options.device, job.options.tta, job.options.batch_size) == ("fp32", "cpu",
+                                                                                                   True, 3)
+    assert job.region is not None and job.options.roi == (*job.region.first, *job.region.second)
+    with pytest.raises(TypeError, match="unknown segment option"):
+        segmentation.prepare(node, checkpoint_path, mirror=True)

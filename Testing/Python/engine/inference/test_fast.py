@@ -13,20 +13,16 @@ import pytest
 import torch
 from torch import nn
 
+from UNet3DSegmenterLib import runtime
 from UNet3DSegmenterLib.checkpoint import Checkpoint, Label, load_checkpoint
 from UNet3DSegmenterLib.choices import ARCHITECTURES, NORMS
 from UNet3DSegmenterLib.inference import fast
-from UNet3DSegmenterLib.inference.fast import (
-    inference_paths,
-    input_layout,
-    prepare_for_inference,
-    reuse_freed_memory,
-)
+from UNet3DSegmenterLib.inference.fast import inference_paths, input_layout, prepare_for_inference
 from UNet3DSegmenterLib.inference.predictor import Predictor
 from UNet3DSegmenterLib.io import read_volume
 from UNet3DSegmenterLib.models import build_model
 from UNet3DSegmenterLib.preprocess import Preprocessing
-from UNet3DSegmenterLib.runtime import cpu_computes_bf16
+from UNet3DSegmenterLib.runtime import cpu_computes_bf16, reuse_freed_memory
 from UNet3DSegmenterLib.volume import Volume
 
 CPU = torch.device("cpu")
@@ -188,7 +184,7 @@ def test_reuse_freed_memory_nests_and_survives_errors():
         with reuse_freed_memory():
             torch.zeros(64, 1024, 1024).add_(1)  # 256 MB: above glibc's threshold for fresh pages
         raise ValueError("inside")
-    assert fast._reuse_depth == 0
+    assert runtime._reuse_depth == 0
     with reuse_freed_memory():
         assert torch.ones(8).sum() == 8
 

@@ -195,3 +195,28 @@ print((peak() - before - model_needs) / volume.array.nbytes)
     assert finished.returncode == 0, finished.stderr
     ratio = float(finished.stdout.split()[-1])
     assert ratio < 3.0, f"peak memory rose by {ratio:.2f}x the input's float32 size beyond the model's needs"
+
+
+def test_options_and_keywords_configure_the_predictor_and_the_checkpoint_gives_the_overlap():
+    import dataclasses
+
+    from UNet3DSegmenterLib.segment_options import SegmentOptions
+
+    recorded = dataclasses.replace(checkpoint(), overlap=0.75)
+    assert Predictor(recorded, device="cpu").overlap == 0.75
+    predictor = Predictor(recorded, SegmentOptions(device="cpu", overlap=0.25, tta=True), largest_component=True)
+    assert (predictor.overlap, predictor.tta, predictor.largest_component) == (0.25, True, True)
+    with pytest.raises(TypeError, match="unknown segment option 'mirror'"):
+        Predictor(recorded, mirror=True)
+
+
+def test_the_roi_option_segments_inside_its_box_as_the_roi_argument_does():
+    from UNet3DSegmenterLib.roi import RegionOfInterest
+
+    volume = oblique_input()
+    corners = (-20.0, -10.0, 6.0, 0.0, 15.0, 30.0)
+    chosen = Predictor(checkpoint(), device="cpu", roi=corners).predict(volume).labelmap.array
+    given = Predictor(checkpoint(), device="cpu").predict(volume, roi=RegionOfInterest.from_values(corners))
+    np.testing.assert_array_equal(chosen, given.labelmap.array)
+    whole = Predictor(checkpoint(), device="cpu").predict(volume).labelmap.array
+    assert not np.array_equal(chosen, whole), "the box changed nothing: choose one that leaves voxels out"
