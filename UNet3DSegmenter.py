@@ -89,8 +89,7 @@ class UNet3DSegmenter(ScriptedLoadableModule):
 from segmentations you already have in the scene.</p>
 <p><b>Segment</b>: choose the input volume and a model (the bundled models are listed with the
 structures they segment; <i>Choose a checkpoint file...</i> opens any <code>.pt</code> checkpoint made
-by UNet3DSegmenter, <i>Choose an nnU-Net model folder...</i> a model trained with nnU-Net v2, whose segments
-are named from its <code>dataset.json</code>), then click <b>Segment</b>. The result is a segmentation with one named, coloured
+by UNet3DSegmenter), then click <b>Segment</b>. The result is a segmentation with one named, coloured
 segment per structure, shown over the input. A GPU is used when PyTorch sees one.</p>
 <p><b>Train</b>: add pairs of a volume and its segmentation (the segment names become the model's
 labels), name the run (or keep the proposed name) and click <b>Train</b>: each run gets a folder of
@@ -380,12 +379,10 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if dialog == "file":
             path = qt.QFileDialog.getOpenFileName(
                 slicer.util.mainWindow(), _("Choose a UNet3DSegmenter checkpoint"), "", _("PyTorch checkpoint (*.pt)"))
-        elif dialog == "folder":
-            path = qt.QFileDialog.getExistingDirectory(
-                slicer.util.mainWindow(), _("Choose a folder of fold checkpoints (a cross-validation's output)"))
-        elif dialog == "nnunet":
-            path = qt.QFileDialog.getExistingDirectory(
-                slicer.util.mainWindow(), _("Choose an nnU-Net model folder (Trainer__Plans__configuration)"))
+        elif dialog:  # a folder: a cross-validation's folds ('folder') or an nnU-Net model ('nnunet')
+            path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _(
+                "Choose a folder of fold checkpoints (a cross-validation's output)") if dialog == "folder" else
+                _("Choose an nnU-Net model folder (Trainer__Plans__configuration)"))
         if path:
             self.state.addModel(path)
         self.updateGUI()
