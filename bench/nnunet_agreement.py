@@ -196,7 +196,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / total) if total else 1.0
 
 
-def compare(key: str, folder: Path, threads: int, bf16: bool) -> dict:
+def compare(key: str, folder: Path, threads: int, bf16: bool, settings=(False, True)) -> dict:
     from UNet3DSegmenterLib.io import read_volume
 
     model = MODELS[key]
@@ -206,7 +206,7 @@ def compare(key: str, folder: Path, threads: int, bf16: bool) -> dict:
     references = [np.select([np.isin(reference, originals) for originals in model["labels"].values()],
                             list(range(1, len(model["labels"]) + 1)), 0) for reference in references]
     report: dict = {}
-    for mirroring in (False, True):
+    for mirroring in settings:
         nnunet = in_child("nnunet", str(folder), images, mirroring, "fp32", threads)
         ours = in_child("ours", str(folder), images, mirroring, "fp32", threads)
         entry = {"nnunet_seconds": round(nnunet["seconds"], 2), "ours_seconds": round(ours["seconds"], 2),
@@ -237,6 +237,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="PyTorch threads for each side (default 1)")
     parser.add_argument("--skip-training", action="store_true", help="reuse the models trained in --output")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 runs")
+    parser.add_argument("--mirroring", nargs="+", choices=("off", "on"), default=["off", "on"],
+                        help="which mirroring settings to run (default both)")
     args = parser.parse_args()
     import torch
 
@@ -248,7 +250,8 @@ def main() -> None:
         if not (args.skip_training and found):
             shutil.rmtree(work, ignore_errors=True)
             found = [train(key, work, args.iterations)]
-        report[key] = compare(key, found[0], args.threads, not args.no_bf16)
+        report[key] = compare(key, found[0], args.threads, not args.no_bf16,
+                              tuple(setting == "on" for setting in args.mirroring))
         print(json.dumps({key: report[key]}), file=sys.stderr)
     print(json.dumps(report, indent=1))
 
