@@ -245,14 +245,15 @@ def _fold_checkpoint(folder: Path, fold: str, path: Path, plans: dict, dataset: 
     from .checkpoint import Checkpoint, checked_checkpoint
 
     record = safe_load(path)
-    name, configuration = _configuration(folder, plans, record, path)
     if dataset.get("overwrite_image_reader_writer") == "NibabelIOWithReorient":
         raise UserError(f"{folder} was trained on images turned to RAS by nibabel (NibabelIOWithReorient): not "
                         "supported")
-    channels = len(dataset.get("channel_names") or dataset.get("modality") or {})
-    labels = _labels(dataset, folder)
-    architecture, arguments = _architecture(configuration, channels, len(labels), folder)
-    def make() -> Checkpoint:
+
+    def make() -> Checkpoint:  # what the JSON records say, read inside the check: a malformed one is one line
+        name, configuration = _configuration(folder, plans, record, path)
+        channels = len(dataset.get("channel_names") or dataset.get("modality") or {})
+        labels = _labels(dataset, folder)
+        architecture, arguments = _architecture(configuration, channels, len(labels), folder)
         plan = plan_record(plans, configuration, record.get("inference_allowed_mirroring_axes"))
         preprocessing = Preprocessing(spacing=_spacing_xyz(plan), normalization="none", channels=channels,
                                       nnunet=plan)

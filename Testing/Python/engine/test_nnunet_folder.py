@@ -164,6 +164,17 @@ def test_region_based_labels_are_refused(tmp_path):
         load_checkpoint(folder)
 
 
+@pytest.mark.parametrize("labels", [{"background": 0, "anterior": "one"}, ["background", "anterior"]],
+                         ids=["value-not-a-number", "not-a-table"])
+def test_malformed_dataset_labels_are_one_line(tmp_path, labels):
+    folder = _copy(RESENC, tmp_path)
+    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset["labels"] = labels
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    with pytest.raises(UserError, match="checkpoint_final.pth|dataset.json"):
+        load_checkpoint(folder)
+
+
 def test_a_network_larger_than_any_plan_is_refused_before_it_is_built(tmp_path):
     folder = _copy(RESENC, tmp_path)
     _edit_plans(folder, lambda configuration: configuration["architecture"]["arch_kwargs"].update(
