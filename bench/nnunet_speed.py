@@ -4,7 +4,9 @@ The short form of bench/nnunet_agreement.py for a busy machine: both sides are b
 ``nnUNetPredictor`` with its defaults, float32; this engine's ``Predictor`` in float32), warmed up on
 the first case, then segment each scored case in turn, nnU-Net first, from the file to the labelmap;
 wall and CPU seconds are summed per side, so that load from other jobs falls on both alike. One
-PyTorch thread. ``mirror`` as the first argument turns mirroring on for both.
+PyTorch thread. ``mirror`` as the first argument turns mirroring on for both; ``memory`` instead runs
+each side in a process of its own (twice, alternating; nnunet_agreement.side) and prints its peak
+resident memory (VmHWM: the whole process, its imports included).
 
     .venv-bench/bin/python bench/nnunet_agreement.py --output /tmp/nnunet-bench --models mri   # trains the model
     .venv-bench/bin/python bench/nnunet_speed.py [mirror]
@@ -32,6 +34,12 @@ def main() -> None:
     mirroring = sys.argv[1:] == ["mirror"]
     _, scored = bench.cases(bench.MODELS["mri"])
     images = [str(image) for image in scored]
+    if sys.argv[1:] == ["memory"]:
+        for side in ("nnunet", "ours", "nnunet", "ours"):
+            result = bench.in_child(side, str(FOLDER), images, False, "fp32", 1)
+            print(json.dumps({"side": side, "seconds": round(result["seconds"], 2),
+                              "peak_mb": round(result["peak_mb"])}))
+        return
     runners = {"nnunet": bench._nnunet_runner(FOLDER, mirroring), "ours": bench._our_runner(FOLDER, mirroring, "fp32")}
     for run in runners.values():
         run(images[0])
