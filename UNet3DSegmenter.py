@@ -133,16 +133,13 @@ Communications 2022), shared under CC-BY-SA 4.0; the model, and the sample crop 
 class UNet3DSegmenterParameterNode:
     """The panel's state, saved with the scene.
 
-    Segment: inputVolume, checkpointPath (the model file), device, overlap (fraction of a window
-    shared with its neighbours; set to the model's own when the model changes), testTimeAugmentation (average over axis flips, 8x slower),
-    largestComponent (keep the largest connected piece of each structure), outputSegmentation
-    (None: a new segmentation is created), region (the whole volume, or only inside roiNode, a box
-    the user places around the structure).
-    Train: startFrom (a new network, or fine-tune the selected model), trainingOutputFolder (the models
-    folder: each run gets a folder of its own in it), trainingRunName (that folder's name; empty: the
-    labels and the date and time), architecture, epochs, patchSize (voxels per side, 0: chosen from the data), batchSize,
-    learningRate (0: the trainer's default), trainingDevice, trainingTable (loss and Dice per epoch).
-    The training pairs are node references of the parameter node (see ``panel.PanelState``).
+    Segment: inputVolume, checkpointPath (the model file), device, overlap (the model's own when the model changes),
+    testTimeAugmentation (8x slower), largestComponent (largest piece of each structure), showConfidence (the model's
+    confidence over the image), outputSegmentation (None: new), region (all, or roiNode).
+    Train: startFrom (a new network, or fine-tune the selected model), trainingOutputFolder (a run gets a folder in it),
+    trainingRunName (that folder; empty: labels, date, time), architecture, trainingMinutes (time budget; 0: epochs),
+    epochs, patchSize (voxels per side; 0: from the data), batchSize, learningRate (0: default), trainingDevice,
+    trainingTable (loss, Dice per epoch), sparsePair (Add pair marks it painted on some slices); pairs: panel.py.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -151,6 +148,7 @@ class UNet3DSegmenterParameterNode:
     overlap: Annotated[float, WithinRange(0.0, panel.MAX_OVERLAP)] = 0.5
     testTimeAugmentation: bool = False
     largestComponent: bool = False
+    showConfidence: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     region: Annotated[str, Choice(panel.REGIONS)] = panel.REGIONS[0]
     roiNode: vtkMRMLMarkupsROINode
@@ -158,12 +156,14 @@ class UNet3DSegmenterParameterNode:
     trainingOutputFolder: pathlib.Path
     trainingRunName: str = ""
     architecture: Annotated[str, Choice(ARCHITECTURES)] = "unet3d"
+    trainingMinutes: Annotated[float, WithinRange(0.0, 10000.0)] = panel.DEFAULT_TRAINING_MINUTES
     epochs: Annotated[int, WithinRange(1, 10000)] = 100
     patchSize: Annotated[int, WithinRange(0, 512)] = 0
     batchSize: Annotated[int, WithinRange(1, 64)] = 2
     learningRate: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     trainingDevice: Annotated[str, Choice(DEVICES)] = "auto"
     trainingTable: vtkMRMLTableNode
+    sparsePair: bool = False
 
 
 #
@@ -479,6 +479,7 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         logic = slicer.util.getModuleLogic("UNet3DSegmenter")  # or UNet3DSegmenterLogic()
         segmentation = logic.segment(getNode("MRHead"), "/path/to/model.pt")
     """
+    markSparselyAnnotated = staticmethod(export.markSparselyAnnotated)  # a segmentation painted on some slices only
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -686,7 +687,7 @@ class UNet3DSegmenterLogic(ScriptedLoadableModuleLogic):
         ``patchSize`` is an edge length or (z, y, x) in voxels (None: chosen from the data);
         ``initCheckpoint`` (a path or a Checkpoint) fine-tunes that model: its labels keep their values,
         new segment names get a new output layer. ``options`` are further ``TrainingConfig`` fields
-        (e.g. ``iterations_per_epoch=50``). Each trainer event goes to ``progress(event)``; epochs are
+        (e.g. ``iterations_per_epoch=50``, ``time_budget=5`` minutes). Each trainer event goes to ``progress(event)``; epochs are
         added to ``tableNode`` (created with a chart when None). ``cancel()`` returning True stops after
         the current iteration. Returns best.pt (last.pt when it stopped before best.pt was written).
         A folder that holds a model (best.pt, last.pt or run.json) is refused unless ``overwrite=True``;

@@ -58,6 +58,7 @@ _PUBLIC = {
     "get_dataloader": "training.patches",
     "TrainingConfig": "training.config", "train": "training.trainer",
     "cross_validate": "training.cross_validation",
+    "IGNORE_NAME": "labels", "mark_unannotated_slices": "sparse", "keep_every_nth_slice": "sparse",
 }
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "ResNet18UNet3D", "ResidualUNet3D", "SegmentOptions", "TrainingConfig", "TrainingFingerprint", "UNet3D", "UserError", "VNet", "Volume", "build_model", "cross_validate",
     "get_dataloader", "load_checkpoint", "load_ensemble", "patchify", "read_volume", "save_checkpoint",
     "sliding_window_inference", "train", "unpatchify", "write_volume",
+    "IGNORE_NAME", "keep_every_nth_slice", "mark_unannotated_slices",
 ]
 
 _moved.install(__name__)

@@ -15,7 +15,8 @@ One network::
     labels             [{value, name, color: [r, g, b] in 0..1}], in output-channel order (0 = background)
     preprocessing      see preprocess.Preprocessing.to_dict (format 2 adds 'size' and the 'window' normalisation)
     inference          {patch_size: [z, y, x], overlap}
-    training           free-form record of how it was made (data, epochs, metrics)
+    training           free-form record of how it was made (data, epochs, metrics; 'ignore_label': the
+                       label value that marked unannotated voxels, which the network never outputs)
     fingerprint        optional: what the training images were like (extent, spacing and intensity
                        ranges, modality; see fingerprint.TrainingFingerprint.to_dict); inference warns
                        about inputs far outside it. Checkpoints without one load and predict as before.
@@ -90,6 +91,13 @@ class Checkpoint:
     @property
     def foreground_labels(self) -> list[Label]:
         return [label for label in self.labels if label.value != 0]
+
+    @property
+    def ignore_value(self) -> int | None:
+        """The label value that marked unannotated voxels in the training labelmaps (sparse
+        annotation), or None; it is no output class, so a prediction never holds it."""
+        value = self.training.get("ignore_label")
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     @classmethod
     def from_model(cls, model: nn.Module, labels: list[Label], preprocessing: Preprocessing,

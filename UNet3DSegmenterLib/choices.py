@@ -25,11 +25,16 @@ NORMS = ("instance", "batch", "none")
 LOSSES = ("dicece", "dice", "focal", "dice_focal", "ce", "weighted_dice")
 """Training losses of :mod:`UNet3DSegmenterLib.training.losses`."""
 
-OPTIMIZERS = ("adamw", "sgd")
-"""Optimisers: AdamW, or SGD with Nesterov momentum 0.99."""
+OPTIMIZERS = ("adamw", "adam", "sgd")
+"""Optimisers: AdamW, plain Adam (the optimiser of the original 3D U-Net ports), or SGD with Nesterov
+momentum 0.99."""
 
 SCHEDULES = ("poly", "cosine", "constant")
 """Learning-rate decay after the warm-up."""
+
+UNCERTAINTIES = ("entropy", "probability")
+"""Where a segmentation is unsure, per voxel: 'entropy' of the class probabilities (0 sure .. 1 all
+classes alike), or the winning class's 'probability' (1 sure, low where unsure)."""
 
 NORMALIZATIONS = ("auto", "zscore", "ct", "window", "none")
 """Intensity normalisation: 'auto' is 'window' when a window is given, else 'ct' for CT datasets and

@@ -4,7 +4,10 @@ Three layouts are understood, so that data can be used where it lies:
 
 - a folder pair: ``images/`` and ``labels/`` side by side, matched by case name
   (``images/case_01.nii.gz`` with ``labels/case_01.nii.gz``); a case may also be a subfolder holding
-  a DICOM series (``images/case_01/`` with ``labels/case_01/`` or ``labels/case_01.nrrd``);
+  a DICOM series (``images/case_01/`` with ``labels/case_01/`` or ``labels/case_01.nrrd``); where
+  image and label files are named differently, a pattern (a regular expression whose first group
+  is the case name) finds the case in both: ``'^(.+?)(?:_SEMANTIC)?_LFOV$'`` pairs the HipMRI data
+  set's ``B006_Week0_LFOV.nii.gz`` with ``B006_Week0_SEMANTIC_LFOV.nii.gz``;
 - a Medical Segmentation Decathlon folder: ``dataset.json`` (its ``training`` list, ``labels`` and
   ``modality``) with ``imagesTr/`` and ``labelsTr/``;
 - a JSON list: a ``.json`` file holding ``[{"image": ..., "label": ...}, ...]`` with paths relative
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,10 +77,12 @@ class Datalist:
         return [by_name[name] for name in names]
 
 
-def load_datalist(path: str | os.PathLike, input_spacing: tuple[float, float, float] | None = None) -> Datalist:
+def load_datalist(path: str | os.PathLike, input_spacing: tuple[float, float, float] | None = None,
+                  case_pattern: str | None = None) -> Datalist:
     """Discover the cases at ``path``: a folder pair, a Decathlon folder, or a JSON list file.
 
-    ``input_spacing`` (x, y, z) in mm is the spacing of ``.npy`` cases that a JSON list gives none for.
+    ``input_spacing`` (x, y, z) in mm is the spacing of ``.npy`` cases that a JSON list gives none for;
+    ``case_pattern`` matches the image and label files of a folder pair (see :func:`folder_pair`).
     """
     path = Path(path)
     if not path.exists():
@@ -87,7 +93,7 @@ def load_datalist(path: str | os.PathLike, input_spacing: tuple[float, float, fl
     elif (path / "dataset.json").is_file():
         datalist = _from_json(path / "dataset.json")
     elif (path / "images").is_dir() and (path / "labels").is_dir():
-        datalist = folder_pair(path / "images", path / "labels")
+        datalist = folder_pair(path / "images", path / "labels", case_pattern)
     else:
         raise UserError(f"{path} holds neither images/ and labels/ folders nor a dataset.json: "
                         "see 'unet3d-segmenter train --help' for the layouts")
@@ -98,14 +104,18 @@ def load_datalist(path: str | os.PathLike, input_spacing: tuple[float, float, fl
     return datalist
 
 
-def folder_pair(image_dir: str | os.PathLike, label_dir: str | os.PathLike) -> Datalist:
+def folder_pair(image_dir: str | os.PathLike, label_dir: str | os.PathLike, case_pattern: str | None = None) -> Datalist:
     """Pair every volume (file or DICOM series folder) in ``image_dir`` with the one of the same case name
-    in ``label_dir``."""
+    in ``label_dir``; with ``case_pattern`` (a regular expression), the case name is its first group
+    in each file name without extension."""
     image_dir, label_dir = Path(image_dir), Path(label_dir)
     for folder in (image_dir, label_dir):
         if not folder.is_dir():
             raise UserError(f"folder not found: {folder}: check the path")
     images, labels = volumes_by_case(image_dir), volumes_by_case(label_dir)
+    if case_pattern is not None:
+        pattern = compile_case_pattern(case_pattern)
+        images, labels = _cases_by_pattern(images, pattern), _cases_by_pattern(labels, pattern)
     if not images:
         raise UserError(f"{image_dir} holds no volume files ({FORMATS}) and no DICOM series folders")
     unmatched = sorted(set(images) ^ set(labels))
@@ -115,6 +125,34 @@ def folder_pair(image_dir: str | os.PathLike, label_dir: str | os.PathLike) -> D
                         f"{image_dir} and {label_dir} must hold files with the same names")
     cases = [Case(name, images[name], labels[name]) for name in sorted(images)]
     return Datalist(cases, None, None, image_dir.parent)
+
+
+def compile_case_pattern(case_pattern: str) -> re.Pattern:
+    """``--case-pattern``, compiled: a regular expression with a group (the case name)."""
+    try:
+        pattern = re.compile(case_pattern)
+    except re.error as error:
+        raise UserError(f"--case-pattern {case_pattern!r} is not a valid regular expression ({error})") from None
+    if pattern.groups < 1:
+        raise UserError(f"--case-pattern {case_pattern!r} has no group: put the case name in parentheses, e.g. "
+                        "'^(.+?)(?:_SEMANTIC)?_LFOV$'")
+    return pattern
+
+
+def _cases_by_pattern(files: dict[str, Path], pattern: re.Pattern) -> dict[str, Path]:
+    """``files`` keyed by the first group of ``pattern`` in their names; refuses a name it misses or two
+    files of one case."""
+    cases: dict[str, Path] = {}
+    for name, path in sorted(files.items()):
+        found = pattern.search(name)
+        if found is None or not found.group(1):
+            raise UserError(f"{path} does not match --case-pattern {pattern.pattern!r}: fix the pattern, or move the "
+                            "file out of the folder")
+        if found.group(1) in cases:
+            raise UserError(f"{cases[found.group(1)]} and {path} are both case {found.group(1)!r} by --case-pattern "
+                            f"{pattern.pattern!r}: make the pattern tell them apart")
+        cases[found.group(1)] = path
+    return cases
 
 
 def _from_json(path: Path) -> Datalist:

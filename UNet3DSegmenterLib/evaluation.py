@@ -5,6 +5,9 @@ without its volume extension, so ``case_007.nii.gz`` pairs with ``case_007.nrrd`
 case needs a prediction: a missing one is an error rather than a silently smaller average. Predictions
 without a reference are skipped and listed under ``"ignored_predictions"``.
 
+With ``ignore`` (the reference's value for unannotated voxels, sparse annotation), every metric is
+computed on the annotated voxels only, and the report says so under ``"scored_on"``.
+
 Every case is scored on the same labels (all non-zero values found in any prediction or reference),
 so that the mean over cases is a mean over the same set; a class absent from both sides of a case
 counts as correct (see :mod:`UNet3DSegmenterLib.metrics` for this and the other conventions). Each
@@ -29,7 +32,7 @@ import numpy as np
 
 from .errors import UserError
 from .io import FORMATS, case_name, is_dicom_folder, read_volume, volumes_by_case
-from .metrics import METRIC_NAMES, found_labels, segmentation_metrics, voxel_accuracy
+from .metrics import METRIC_NAMES, annotated_mask, found_labels, segmentation_metrics, voxel_accuracy
 from .volume import Volume
 
 # What a class absent from both prediction and reference of a case scores (see metrics.dice).
@@ -37,8 +40,9 @@ _ABSENT_FROM_BOTH = {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "asd": 0.0}
 _LISTED_NAMES = 5
 
 
-def evaluate(prediction_path: str | os.PathLike, reference_path: str | os.PathLike) -> dict:
-    """Score predictions against references (two files, or two folders matched by case name).
+def evaluate(prediction_path: str | os.PathLike, reference_path: str | os.PathLike, ignore: int | None = None) -> dict:
+    """Score predictions against references (two files, or two folders matched by case name);
+    ``ignore`` is the references' value for unannotated voxels, left out of every metric.
 
     Returns:
         :func:`summarize`'s report, and ``"ignored_predictions": [case, ...]``.
@@ -50,27 +54,41 @@ def evaluate(prediction_path: str | os.PathLike, reference_path: str | os.PathLi
     pairs, ignored = _case_pairs(Path(prediction_path), Path(reference_path))
     scores, accuracy = {}, {}
     for name, prediction, reference in pairs:
-        scores[name], accuracy[name] = _score_files(prediction, reference)
-    return {**summarize(scores, accuracy), "ignored_predictions": ignored}
+        scores[name], accuracy[name] = _score_files(prediction, reference, ignore)
+    return {**summarize(scores, accuracy, ignore), "ignored_predictions": ignored}
 
 
 def score_case(prediction: Volume, reference: Volume, labels: list[int] | None = None,
                prediction_name: str = "prediction", reference_name: str = "reference",
-               ) -> tuple[dict[int, dict[str, float]], float]:
+               ignore: int | None = None) -> tuple[dict[int, dict[str, float]], float]:
     """Per-label Dice, IoU, HD95 and ASD (see :func:`~UNet3DSegmenterLib.metrics.segmentation_metrics`)
-    and the voxel accuracy of one case; ``labels`` default to those found in either label map."""
+    and the voxel accuracy of one case; ``labels`` default to those found in either label map, and
+    with ``ignore`` only the reference's annotated voxels count."""
     labels = found_labels(prediction, reference) if labels is None else labels
-    scores = segmentation_metrics(prediction, reference, labels, prediction_name, reference_name)
-    return scores, voxel_accuracy(prediction.array, reference.array)
+    scores = segmentation_metrics(prediction, reference, labels, prediction_name, reference_name, ignore)
+    return scores, voxel_accuracy(prediction.array, reference.array, annotated_mask(reference.array, ignore))
 
 
-def summarize(cases: dict[str, dict[int, dict[str, float]]], accuracy: dict[str, float]) -> dict:
+ANNOTATED_ONLY = "annotated voxels only"
+"""What scores on sparsely annotated references say they cover."""
+
+
+def scored_on(ignore: int | None) -> str:
+    """Which voxels a report's scores cover, in words."""
+    if ignore is None:
+        return "all voxels"
+    return f"{ANNOTATED_ONLY} (label {ignore}, 'ignore', left out)"
+
+
+def summarize(cases: dict[str, dict[int, dict[str, float]]], accuracy: dict[str, float],
+              ignore: int | None = None) -> dict:
     """Per-case scores (``{case: {label: {"dice", "iou", "hd95", "asd"}}}``) and voxel accuracies
     (``{case: value}``) as a report with the means over cases.
 
     Returns:
         ``{"cases": {case: {label: {...}}}, "accuracy": {case: value}, "mean": {label: {...}},
-        "mean_foreground_dice": float, "mean_foreground_iou": float, "mean_accuracy": float}``.
+        "mean_foreground_dice": float, "mean_foreground_iou": float, "mean_accuracy": float}``, and
+        with ``ignore`` (scores on annotated voxels only) ``"scored_on"`` saying so.
         A label missing from a case scores as absent from both sides. Distances are in mm and
         ``inf`` where a class is present on one side only; a mean over cases that include such a
         case is ``inf`` too. The two foreground means are means over labels of the mean per label
@@ -85,9 +103,10 @@ def summarize(cases: dict[str, dict[int, dict[str, float]]], accuracy: dict[str,
     def over_labels(metric: str) -> float:
         return float(np.mean([mean[label][metric] for label in labels])) if labels else 1.0
 
-    return {"cases": cases, "accuracy": {name: float(value) for name, value in accuracy.items()}, "mean": mean,
-            "mean_foreground_dice": over_labels("dice"), "mean_foreground_iou": over_labels("iou"),
-            "mean_accuracy": float(np.mean(list(accuracy.values()))) if accuracy else 1.0}
+    report = {"cases": cases, "accuracy": {name: float(value) for name, value in accuracy.items()}, "mean": mean,
+              "mean_foreground_dice": over_labels("dice"), "mean_foreground_iou": over_labels("iou"),
+              "mean_accuracy": float(np.mean(list(accuracy.values()))) if accuracy else 1.0}
+    return report if ignore is None else {"scored_on": scored_on(ignore), **report}
 
 
 def format_table(result: dict) -> str:
@@ -108,7 +127,11 @@ def format_table(result: dict) -> str:
         )
     lines.append(f"mean foreground Dice: {result['mean_foreground_dice']:.4f}")
     lines.append(f"mean foreground IoU:  {result['mean_foreground_iou']:.4f}")
-    lines.append(f"mean voxel accuracy:  {result['mean_accuracy']:.4f} (all voxels, background included)")
+    if "scored_on" in result:
+        lines.append(f"mean voxel accuracy:  {result['mean_accuracy']:.4f} (background included)")
+        lines.append(f"scored on {result['scored_on']}")
+    else:
+        lines.append(f"mean voxel accuracy:  {result['mean_accuracy']:.4f} (all voxels, background included)")
     if result.get("ignored_predictions"):
         ignored = result["ignored_predictions"]
         lines.append(f"note: {len(ignored)} prediction(s) without a reference ignored: {_list_names(ignored)}")
@@ -145,10 +168,11 @@ def _cases_in(folder: Path) -> dict[str, Path]:
     return cases
 
 
-def _score_files(prediction_path: Path, reference_path: Path) -> tuple[dict[int, dict[str, float]], float]:
+def _score_files(prediction_path: Path, reference_path: Path,
+                 ignore: int | None = None) -> tuple[dict[int, dict[str, float]], float]:
     prediction, reference = read_volume(prediction_path), read_volume(reference_path)
     return score_case(prediction, reference, prediction_name=str(prediction_path),
-                      reference_name=str(reference_path))
+                      reference_name=str(reference_path), ignore=ignore)
 
 
 def _holds_cases(path: Path) -> bool:

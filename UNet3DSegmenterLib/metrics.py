@@ -17,6 +17,9 @@ Conventions, chosen so that every case yields a number and the numbers agree wit
   surface distance).
 - Voxel accuracy is the share of all voxels, background included, whose label is right. On most
   volumes background dominates it, so it is high even for a poor segmentation: read it beside Dice.
+- Sparse annotation: where the reference marks unannotated voxels with an ``ignore`` value, every
+  metric looks at annotated voxels only: the prediction is cut to them before Dice, IoU and the
+  surfaces are computed, and voxel accuracy counts them alone.
 
 Example::
 
@@ -61,13 +64,21 @@ def iou(prediction: np.ndarray, reference: np.ndarray) -> float:
     return float(np.count_nonzero(prediction & reference) / union)
 
 
-def voxel_accuracy(prediction: np.ndarray, reference: np.ndarray) -> float:
+def voxel_accuracy(prediction: np.ndarray, reference: np.ndarray, annotated: np.ndarray | None = None) -> float:
     """The share of voxels whose label in ``prediction`` equals that in ``reference`` (all labels,
-    background included)."""
+    background included), among the ``annotated`` voxels when that mask is given."""
     prediction, reference = np.asarray(prediction), np.asarray(reference)
     if prediction.shape != reference.shape:
         raise ValueError(f"label maps differ in shape: {prediction.shape} and {reference.shape}")
-    return float(np.count_nonzero(prediction == reference) / max(prediction.size, 1))
+    if annotated is None:
+        return float(np.count_nonzero(prediction == reference) / max(prediction.size, 1))
+    annotated_voxels = int(np.count_nonzero(annotated))
+    return float(np.count_nonzero((prediction == reference) & annotated) / max(annotated_voxels, 1))
+
+
+def annotated_mask(reference: np.ndarray, ignore: int | None) -> np.ndarray | None:
+    """The voxels of ``reference`` that carry a label (not ``ignore``); None when nothing is ignored."""
+    return None if ignore is None else np.asarray(reference) != ignore
 
 
 def surface_distances(
@@ -112,6 +123,7 @@ def segmentation_metrics(
     labels: list[int] | None = None,
     prediction_name: str = "prediction",
     reference_name: str = "reference",
+    ignore: int | None = None,
 ) -> dict[int, dict[str, float]]:
     """Dice, IoU, HD95 (mm) and ASD (mm) for each label of two label maps on the same grid.
 
@@ -120,6 +132,8 @@ def segmentation_metrics(
         reference: ground-truth label map on the same grid (shape, spacing, origin, direction).
         labels: the labels to score; by default every non-zero value found in either volume.
         prediction_name, reference_name: how error messages name the two inputs (file paths).
+        ignore: the reference's value for unannotated voxels: every metric is then computed on the
+            annotated voxels only, and the value itself is not scored.
 
     Returns:
         ``{label: {"dice": ..., "iou": ..., "hd95": ..., "asd": ...}}`` in ascending label order.
@@ -133,7 +147,9 @@ def segmentation_metrics(
     _check_same_grid(prediction, reference, prediction_name, reference_name)
     if labels is None:
         labels = found_labels(prediction, reference)
-    return {int(label): _label_metrics(prediction, reference, int(label)) for label in sorted(labels)}
+    annotated = annotated_mask(reference.array, ignore)
+    return {int(label): _label_metrics(prediction, reference, int(label), annotated)
+            for label in sorted(labels) if label != ignore}
 
 
 def found_labels(*volumes: Volume) -> list[int]:
@@ -144,8 +160,11 @@ def found_labels(*volumes: Volume) -> list[int]:
     return sorted(values)
 
 
-def _label_metrics(prediction: Volume, reference: Volume, label: int) -> dict[str, float]:
+def _label_metrics(prediction: Volume, reference: Volume, label: int,
+                   annotated: np.ndarray | None = None) -> dict[str, float]:
     predicted = prediction.array == label
+    if annotated is not None:
+        predicted &= annotated
     expected = reference.array == label
     hd95, asd = surface_distances(predicted, expected, reference.spacing_zyx)
     return {"dice": dice(predicted, expected), "iou": iou(predicted, expected), "hd95": hd95, "asd": asd}

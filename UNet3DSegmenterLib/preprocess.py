@@ -167,11 +167,13 @@ def resize(volume: Volume, size, interpolation: str = "linear") -> Volume:
     return resample_to_grid(volume, _grid(volume, spacing, size, origin), interpolation)
 
 
-def resample_to_grid(volume: Volume, reference: Volume | sitk.Image, interpolation: str = "linear") -> Volume:
+def resample_to_grid(volume: Volume, reference: Volume | sitk.Image, interpolation: str = "linear",
+                     extrapolate: bool = False) -> Volume:
     """Resample ``volume`` (any number of channels) onto the grid of ``reference``.
 
     ``interpolation``: 'linear', 'nearest' (labels) or 'onehot' (labels, by linear interpolation of
-    each class mask and argmax).
+    each class mask and argmax). Points outside ``volume`` get 0, or with ``extrapolate`` the value
+    of the nearest voxel.
     """
     reference_image = reference if isinstance(reference, sitk.Image) else to_sitk(
         reference.with_array(np.zeros(reference.shape, np.uint8)))
@@ -181,7 +183,7 @@ def resample_to_grid(volume: Volume, reference: Volume | sitk.Image, interpolati
     channels = volume.array if volume.array.ndim == 4 else volume.array[None]
     resampled = [
         sitk.GetArrayFromImage(sitk.Resample(to_sitk(volume.with_array(channel)), reference_image,
-                                             sitk.Transform(), interpolator, 0.0))
+                                             sitk.Transform(), interpolator, 0.0, sitk.sitkUnknown, extrapolate))
         for channel in channels
     ]
     array = np.stack(resampled) if volume.array.ndim == 4 else resampled[0]

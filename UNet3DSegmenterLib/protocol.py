@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
@@ -64,7 +64,7 @@ class PreparingEvent(TypedDict):
 
 
 class IterationEvent(TypedDict):
-    """One optimiser step; ``eta`` is the estimated seconds left in the whole run."""
+    """One optimiser step; ``eta`` is the estimated seconds left in the whole run (with a time budget: in it)."""
 
     event: Literal["iteration"]
     epoch: int
@@ -86,10 +86,12 @@ class _EpochEventRequired(TypedDict):
 
 
 class EpochEvent(_EpochEventRequired, total=False):
-    """The end of an epoch; ``dice`` (class name -> Dice) and ``mean_dice`` only after a validation."""
+    """The end of an epoch; ``dice`` (class name -> Dice) and ``mean_dice`` only after a validation,
+    ``scored_on`` only where the validation cases are annotated sparsely (Dice on annotated voxels)."""
 
     dice: dict[str, float]
     mean_dice: float
+    scored_on: str
 
 
 class DoneEvent(TypedDict):
@@ -115,6 +117,7 @@ class TestEvent(TypedDict):
     iou: dict[str, float]
     hd95: dict[str, float | None]
     mean_dice: float
+    scored_on: NotRequired[str]  # where the references are annotated sparsely
 
 
 class FoldEvent(TypedDict):

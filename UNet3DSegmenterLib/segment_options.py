@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .choices import DEVICES, PRECISIONS
+from .choices import DEVICES, PRECISIONS, UNCERTAINTIES
 from .errors import UserError
 
 ROI_CORNERS = ("R1", "A1", "S1", "R2", "A2", "S2")
@@ -60,6 +60,10 @@ class SegmentOptions:
                        parameter="testTimeAugmentation")
     largest_component: bool = option(False, "keep the largest connected component of each class",
                                      parameter="largestComponent")
+    uncertainty_measure: str = option(
+        "entropy", "how --uncertainty (and the panel's confidence view) says where the model is unsure: the entropy "
+        "of the class probabilities (0 sure .. 1 undecided) or the winning class's probability (1 sure)",
+        choices=UNCERTAINTIES)
     precision: str = option("auto", "compute precision (auto: bf16 on CPUs with native bf16, fp16 on CUDA, "
                             "else fp32)", choices=PRECISIONS)
     batch_size: int | None = option(None, "windows per forward pass (default 2 on the CPU, 4 on a GPU)")

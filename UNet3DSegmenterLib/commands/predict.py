@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="voxel spacing in mm of .npy inputs (default 1 1 1; other formats record their own)")
     parser.add_argument("--probabilities", type=Path, default=None,
                         help="also write class probabilities (multi-component image; a folder for folder input)")
+    parser.add_argument("--uncertainty", type=Path, default=None, metavar="PATH",
+                        help="also write where the model is unsure, one float per voxel (--uncertainty-measure; a "
+                             "folder for folder input), from the same pass")
     SegmentOptions.add_arguments(parser.add_argument_group("segmentation"))
     parser.add_argument("--progress-json", action="store_true",
                         help="print progress as one JSON object per line on stdout (for the Slicer module)")
@@ -73,6 +76,17 @@ def _plan(args: argparse.Namespace) -> list[tuple[Path, Path, Path | None]]:
     return [(source, output, probabilities)]
 
 
+def _uncertainty_outputs(args: argparse.Namespace, cases: list[tuple[Path, Path, Path | None]]) -> list[Path]:
+    """Each case's --uncertainty file, checked as --probabilities is (the same rules place it)."""
+    if args.uncertainty is None:
+        return []
+    try:
+        planned = _plan(argparse.Namespace(**{**vars(args), "probabilities": args.uncertainty}))
+    except UserError as error:
+        raise UserError(str(error).replace("--probabilities", "--uncertainty")) from None
+    return [path for _, _, path in planned if path is not None]
+
+
 def _output_name(source: Path) -> str:
     """A case's output file name: its own (same format), or the case's name + .nii.gz for a DICOM series."""
     return case_name(source) + (volume_suffix(source) or ".nii.gz")
@@ -92,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
 
     options = SegmentOptions.from_arguments(args)
     cases = _plan(args)
+    uncertainty = _uncertainty_outputs(args, cases)
     check_input_spacing(args.input_spacing, [source for source, _, _ in cases])
-    outputs = [output for _, output, _ in cases] + [p for _, _, p in cases if p is not None]
+    outputs = [output for _, output, _ in cases] + [p for _, _, p in cases if p is not None] + uncertainty
     check_outputs(outputs, [source for source, _, _ in cases] + checkpoint_paths(args.checkpoint))
     _check_writable(outputs)
     remove_stale_partials(outputs)
@@ -121,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         return report
 
     failures = []
-    for index, error in predict_files(predictor, cases, progress, spacing=args.input_spacing, warn=warn):
+    for index, error in predict_files(predictor, cases, progress, spacing=args.input_spacing, warn=warn,
+                                      uncertainty=options.uncertainty_measure, uncertainty_outputs=uncertainty):
         name, output = names[index], cases[index][1]
         if bars[index].done != bars[index].total:
             bars[index].close()

@@ -32,6 +32,9 @@ examples:
                                                                                        then ensemble.pt)
   unet3d-segmenter train --data cases/ --output runs/a --split 0.8 0.1 0.1 --group-by '^(Case_[0-9]+)'
   unet3d-segmenter train --data msd_hippocampus --output runs/b --split-file Resources/Models/hippocampus_split.json
+  unet3d-segmenter train --data cases/ --output runs/quick --time-budget 15  (as many epochs as fit in 15 minutes)
+  unet3d-segmenter train --data cases/ --output runs/sparse --labels 1=anterior 2=posterior 3=ignore
+                                                         (voxels labelled 3 are not annotated: sparse labels)
   unet3d-segmenter train --data cases/ --output runs/fold0 --resume          (continue a stopped run)
   unet3d-segmenter train --data cases/ --output runs/fold0 --overwrite       (replace the model in runs/fold0;
                                                                               without it, a folder that holds
@@ -78,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     else:
         dice = "no validation cases" if result.best_dice != result.best_dice else f"mean Dice {result.best_dice:.4f}"
+        if result.time_plan is not None:
+            dice += f", {result.epochs_completed} epochs planned for {config.time_budget:g} minutes"
         print(f"best checkpoint: {result.best_checkpoint} ({dice}, epoch {result.best_epoch}); "
               f"everything is in {result.output}", file=sys.stderr)
     return EXIT_OK
@@ -172,7 +177,8 @@ def _epoch_line(event: Mapping[str, Any]) -> str:
     line = f"epoch {event['epoch']}/{event['epochs']}: loss {event['train_loss']:.4f}"
     if "dice" in event:
         scores = ", ".join(f"{name} {value:.3f}" for name, value in event["dice"].items())
-        line += f", Dice {scores} (mean {event['mean_dice']:.3f})"
+        line += f", Dice {scores} (mean {event['mean_dice']:.3f}"
+        line += f", on {event['scored_on']})" if "scored_on" in event else ")"
     minutes, seconds = divmod(int(event["eta"]), 60)
     return line + f", lr {event['lr']:.2e}, {event['seconds']:.0f} s, eta {minutes}m{seconds:02d}s"
 
@@ -184,6 +190,8 @@ def _test_table(event: Mapping[str, Any]) -> str:
     for name, dice in event["dice"].items():
         lines.append(f"  {name:<16}  {dice:6.4f}  {event['iou'][name]:6.4f}  {_millimetres(event['hd95'][name]):>8}")
     lines.append(f"  {'mean':<16}  {event['mean_dice']:6.4f}")
+    if "scored_on" in event:
+        lines.append(f"scored on {event['scored_on']}")
     return "\n".join(lines + [f"written to {event['report']}"])
 
 

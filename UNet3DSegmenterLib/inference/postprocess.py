@@ -1,4 +1,4 @@
-"""From the network's averaged logits to a labelmap on the input's own grid."""
+"""From the network's averaged logits to a labelmap on the input's own grid, and how sure it is."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..choices import UNCERTAINTIES, check_choice
 from ..preprocess import resample_to_grid
 from ..volume import Volume
 
@@ -62,6 +63,40 @@ def _argmax_over_channels(scores: torch.Tensor) -> torch.Tensor:
         indices.masked_fill_(better, index)
         torch.maximum(best, scores[index], out=best)
     return indices
+
+
+def uncertainty_from_probabilities(probabilities: np.ndarray | torch.Tensor, measure: str = "entropy",
+                                   slices: int = 16) -> np.ndarray:
+    """Per voxel, how sure the class probabilities (c, z, y, x) are (see :data:`~UNet3DSegmenterLib.choices.UNCERTAINTIES`):
+    'entropy' normalised to 0 (one class certain) .. 1 (all classes equally likely), or the winning
+    'probability'. Float32, ``slices`` slices at a time, so the only new volume is the result."""
+    check_choice(measure, UNCERTAINTIES, "uncertainty measure")
+    if isinstance(probabilities, np.ndarray):
+        probabilities = torch.from_numpy(probabilities)
+    result = np.empty(tuple(probabilities.shape[1:]), np.float32)
+    for start in range(0, probabilities.shape[1], slices):
+        result[start: start + slices] = _uncertainty(probabilities[:, start: start + slices], measure).cpu().numpy()
+    return result
+
+
+def uncertainty_from_logits(logits: torch.Tensor, measure: str) -> np.ndarray:
+    """:func:`uncertainty_from_probabilities` of the softmax of averaged ``logits`` (c, z, y, x)."""
+    return _uncertainty(torch.softmax(logits.float(), dim=0), measure).cpu().numpy()
+
+
+def _uncertainty(probabilities: torch.Tensor, measure: str) -> torch.Tensor:
+    probabilities = probabilities.float()
+    if measure == "probability":
+        return probabilities.amax(0)
+    classes = probabilities.shape[0]
+    entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(0)
+    return (entropy / np.log(classes)).clamp_(0, 1) if classes > 1 else torch.zeros_like(entropy)
+
+
+def uncertainty_on_grid(uncertainty: Volume, grid: Volume) -> Volume:
+    """The uncertainty resampled linearly onto ``grid`` when the grids differ (one float volume there);
+    the input's border voxels, whose centres lie just outside the model's grid, take the nearest value."""
+    return uncertainty if uncertainty.same_grid(grid) else resample_to_grid(uncertainty, grid, "linear", True)
 
 
 def keep_largest_component(labelmap: np.ndarray, values: Sequence[int] | None = None) -> np.ndarray:

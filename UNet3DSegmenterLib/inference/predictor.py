@@ -15,6 +15,11 @@ Before any work, what is to be segmented (the whole volume, or the voxels inside
 interest, see roi.py) is compared with the checkpoint's training fingerprint (fingerprint.py): an
 input far outside what the network was trained on is segmented all the same, with a warning
 (logged, passed to ``warn``, and kept on the :class:`Prediction`).
+
+Asked for, the prediction also says where it is unsure (``uncertainty='entropy'`` or
+``'probability'``, see :func:`~UNet3DSegmenterLib.inference.postprocess.uncertainty_from_probabilities`):
+computed from the same averaged logits as the labelmap, slab by slab, with no second pass; its
+memory is one float volume (and its copy on the input grid where that differs from the model's).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 
 from .. import nnunet_preprocess
 from ..checkpoint import Checkpoint, CheckpointSource, Ensemble, load_checkpoint, members_of
+from ..choices import UNCERTAINTIES, check_choice
 from ..errors import UserError
 from ..preprocess import preprocess_image
 from ..roi import RegionOfInterest, crop, paste
@@ -47,6 +53,9 @@ from .postprocess import (
     labelmap_from_probabilities,
     labelmap_on_grid,
     probabilities_on_grid,
+    uncertainty_from_logits,
+    uncertainty_from_probabilities,
+    uncertainty_on_grid,
 )
 from .sliding_window import CancelCheck, ProgressCallback, WindowGrid, sliding_window_slabs, window_positions
 
@@ -58,12 +67,13 @@ WarningCallback = Callable[[str], None]
 
 @dataclass
 class Prediction:
-    """A segmentation on the input's grid, the class probabilities when asked for, and the warnings
-    about the input (one plain line each; see fingerprint.py)."""
+    """A segmentation on the input's grid, the class probabilities and the uncertainty (one float
+    volume) when asked for, and the warnings about the input (one plain line each; see fingerprint.py)."""
 
     labelmap: Volume
     probabilities: Volume | None = None
     warnings: list[str] = field(default_factory=list)
+    uncertainty: Volume | None = None
 
 
 class Predictor:
@@ -104,21 +114,27 @@ class Predictor:
 
     def predict(self, volume: Volume, probabilities: bool = False, progress: ProgressCallback | None = None,
                 cancel: CancelCheck | None = None, roi: RegionOfInterest | None = None,
-                warn: WarningCallback | None = None) -> Prediction:
+                warn: WarningCallback | None = None, uncertainty: str | None = None) -> Prediction:
         """Segment ``volume``, or only its voxels inside ``roi`` (default: the options' ``roi``); the labelmap
         (and probabilities) lie on exactly its grid, 0 (background) outside the ROI.
+
+
+        ``uncertainty`` ('entropy' or 'probability') also returns that measure per voxel on the same
+        grid (outside the ROI: entropy 0, probability 1, as for a sure background).
 
         Each warning about the input goes to ``warn(line)`` (default: the ``UNet3DSegmenterLib`` logger)
         before the work starts, and is kept in ``Prediction.warnings``.
         """
         self._check_input(volume)
+        if uncertainty is not None:
+            check_choice(uncertainty, UNCERTAINTIES, "uncertainty measure")
         roi = roi if roi is not None else self.options.region()
         block = roi.block(volume) if roi is not None else None
         region = crop(volume, block) if block is not None else volume
         warnings = self.input_warnings(region)
         for warning in warnings:
             (warn or log.warning)(warning)
-        result = self._segment(region, probabilities, progress, cancel)
+        result = self._segment(region, probabilities, progress, cancel, uncertainty)
         result.warnings = warnings
         if block is None:
             return result
@@ -126,14 +142,18 @@ class Predictor:
         return Prediction(volume.with_array(paste(result.labelmap.array, volume, block)),
                           None if result.probabilities is None else
                           volume.with_array(paste(result.probabilities.array, volume, block, background)),
-                          warnings)
+                          warnings,
+                          None if result.uncertainty is None else
+                          volume.with_array(paste(result.uncertainty.array, volume, block,
+                                                  1.0 if uncertainty == "probability" else 0.0)))
 
     def input_warnings(self, volume: Volume) -> list[str]:
         """How ``volume`` lies far outside the images the network was trained on (none known: [])."""
         fingerprint = self.checkpoint.fingerprint
         return fingerprint.warnings(volume) if fingerprint is not None else []
 
-    def _segment(self, volume: Volume, probabilities: bool, progress, cancel) -> Prediction:
+    def _segment(self, volume: Volume, probabilities: bool, progress, cancel,
+                 uncertainty: str | None = None) -> Prediction:
         """The pipeline proper: preprocess, sliding window, back to ``volume``'s grid."""
         if self.checkpoint.preprocessing.nnunet is not None:
             return self._segment_as_nnunet(volume, self.checkpoint.preprocessing.nnunet, probabilities, progress,
@@ -142,18 +162,26 @@ class Predictor:
         values = [label.value for label in self.checkpoint.labels]
         image = torch.from_numpy(preprocessed.array)
         on_input = None
+        unsure: np.ndarray | None = None
         if probabilities or len(self.members) > 1 or not preprocessed.same_grid(volume):
             on_model_grid = preprocessed.with_array(self._probabilities(image, progress, cancel))
+            if uncertainty is not None:
+                unsure = uncertainty_from_probabilities(on_model_grid.array, uncertainty)
             if probabilities:
                 on_input = probabilities_on_grid(on_model_grid, volume)
                 labelmap = labelmap_from_probabilities(on_input.array, values)
             else:  # on the model's grid already, or resampled block by block
                 labelmap = labelmap_on_grid(on_model_grid, volume, values)
+        elif uncertainty is not None:  # both from the averaged logits, slab by slab
+            output = _LabelmapAndUncertainty(values, preprocessed.shape, uncertainty)
+            labelmap = self._infer(image, 0, output, progress, cancel)
+            unsure = output.uncertainty
         else:  # the labelmap straight from the sums of logits, slab by slab: no class-sized volume in memory
             labelmap = self._infer(image, 0, _Labelmap(values, preprocessed.shape), progress, cancel)
         if self.largest_component:
             labelmap = keep_largest_component(labelmap, values)
-        return Prediction(volume.with_array(labelmap), on_input if probabilities else None)
+        measured = None if unsure is None else uncertainty_on_grid(preprocessed.with_array(unsure), volume)
+        return Prediction(volume.with_array(labelmap), on_input if probabilities else None, uncertainty=measured)
 
     def _segment_as_nnunet(self, volume: Volume, plan: dict, probabilities: bool, progress, cancel) -> Prediction:
         """A model trained by nnU-Net: its preprocessing, its window grid and weights, the networks' logits
@@ -283,6 +311,21 @@ class _Labelmap(_Output):
         self.array[z: z + slab.shape[1]] = labelmap_from_probabilities(slab, self.values)
 
 
+class _LabelmapAndUncertainty(_Labelmap):
+    """Label values by argmax and the uncertainty of the softmax, from the averaged logits of each slab."""
+
+    normalized = True
+
+    def __init__(self, values: list[int], shape: tuple[int, ...], measure: str):
+        super().__init__(values, shape)
+        self.measure = measure
+        self.uncertainty = np.empty(shape, np.float32)
+
+    def write(self, z: int, slab: torch.Tensor) -> None:
+        super().write(z, slab)
+        self.uncertainty[z: z + slab.shape[1]] = uncertainty_from_logits(slab, self.measure)
+
+
 class _Probabilities(_Output):
     """Class probabilities (softmax of the averaged logits), written slab by slab."""
 
@@ -328,7 +371,8 @@ def predict_file(predictor: Predictor, input_path: Path, output_path: Path,
 def predict_files(predictor: Predictor, cases: Sequence[tuple[Path, Path, Path | None]],
                   progress: Callable[[int], ProgressCallback | None] | None = None,
                   spacing: Sequence[float] | None = None, roi: RegionOfInterest | None = None,
-                  warn: Callable[[int], WarningCallback | None] | None = None
+                  warn: Callable[[int], WarningCallback | None] | None = None,
+                  uncertainty: str | None = None, uncertainty_outputs: Sequence[Path] | None = None
                   ) -> Iterator[tuple[int, UserError | None]]:
     """Segment many cases ``(input, output, probabilities or None)`` with one prepared predictor.
 
@@ -338,7 +382,8 @@ def predict_files(predictor: Predictor, cases: Sequence[tuple[Path, Path, Path |
     the :class:`UserError` that stopped that case (a bad file spoils only itself; other errors
     propagate). Each output appears whole or not at all, as with :func:`predict_file`. ``spacing`` is
     that of ``.npy`` inputs; ``roi`` applies to every case (a case it misses fails alone), and
-    ``warn(index)`` gives a case its warning callback.
+    ``warn(index)`` gives a case its warning callback. With ``uncertainty`` (a measure of
+    :meth:`Predictor.predict`), each case's uncertainty is written to its ``uncertainty_outputs`` file.
     """
     from ..io import read_volume as read
 
@@ -355,8 +400,11 @@ def predict_files(predictor: Predictor, cases: Sequence[tuple[Path, Path, Path |
                 assert reading is not None
                 result = predictor.predict(reading.result(), probabilities=probabilities is not None,
                                            progress=progress(index) if progress else None, roi=roi,
-                                           warn=warn(index) if warn else None)
-                outcome: Future | UserError = writer.submit(_write_outputs, result, output, probabilities)
+                                           warn=warn(index) if warn else None,
+                                           uncertainty=uncertainty if uncertainty_outputs else None)
+                outcome: Future | UserError = writer.submit(
+                    _write_outputs, result, output, probabilities, uncertainty_outputs[index] if uncertainty_outputs
+                    else None)
             except UserError as error:
                 outcome = error
             if previous is not None:
@@ -376,10 +424,13 @@ def _written(index: int, outcome: Future | UserError) -> tuple[int, UserError | 
     return index, None
 
 
-def _write_outputs(result: Prediction, output_path: Path, probabilities_path: Path | None) -> None:
+def _write_outputs(result: Prediction, output_path: Path, probabilities_path: Path | None,
+                   uncertainty_path: Path | None = None) -> None:
     from ..io import write_volume
 
     write_volume(result.labelmap, output_path)
     if probabilities_path is not None and result.probabilities is not None:
         write_volume(result.probabilities.with_array(result.probabilities.array.astype(np.float32)),
                      probabilities_path)
+    if uncertainty_path is not None and result.uncertainty is not None:
+        write_volume(result.uncertainty, uncertainty_path)

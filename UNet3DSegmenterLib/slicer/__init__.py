@@ -11,6 +11,8 @@ One concern per module::
     panel         everything the panel decides, without Qt, driven by the Widget
     selftest      what the self-test builds on: a tiny model trained in seconds, phantoms in the scene
     views         Slicer's own slice and 3D views rendered offscreen (pictures of results, their tests)
+    samples       the bundled sample volume, registered with the Sample Data module
+    translation   ``_()``: user-facing text marked for Slicer's translation
 
 This package is the only place besides the module file that imports slicer or vtk; the Widget in
 the module file is the only one that uses qt and ctk. Importing it imports no torch: the engine is

@@ -5,6 +5,11 @@ segment with its name. When fine-tuning, the model's own labels keep their value
 output layer is kept) and new names follow. The dataset is the Medical Segmentation Decathlon
 layout that ``datalist.write_datalist`` writes and ``datalist.load_datalist`` reads back, colours
 included, so a run started from Slicer can be repeated with ``unet3d-segmenter train``.
+
+A segmentation marked "only some slices are annotated" (:func:`markSparselyAnnotated`) is sparse
+annotation: its slices, along the axis the user painted, that hold no segment at all are exported
+as the label ``ignore`` (a value after the segments'), which training leaves out; an annotated
+slice counts as fully labelled, background included (``UNet3DSegmenterLib.sparse``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..labels import IGNORE_NAME
 from ..paths import safe_file_name
 from .install import asValueError, engine
 from .scene import (
@@ -27,12 +33,26 @@ from .scene import (
     volumeFromNode,
 )
 
+SPARSE_ATTRIBUTE = "UNet3DSegmenter.OnlySomeSlicesAnnotated"
+"""Segmentation node attribute ("1") that marks a segmentation painted on some slices only."""
+IGNORE_COLOR = (0.5, 0.5, 0.5)
+
+
+def markSparselyAnnotated(segmentationNode, sparse: bool = True) -> None:
+    """Mark (or unmark) ``segmentationNode`` as painted on some slices only; saved with the scene."""
+    segmentationNode.SetAttribute(SPARSE_ATTRIBUTE, "1" if sparse else None)
+
+
+def isSparselyAnnotated(segmentationNode) -> bool:
+    return segmentationNode is not None and segmentationNode.GetAttribute(SPARSE_ATTRIBUTE) == "1"
+
 
 def trainingLabels(pairs, initLabels=None) -> list:
     """The engine Label of each segment name across ``pairs``: values 1, 2, ... in order of first appearance.
 
     ``initLabels`` (a checkpoint's labels, when fine-tuning) come first with their own values;
-    names they lack follow. Colours come from the first segment with that name.
+    names they lack follow. Colours come from the first segment with that name. When a pair is
+    annotated sparsely, a last label named ``ignore`` marks its unannotated slices.
     """
     Label = engine().Label
     labels: dict[str, Any] = {}
@@ -50,6 +70,8 @@ def trainingLabels(pairs, initLabels=None) -> list:
         if name not in labels:
             labels[name] = Label(nextValue, name, color)
             nextValue += 1
+    if any(isSparselyAnnotated(segmentationNode) for _, segmentationNode in pairs):
+        return [*labels.values(), Label(nextValue, IGNORE_NAME, IGNORE_COLOR)]
     return list(labels.values())
 
 
@@ -89,8 +111,9 @@ def exportTrainingPairs(pairs, folder, labels=None, progress=None) -> pathlib.Pa
     pairs = list(pairs)
     checkPairs(pairs)
     labels = trainingLabels(pairs) if labels is None else list(labels)
-    names = [label.name for label in labels]
-    values = np.array([0] + [label.value for label in labels], np.uint16)  # n-th name -> its label's value
+    ignore = next((label.value for label in labels if label.name == IGNORE_NAME), None)
+    names = [label.name for label in labels if label.value != ignore]
+    values = np.array([0] + [label.value for label in labels if label.value != ignore], np.uint16)
     folder = pathlib.Path(folder)
     _checkReplaceable(folder)
     partial = folder.with_name(folder.name + ".partial")
@@ -109,6 +132,8 @@ def exportTrainingPairs(pairs, folder, labels=None, progress=None) -> pathlib.Pa
                 case = f"case_{index:03d}_{safe_file_name(volumeNode.GetName(), fallback='volume')}"
                 volume = volumeFromNode(volumeNode)
                 labelmap = values[labelmapFromSegmentation(segmentationNode, volumeNode, names)]
+                if isSparselyAnnotated(segmentationNode):
+                    labelmap = _unannotatedSlicesIgnored(labelmap, ignore, segmentationNode)
                 labelmap = labelmap.astype(np.uint8 if labelmap.max(initial=0) < 256 else np.uint16)
                 writeVolume(volume, partial / "images" / f"{case}.nii.gz")
                 writeVolume(volume.with_array(labelmap), partial / "labels" / f"{case}.nii.gz")
@@ -127,6 +152,19 @@ def exportTrainingPairs(pairs, folder, labels=None, progress=None) -> pathlib.Pa
 
 
 DATASET_NAME = "UNet3DSegmenter training data"
+
+
+def _unannotatedSlicesIgnored(labelmap, ignore, segmentationNode):
+    """The slices of a sparsely annotated segmentation that hold no segment, set to ``ignore``."""
+    if ignore is None:
+        raise ValueError(f"segmentation {segmentationNode.GetName()} is marked 'only some slices are annotated', "
+                         f"but the labels have none named {IGNORE_NAME!r}: leave labels to the export")
+    from ..sparse import mark_unannotated_slices  # loaded when a run needs it, as the engine is
+
+    try:
+        return mark_unannotated_slices(labelmap, ignore)
+    except ValueError as error:
+        raise ValueError(f"segmentation {segmentationNode.GetName()}: {error}") from None
 
 
 def _checkReplaceable(folder: pathlib.Path) -> None:

@@ -41,6 +41,11 @@ Decisions kept here, and why:
   box names a trained model by its run folder, and lists the runs found in the models folder.
 - A click on Cancel or Stop that comes within :data:`DOUBLE_CLICK_SECONDS` of the start is the
   second click of a double-click on Segment or Train: it is ignored.
+- Training time is asked in minutes (``trainingMinutes``, the trainer's time budget); 0 trains for
+  the given epochs instead. A pair is added as "only some slices are annotated" when that box
+  (``sparsePair``) is ticked: the mark is an attribute of its segmentation node
+  (``export.markSparselyAnnotated``), so it is saved with the scene and Logic.train and the export
+  read it from the node; to change it, remove the pair and add it again.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from typing import Any
 
 from ..choices import DEVICES
 from ..segment_options import SegmentOptions
-from .export import ExportStopped, segmentedPairs
+from .export import ExportStopped, isSparselyAnnotated, markSparselyAnnotated, segmentedPairs
 from .install import asValueError
 from .process import EngineProcess, stopAll
 from .scene import segmentNames
@@ -76,11 +81,15 @@ SHUTDOWN_SECONDS = 10.0
 """Longest wait for background runs at Reload or application exit."""
 DOUBLE_CLICK_SECONDS = 1.0
 """A Cancel or Stop this soon after the start is the second click of a double-click on Segment or Train."""
+DEFAULT_TRAINING_MINUTES = 5.0
+"""The panel's time budget for a training run (see bench/RESULTS.md, "Sparse annotation")."""
+SPARSE_TEXT = "Only some slices are annotated"
+"""The mark of a pair whose segmentation was painted on some slices only (sparse annotation)."""
 MAX_OVERLAP = 0.9
 """The top of the panel's overlap slider; a model that records more is segmented at this overlap from the panel."""
 STOPPED_MARK = " (stopped)"
-INSTALLING = "Waiting for the install to finish."
-NOT_ACCEPTED = "Not started: the model's licence was not accepted."
+INSTALLING = _("Waiting for the install to finish.")
+NOT_ACCEPTED = _("Not started: the model's licence was not accepted.")
 LICENCE_SETTING = "UNet3DSegmenter/AcceptedModelLicences"
 """Settings group: model name -> the licence the user accepted for it."""
 """Added to the name of a stopped run's last.pt in the model box."""
@@ -403,12 +412,12 @@ class PanelState:
         key = f"{LICENCE_SETTING}/{pathlib.Path(model).stem}"
         if self.settings.value(key) == licence:
             return True
-        name = pathlib.Path(model).stem
-        if not self.confirm(f"The model '{name}' is shared under {licence}: it was trained on data under that licence, "
-                            f"and what you make with it (segmentations, models fine-tuned from it) that you share must "
-                            f"be shared under the same licence, with attribution. Its model card "
-                            f"({pathlib.Path(model).with_suffix('.md').name}, beside the model) says more.\n\n"
-                            f"Use this model under {licence}?"):
+        question = _("The model '{name}' is shared under {licence}: it was trained on data under that licence, and what "
+                     "you make with it (segmentations, models fine-tuned from it) that you share must be shared under "
+                     "the same licence, with attribution. Its model card ({card}, beside the model) says more.\n\n"
+                     "Use this model under {licence}?")
+        card = pathlib.Path(model).with_suffix(".md").name
+        if not self.confirm(question.format(name=pathlib.Path(model).stem, licence=licence, card=card)):
             return False
         self.settings.setValue(key, licence)
         return True
@@ -459,9 +468,11 @@ class PanelState:
         return [(volume, segmentation) for _role, volume, segmentation in self._pairEntries()]
 
     def addPair(self, volume, segmentation) -> bool:
-        """Add a pair (as one reference role); False when it is incomplete or already there."""
+        """Add a pair (as one reference role), marked as painted on some slices only when ``sparsePair`` is
+        ticked; False when it is incomplete or already there."""
         if self.parameters is None or volume is None or segmentation is None or (volume, segmentation) in self.pairs():
             return False
+        markSparselyAnnotated(segmentation, self.parameters.sparsePair)
         node = self.parameters.parameterNode
         roles = self._pairRoles()
         role = f"{PAIR_ROLE}.{int(roles[-1].rsplit('.', 1)[1]) + 1 if roles else 0}"
@@ -477,6 +488,14 @@ class PanelState:
         if not 0 <= row < len(entries):
             return False
         self.parameters.parameterNode.RemoveNodeReferenceIDs(entries[row][0])
+        return True
+
+    def setPairSparse(self, row: int, sparse: bool) -> bool:
+        """Mark the pair in table row ``row`` as annotated on some slices only (or not); False when no such row."""
+        pairs = self.pairs()
+        if not 0 <= row < len(pairs):
+            return False
+        markSparselyAnnotated(pairs[row][1], sparse)
         return True
 
     def segmentedPairsToAdd(self) -> list[tuple]:
@@ -558,7 +577,8 @@ class PanelState:
                 parameters.inputVolume, parameters.checkpointPath, parameters.outputSegmentation,
                 options=self.segmentOptions(), onProgress=self._segmentProgress,
                 onFinished=self._segmentFinished, onError=self._segmentFailed,
-                roi=parameters.roiNode if self.usesRoi() else None, onWarning=self._segmentWarning)
+                roi=parameters.roiNode if self.usesRoi() else None, onWarning=self._segmentWarning,
+                confidence=parameters.showConfidence)
         except ValueError as error:
             self.segmentation.status = "Segmentation could not start."
             self.notify(f"Segmentation could not start: {error}")
@@ -640,7 +660,8 @@ class PanelState:
                 self.pairs(), folder, architecture=None if initCheckpoint else parameters.architecture,
                 epochs=parameters.epochs, patchSize=parameters.patchSize or None, batchSize=parameters.batchSize,
                 learningRate=parameters.learningRate or None, device=parameters.trainingDevice,
-                initCheckpoint=initCheckpoint, exportProgress=self._exportProgress, **callbacks)))
+                initCheckpoint=initCheckpoint, exportProgress=self._exportProgress,
+                time_budget=parameters.trainingMinutes or None, **callbacks)))
 
     def resumeFolder(self) -> pathlib.Path | None:
         """The stopped run that Resume continues: the selected model's run if it was stopped, else the run stopped
@@ -794,7 +815,8 @@ class PanelState:
                             and not self.segmentation.running,
                             "Add a box at the volume's centre, the size of the model's training images; drag it "
                             "over the structure, then Segment segments inside it only."),
-            pairs=[(volume.GetName(), f"{segmentation.GetName()} ({', '.join(segmentNames(segmentation))})")
+            pairs=[(volume.GetName(), f"{segmentation.GetName()} ({', '.join(segmentNames(segmentation))})"
+                    + (f"; {SPARSE_TEXT.lower()}" if isSparselyAnnotated(segmentation) else ""))
                    for volume, segmentation in pairs],
             addPair=Button(_("Add pair"), parameters is not None and trainingVolume is not None
                            and trainingSegmentation is not None and (trainingVolume, trainingSegmentation) not in pairs,
@@ -883,7 +905,8 @@ def _stoppedRun(folder: pathlib.Path) -> bool:
     """True when ``folder`` holds a run that can go on: its saved state, fewer epochs logged than it was to train,
     and no validation report (written when a run ends, early stopping included; never when it is stopped)."""
     try:
-        epochs = int(json.loads((folder / "run.json").read_text(encoding="utf-8"))["epochs"])
+        record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        epochs = int((record.get("time_plan") or record)["epochs"])  # a time budget plans its own
         logged = (folder / "log.csv").read_text(encoding="utf-8").count("\n") - 1 if (folder / "log.csv").is_file() else 0
     except (OSError, ValueError, KeyError, TypeError):
         return False

@@ -175,6 +175,42 @@ def storeSegmentation(labelmap, labels, inputVolume, outputSegmentation=None, ch
     return outputSegmentation
 
 
+CONFIDENCE_ROLE = "UNet3DSegmenter.Confidence"
+"""Reference from a segmentation to the volume of the model's confidence that came with it."""
+
+
+def storeConfidence(uncertainty, measure: str, segmentationNode, inputVolume):
+    """Show where the model is unsure as a volume over the image: ``uncertainty`` (an engine Volume on the
+    input's grid, see the predictor's ``uncertainty``) becomes a scalar volume node, the segmentation's
+    confidence (replaced when it is segmented again), shown in every slice view as a half-transparent
+    foreground over the input, 0 to 1 in a colour map. Return the node."""
+    scene = inputVolume.GetScene()
+    node = segmentationNode.GetNodeReference(CONFIDENCE_ROLE)
+    if node is None:
+        node = addVolumeNode(uncertainty, f"{inputVolume.GetName()} {measure}")
+    else:
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(uncertainty.array))
+    node.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    if scene.GetNodeByID(_CONFIDENCE_COLORS) is not None:
+        display.SetAndObserveColorNodeID(_CONFIDENCE_COLORS)
+    segmentationNode.SetNodeReferenceID(CONFIDENCE_ROLE, node.GetID())
+    placeInStudy(node, inputVolume)
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        composite.SetBackgroundVolumeID(inputVolume.GetID())
+        composite.SetForegroundVolumeID(node.GetID())
+        composite.SetForegroundOpacity(0.5)
+    return node
+
+
+_CONFIDENCE_COLORS = "vtkMRMLColorTableNodeRainbow"
+
+
 def placeInStudy(node, referenceNode) -> None:
     """Put ``node`` beside ``referenceNode`` in the subject hierarchy (under its study or patient)."""
     hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..segment_options import SegmentOptions
 from .install import asValueError, engine, oneLine
 from .process import EngineProcess, engineCommand
-from .scene import regionFromRoiNode, storeSegmentation, volumeFromNode
+from .scene import regionFromRoiNode, storeConfidence, storeSegmentation, volumeFromNode
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint, Ensemble
@@ -41,6 +41,8 @@ class SegmentationJob:
     checkpointPath: pathlib.Path | None  # None: an in-memory Checkpoint
     options: SegmentOptions
     outputSegmentation: Any = None  # vtkMRMLSegmentationNode, or None for a new one
+    confidence: bool = False  # also show where the model is unsure (options.uncertainty_measure)
+    uncertainty: Any = None  # the engine's uncertainty Volume, once computed
 
     @property
     def checkpointName(self) -> str:
@@ -77,12 +79,13 @@ def segmentDefaults(checkpoint) -> SegmentOptions:
 
 
 def prepare(inputVolume, checkpoint, outputSegmentation=None, options: SegmentOptions | None = None, roi=None,
-            **keywords) -> SegmentationJob:
+            confidence: bool = False, **keywords) -> SegmentationJob:
     """Check the inputs of a segmentation; ValueError, and nothing changed, when one cannot work.
 
     ``options`` and ``keywords`` are those of :func:`segmentOptions` (an overlap left unset is the
     checkpoint's); ``roi`` (a vtkMRMLMarkupsROINode, or None for the whole volume) restricts the
-    work to its box.
+    work to its box; ``confidence`` also shows the model's confidence over the image
+    (``scene.storeConfidence``), computed in the same pass.
     """
     options = segmentOptions(options, **keywords)
     volume = volumeFromNode(inputVolume)
@@ -96,7 +99,7 @@ def prepare(inputVolume, checkpoint, outputSegmentation=None, options: SegmentOp
         raise ValueError(f"volume {inputVolume.GetName()} has {volume.channels} channel(s) but the model expects "
                          f"{loaded.in_channels}: choose a model made for this kind of image")
     path = pathlib.Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
-    return SegmentationJob(inputVolume, volume, loaded, path, options, outputSegmentation)
+    return SegmentationJob(inputVolume, volume, loaded, path, options, outputSegmentation, bool(confidence))
 
 
 def predict(job: SegmentationJob, progress=None, warn=None):
@@ -105,16 +108,26 @@ def predict(job: SegmentationJob, progress=None, warn=None):
     Each warning about the input (far outside the model's training data) goes to ``warn(message)``
     (default: the log)."""
     with asValueError():
-        return engine().Predictor(job.checkpoint, job.options).predict(job.volume, progress=progress, warn=warn).labelmap
+        prediction = engine().Predictor(job.checkpoint, job.options).predict(
+            job.volume, progress=progress, warn=warn, uncertainty=job.options.uncertainty_measure if job.confidence
+            else None)
+    job.uncertainty = prediction.uncertainty
+    return prediction.labelmap
 
 
 def finish(job: SegmentationJob, labelmap):
-    """Store ``labelmap`` as the job's segmentation node (see ``scene.storeSegmentation``) and return it."""
-    if labelmap.shape != job.volume.shape or not labelmap.same_grid(job.volume, tolerance=1e-3):
-        raise ValueError(f"the engine wrote a segmentation on another grid ({labelmap.describe_grid()}) "
-                         f"than the input ({job.volume.describe_grid()})")
-    return storeSegmentation(job.volume.with_array(labelmap.array), job.checkpoint.labels, job.inputVolume,
+    """Store ``labelmap`` as the job's segmentation node (see ``scene.storeSegmentation``), and the job's
+    uncertainty as its confidence volume when there is one (``scene.storeConfidence``); return the segmentation."""
+    for result in (labelmap, job.uncertainty):
+        if result is not None and (result.shape != job.volume.shape or not result.same_grid(job.volume, tolerance=1e-3)):
+            raise ValueError(f"the engine wrote a result on another grid ({result.describe_grid()}) "
+                             f"than the input ({job.volume.describe_grid()})")
+    node = storeSegmentation(job.volume.with_array(labelmap.array), job.checkpoint.labels, job.inputVolume,
                              job.outputSegmentation, job.checkpointName)
+    if job.uncertainty is not None:
+        storeConfidence(job.volume.with_array(job.uncertainty.array), job.options.uncertainty_measure, node,
+                        job.inputVolume)
+    return node
 
 
 def startInBackground(job: SegmentationJob, python: str, environment: dict, onProgress=None, onFinished=None,
@@ -129,7 +142,7 @@ def startInBackground(job: SegmentationJob, python: str, environment: dict, onPr
     """
     package = engine()
     folder = pathlib.Path(tempfile.mkdtemp(prefix="UNet3DSegmenter-"))
-    inputPath, outputPath = folder / "input.nrrd", folder / "segmentation.nrrd"
+    inputPath, outputPath, uncertaintyPath = folder / "input.nrrd", folder / "segmentation.nrrd", folder / "unsure.nrrd"
     try:
         checkpointPath = job.checkpointPath or package.save_checkpoint(job.checkpoint, folder / "model.pt")
         with asValueError():
@@ -139,6 +152,7 @@ def startInBackground(job: SegmentationJob, python: str, environment: dict, onPr
         raise
     arguments = engineCommand(python, "predict", "--checkpoint", checkpointPath, "--input", inputPath,
                               "--output", outputPath, *job.options.to_arguments(), "--progress-json")
+    arguments += ["--uncertainty", str(uncertaintyPath)] if job.confidence else []
 
     def progress(event: dict) -> None:
         if process.cancelled:
@@ -154,6 +168,7 @@ def startInBackground(job: SegmentationJob, python: str, environment: dict, onPr
         try:
             with asValueError():
                 labelmap = package.read_volume(outputPath)
+                job.uncertainty = package.read_volume(uncertaintyPath) if job.confidence else None
             node = finish(job, labelmap)
         except Exception as error:  # reported like the child's own errors: one line
             if not isinstance(error, ValueError):

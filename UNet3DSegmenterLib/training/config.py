@@ -50,6 +50,8 @@ from .splits import compile_group_by
 CONFIG_FORMAT = 1
 MODEL_FILES = ("best.pt", "last.pt", "run.json")
 """Files that mark a folder as holding a model: a new run there (without --overwrite) is refused."""
+TIME_PLAN = "time_plan"
+"""The key of run.json that records what a time budget planned (seconds per iteration, epochs, ...)."""
 INIT_COPY = "init.pt"
 """The one name in an output folder that --init may point at: no run writes or deletes it."""
 
@@ -99,6 +101,10 @@ class TrainingConfig:
     data: Path = _required(_DATA_HELP, "-d")
     output: Path = _required("folder for best.pt, last.pt, run.json, log.csv, curves.png, split.json, "
                              "validation_report.json and test_report.json", "-o")
+    case_pattern: str | None = option(
+        None, "in a folder pair, the case name is this regular expression's first group in each file name (without "
+        "extension), so that differently named images and labels pair up; HipMRI: '^(.+?)(?:_SEMANTIC)?_LFOV$'",
+        group="data", metavar="REGEX")
     input_spacing: tuple[float, float, float] | None = option(
         None, "voxel spacing in mm of .npy cases (default 1 1 1; other formats record their own)", group="data",
         metavar=("X", "Y", "Z"))
@@ -143,7 +149,12 @@ class TrainingConfig:
     resample_labels: bool = option(False, "resample labelmaps that lie on another grid onto their image instead "
                                    "of refusing them", group="preprocessing")
     # optimisation
-    epochs: int = option(100, "epochs to train", group="optimisation")
+    epochs: int = option(100, "epochs to train (an epoch is --iterations-per-epoch patch batches, not a pass over "
+                         "the cases)", group="optimisation")
+    time_budget: float | None = option(
+        None, "train for this many minutes instead of --epochs: the first iterations are timed and the epochs "
+        "that fit are planned, ending with validation and a saved model inside the budget (per fold with --folds); "
+        "run.json records the plan", group="optimisation", metavar="MINUTES")
     iterations_per_epoch: int = option(100, "patch batches per epoch", group="optimisation")
     batch_size: int = option(2, "patches per batch", group="optimisation")
     loss: str = option("dicece", "training loss", group="optimisation", choices=LOSSES)
@@ -151,10 +162,12 @@ class TrainingConfig:
         None, "one weight per class, background first, for every term of the loss (a background weight above 0 "
         "brings background into the Dice; default: equal, or inverse frequency for weighted_dice)",
         group="optimisation", metavar="W")
-    optimizer: str = option("adamw", "optimiser (sgd: Nesterov momentum 0.99)", group="optimisation",
+    optimizer: str = option("adamw", "optimiser (adam: plain Adam, no decoupled weight decay; sgd: Nesterov "
+                            "momentum 0.99)", group="optimisation",
                             choices=OPTIMIZERS)
-    lr: float | None = option(None, "learning rate (default 1e-3 with AdamW, 1e-2 with SGD)", group="optimisation")
-    weight_decay: float | None = option(None, "weight decay (default 1e-2 with AdamW, 3e-5 with SGD)",
+    lr: float | None = option(None, "learning rate (default 1e-3 with AdamW and Adam, 1e-2 with SGD)",
+                              group="optimisation")
+    weight_decay: float | None = option(None, "weight decay (default 1e-2 with AdamW, 0 with Adam, 3e-5 with SGD)",
                                         group="optimisation")
     schedule: str = option("poly", "learning-rate decay after the warm-up", group="optimisation", choices=SCHEDULES)
     warmup_epochs: int = option(1, "epochs of linear learning-rate warm-up", group="optimisation")
@@ -207,6 +220,8 @@ class TrainingConfig:
                 raise UserError(f"unknown {item.name.replace('_', ' ')} {value!r}: choose one of {', '.join(allowed)}")
         checks = [
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.time_budget is None or 0 < self.time_budget < math.inf,
+             f"the time budget must be a positive number of minutes, got {self.time_budget}"),
             (self.iterations_per_epoch >= 1, f"iterations per epoch must be at least 1, got {self.iterations_per_epoch}"),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
             (self.val_every >= 1, f"val_every must be at least 1, got {self.val_every}"),
@@ -275,6 +290,10 @@ class TrainingConfig:
                                                                         "--folds and --fold"))
         if self.group_by is not None:
             compile_group_by(self.group_by)
+        if self.case_pattern is not None:
+            from ..datalist import compile_case_pattern  # the datalist's readers load only here
+
+            compile_case_pattern(self.case_pattern)
         if self.split is not None:
             shares = self.split
             if min(shares) < 0 or shares[0] <= 0 or abs(sum(shares) - 1) > 1e-6:
@@ -338,6 +357,7 @@ class TrainingConfig:
         if version > CONFIG_FORMAT:
             raise UserError(f"{source} was written by a newer version (format {version}): update")
         names = {item.name for item in dataclasses.fields(cls)}
+        record = {key: value for key, value in record.items() if key != TIME_PLAN}  # what a budget planned: a record
         unknown = sorted(set(record) - names - {"format"})
         if unknown:
             raise UserError(f"{source}: unknown option {unknown[0]!r}; known options are the fields of "
@@ -357,11 +377,12 @@ class TrainingConfig:
             raise UserError(f"cannot read the training configuration {path} ({error})") from None
         return cls.from_json(record, str(path))
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_json` atomically; ``train --config`` runs it again."""
+    def save(self, path: str | os.PathLike, time_plan: dict | None = None) -> Path:
+        """Write :meth:`to_json` atomically; ``train --config`` runs it again. ``time_plan`` (what a
+        time budget planned) is kept beside the options, as a record: a run again plans anew."""
         from ..atomic import write_json
 
-        return write_json(self.to_json(), path)
+        return write_json(self.to_json() | ({TIME_PLAN: time_plan} if time_plan is not None else {}), path)
 
 
 @functools.cache

@@ -39,7 +39,7 @@ from typing import cast
 import numpy as np
 
 from ..atomic import write_json
-from ..checkpoint import Ensemble, load_single_checkpoint, save_checkpoint
+from ..checkpoint import Checkpoint, Ensemble, load_single_checkpoint, save_checkpoint
 from ..datalist import load_datalist
 from ..errors import UserError
 from ..metrics import METRIC_NAMES
@@ -152,7 +152,7 @@ class _CrossValidation:
                     "cv_dice": {names[value]: scores["dice"] for value, scores in report["mean"].items()}}
         ensemble = save_checkpoint(Ensemble(members, training), self.paths["ensemble.pt"])
         report["ensemble"] = str(ensemble)
-        test_path = self._test(report, members[0].labels)
+        test_path = self._test(report, members)
         write_json(report, self.paths["cv_report.json"])
         self._emit(CrossValidationEvent(event="cross_validation", report=str(self.paths["cv_report.json"]),
                                         ensemble=str(ensemble), folds=self.folds, dice=training["cv_dice"],
@@ -160,15 +160,15 @@ class _CrossValidation:
         return CrossValidationResult(self.output, "completed", report, self.paths["cv_report.json"], ensemble,
                                      test_path)
 
-    def _test(self, report: dict, labels) -> Path | None:
+    def _test(self, report: dict, members: list[Checkpoint]) -> Path | None:
         """Score the ensemble on the test cases (held out of every fold) into test_report.json."""
         split = read_split(self.output / "fold_0" / "split.json")
         if not split.test:
             return None
-        cases = load_datalist(self.config.data).subset(split.test)
-        # The loss as configured; weighted_dice without --class-weights weighs classes equally here.
-        loss = build_loss(self.config.loss, len(labels), self.config.class_weights)
-        scores = case_report(self.paths["ensemble.pt"], cases, self.config.device, self.config.resample_labels, loss)
+        cases = load_datalist(self.config.data, self.config.input_spacing, self.config.case_pattern).subset(split.test)
+        loss = build_loss(self.config.loss, len(members[0].labels), _trained_weights(members))
+        scores = case_report(self.paths["ensemble.pt"], cases, self.config.device, self.config.resample_labels, loss,
+                             members[0].ignore_value)
         write_json(scores, self.paths["test_report.json"])
         folds_mean = _mean_over([entry["test"]["mean"] for entry in report["per_fold"] if "test" in entry])
         report["test"] = {"cases": split.test, "ensemble": _summary(_as_json(scores)),
@@ -194,6 +194,15 @@ class _CrossValidation:
     def _emit(self, event: TrainingEvent) -> None:
         if self.main:
             self.progress(event)
+
+
+def _trained_weights(members: list[Checkpoint]) -> list[float] | None:
+    """The class weights the folds' losses were trained with (the trainer resolves them, e.g. the
+    inverse frequencies of 'weighted_dice'), averaged over the folds; None when they used none."""
+    weights = [member.training.get("loss_class_weights") for member in members]
+    if any(weight is None for weight in weights):
+        return None
+    return [float(value) for value in np.mean(np.asarray(weights, np.float64), axis=0)]
 
 
 def _fold_entry(fold: int, result: TrainingResult) -> dict:

@@ -58,6 +58,12 @@ class Distributed:
             return value
         return self._all_reduce(value, torch.float64, torch.distributed.ReduceOp.SUM) / self.world_size
 
+    def maximum(self, value: float) -> float:
+        """The largest ``value`` over all ranks (so that every rank plans alike)."""
+        if not self.enabled:
+            return value
+        return self._all_reduce(value, torch.float64, torch.distributed.ReduceOp.MAX)
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on any."""
         if not self.enabled:

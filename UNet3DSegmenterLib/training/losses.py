@@ -19,6 +19,10 @@ background weight above zero brings background into the Dice; a zero weight leav
 and each voxel's cross-entropy or focal term is multiplied by the weight of its true class (weights
 scaled to average 1, so the term keeps its size). Losses run in float32 whatever the network's precision.
 
+Sparse annotation: target voxels of class index :data:`~UNet3DSegmenterLib.labels.IGNORE_INDEX` (the
+``ignore`` label) were never annotated. Every loss leaves them out: they add nothing to a Dice's sums
+and the cross-entropy and focal terms average over the annotated voxels only.
+
 Example::
 
     >>> loss = build_loss("dice_focal", classes=3, class_weights=[0.1, 1.0, 3.0])
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import LOSSES
+from ..labels import IGNORE_INDEX
 
 
 def check_class_weights(class_weights: Sequence[float], classes: int) -> list[float]:
@@ -46,6 +51,18 @@ def check_class_weights(class_weights: Sequence[float], classes: int) -> list[fl
         raise ValueError(f"class weights {weights} must be zero or more, with at least one foreground class above "
                          "zero")
     return weights
+
+
+def annotated(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``target`` with unannotated voxels set to class 0 (so that it indexes classes), and the mask
+    of annotated voxels (float, same shape)."""
+    mask = target != IGNORE_INDEX
+    return target.masked_fill(~mask, 0), mask.float()
+
+
+def _annotated_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of per-voxel ``losses`` over annotated voxels (0 when a batch has none)."""
+    return (losses * mask).sum() / mask.sum().clamp_min(1)
 
 
 class _ClassWeighted(nn.Module):
@@ -80,8 +97,9 @@ class DiceLoss(_ClassWeighted):
         self.smooth = smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.softmax(logits.float(), dim=1)
-        one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probabilities.dtype)
+        target, mask = annotated(target)
+        probabilities = torch.softmax(logits.float(), dim=1) * mask[:, None]
+        one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probabilities.dtype) * mask[:, None]
         axes = (0, *range(2, logits.ndim))
         intersection = (probabilities * one_hot).sum(axes)
         total = probabilities.sum(axes) + one_hot.sum(axes)
@@ -95,9 +113,10 @@ class CrossEntropyLoss(_ClassWeighted):
     """Cross-entropy per voxel, averaged; with ``class_weights``, each voxel weighed by its class."""
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target, mask = annotated(target)
         losses = F.cross_entropy(logits.float(), target, reduction="none")
         weights = self.voxel_weights(target)
-        return (losses if weights is None else losses * weights).mean()
+        return _annotated_mean(losses if weights is None else losses * weights, mask)
 
 
 class FocalLoss(_ClassWeighted):
@@ -109,10 +128,11 @@ class FocalLoss(_ClassWeighted):
         self.gamma = gamma
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target, mask = annotated(target)
         log_probability = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
         losses = -(1 - log_probability.exp()) ** self.gamma * log_probability
         weights = self.voxel_weights(target)
-        return (losses if weights is None else losses * weights).mean()
+        return _annotated_mean(losses if weights is None else losses * weights, mask)
 
 
 class SumOfLosses(nn.Module):

@@ -4,7 +4,9 @@ Reading, resampling and normalising a volume costs far more than cutting a patch
 case is prepared once (and kept in memory, or in a cache folder that later runs reuse) and patches
 are then cut from the prepared arrays. A fraction of patches (1/3 by default) is centred on a voxel
 of a randomly chosen foreground class, because small structures would otherwise hardly ever be
-seen.
+seen. Where a case is annotated sparsely (voxels of the ``ignore`` label, class index
+:data:`~UNet3DSegmenterLib.labels.IGNORE_INDEX` in the target), the other patches are centred on a
+random annotated voxel instead of anywhere, so that no patch is spent on voxels without a label.
 
 Each patch is a pure function of ``(seed, sample id)``, where the sampler hands out ids by epoch
 and rank. The patches of a run are therefore the same whatever the number of loader workers, a
@@ -34,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..atomic import WRITE_STOPPED, atomic_path, write_stopped
 from ..datalist import Case, folder_pair, load_case
 from ..errors import UserError
+from ..labels import IGNORE_INDEX
 from ..paths import safe_file_name
 from ..preprocess import Preprocessing, normalize, resample_for_model, resample_to_grid
 from ..volume import float3, int3
@@ -48,25 +51,29 @@ class PreparedCase:
     """A case ready for sampling: normalised image (c, z, y, x) float32 and class indices (z, y, x).
 
     ``locations[k]`` holds flat indices of voxels of foreground class ``k + 1`` (a sample of them
-    when there are very many).
+    when there are very many); ``annotated`` those of annotated voxels (any class), only where some
+    voxels are unannotated (None: every voxel is annotated).
     """
 
     name: str
     image: np.ndarray
     target: np.ndarray
     locations: list[np.ndarray]
+    annotated: np.ndarray | None = None
 
 
 def prepare_case(case: Case, preprocessing: Preprocessing, label_values: Sequence[int],
                  crop_foreground: bool = False, resample_labels: bool = False,
-                 label_names: dict[int, str] | None = None) -> PreparedCase:
+                 label_names: dict[int, str] | None = None, ignore: int | None = None) -> PreparedCase:
     """Read, resample and normalise one case exactly as inference will, and map labels to classes.
 
-    ``label_values[k]`` is the label value of output class ``k``. With ``crop_foreground`` the
+    ``label_values[k]`` is the label value of output class ``k``; voxels of the value ``ignore``
+    (unannotated) get the class index :data:`IGNORE_INDEX`. With ``crop_foreground`` the
     arrays are cut to the box holding every non-zero image voxel and every label (after
     normalisation, so the intensities are those that inference sees).
     """
-    names = label_names if label_names is not None else {int(value): str(value) for value in label_values}
+    names = label_names if label_names is not None else \
+        {int(value): str(value) for value in [*label_values, *([ignore] if ignore is not None else [])]}
     image, labels = load_case(case, names, resample_labels)
     channels = image.array if image.array.ndim == 4 else image.array[None]
     if len(channels) != preprocessing.channels:
@@ -80,13 +87,23 @@ def prepare_case(case: Case, preprocessing: Preprocessing, label_values: Sequenc
     for index, value in enumerate(label_values):
         if value < len(lookup):
             lookup[value] = index
+    if ignore is not None and ignore < len(lookup):
+        lookup[ignore] = IGNORE_INDEX
     target = lookup[labels.array]
     array = normalize(image.array, preprocessing)
     if crop_foreground:
-        box = _nonzero_box(np.any(image.array != 0, axis=0) | (target > 0))
+        box = _nonzero_box(np.any(image.array != 0, axis=0) | ((target > 0) & (target != IGNORE_INDEX)))
         array, target = array[(slice(None), *box)], target[box]
-    return PreparedCase(case.name, np.ascontiguousarray(array), np.ascontiguousarray(target),
-                        _class_locations(target, len(label_values), case.name))
+    return _sampled(case.name, np.ascontiguousarray(array), np.ascontiguousarray(target), len(label_values))
+
+
+def _sampled(name: str, image: np.ndarray, target: np.ndarray, classes: int) -> PreparedCase:
+    """The prepared case with the voxel lists that patch sampling draws from."""
+    locations = _class_locations(target, classes, name)
+    annotated = None
+    if np.any(np.asarray(target) == IGNORE_INDEX):
+        annotated = _sample_of(np.flatnonzero(np.asarray(target) != IGNORE_INDEX), _case_rng(name))
+    return PreparedCase(name, image, target, locations, annotated)
 
 
 def _nonzero_box(mask: np.ndarray) -> tuple[slice, ...]:
@@ -100,25 +117,31 @@ def _nonzero_box(mask: np.ndarray) -> tuple[slice, ...]:
 
 
 def _class_locations(target: np.ndarray, classes: int, name: str) -> list[np.ndarray]:
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
-    locations = []
-    for index in range(1, classes):
-        flat = np.flatnonzero(target == index)
-        if len(flat) > _MAX_LOCATIONS:
-            flat = np.sort(rng.choice(flat, _MAX_LOCATIONS, replace=False))
-        locations.append(flat.astype(np.int64))
-    return locations
+    rng = _case_rng(name)
+    return [_sample_of(np.flatnonzero(target == index), rng) for index in range(1, classes)]
+
+
+def _case_rng(name: str) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def _sample_of(flat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``flat`` indices, or a sorted sample of :data:`_MAX_LOCATIONS` of them."""
+    if len(flat) > _MAX_LOCATIONS:
+        flat = np.sort(rng.choice(flat, _MAX_LOCATIONS, replace=False))
+    return flat.astype(np.int64)
 
 
 def prepare_cases(cases: Sequence[Case], preprocessing: Preprocessing, label_values: Sequence[int],
                   crop_foreground: bool = False, resample_labels: bool = False,
                   label_names: dict[int, str] | None = None, cache_dir: str | os.PathLike | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> list[PreparedCase]:
+                  progress: Callable[[int, int], None] | None = None, ignore: int | None = None) -> list[PreparedCase]:
     """Prepare every case, from ``cache_dir`` where it already holds them (memory-mapped, so loader
-    workers share the pages), else from the files (and store them there)."""
+    workers share the pages), else from the files (and store them there); ``ignore`` is the label
+    value of unannotated voxels (see :func:`prepare_case`)."""
     prepared = []
     for index, case in enumerate(cases):
-        arguments = (case, preprocessing, label_values, crop_foreground, resample_labels, label_names)
+        arguments = (case, preprocessing, label_values, crop_foreground, resample_labels, label_names, ignore)
         prepared.append(_cached(cache_dir, *arguments) if cache_dir else prepare_case(*arguments))
         if progress is not None:
             progress(index + 1, len(cases))
@@ -126,16 +149,18 @@ def prepare_cases(cases: Sequence[Case], preprocessing: Preprocessing, label_val
 
 
 def _cached(cache_dir, case: Case, preprocessing: Preprocessing, label_values, crop_foreground,
-            resample_labels, label_names) -> PreparedCase:
+            resample_labels, label_names, ignore) -> PreparedCase:
     """The prepared case from the cache folder; the key covers the files and every setting."""
     key = hashlib.sha1(json.dumps([
         [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns] for path in (case.image, case.label)
     ] + [preprocessing.to_dict(), list(map(int, label_values)), crop_foreground, resample_labels]
-        + ([list(case.spacing)] if case.spacing else [])).encode())
+        + ([list(case.spacing)] if case.spacing else []) + ([{"ignore": ignore}] if ignore is not None else [])
+    ).encode())
     stem = Path(cache_dir) / f"{safe_file_name(case.name)}-{key.hexdigest()[:16]}"
     image_file, target_file = (stem.with_name(stem.name + suffix) for suffix in (".image.npy", ".target.npy"))
     if not (image_file.exists() and target_file.exists()):
-        prepared = prepare_case(case, preprocessing, label_values, crop_foreground, resample_labels, label_names)
+        prepared = prepare_case(case, preprocessing, label_values, crop_foreground, resample_labels, label_names,
+                                ignore)
         try:
             stem.parent.mkdir(parents=True, exist_ok=True)
             for file, array in ((image_file, prepared.image), (target_file, prepared.target)):
@@ -148,7 +173,7 @@ def _cached(cache_dir, case: Case, preprocessing: Preprocessing, label_values, c
                             "choose another --cache-dir") from None
         return prepared
     image, target = np.load(image_file, mmap_mode="r"), np.load(target_file, mmap_mode="r")
-    return PreparedCase(case.name, image, target, _class_locations(np.asarray(target), len(label_values), case.name))
+    return _sampled(case.name, image, target, len(label_values))
 
 
 def crop_patch(array: np.ndarray, start: Sequence[int], patch_size: Sequence[int]) -> np.ndarray:
@@ -220,16 +245,20 @@ class PatchDataset(Dataset):
         return result
 
     def patch_start(self, case: PreparedCase, rng: np.random.Generator) -> tuple[int, ...]:
-        """Where the patch begins: centred on a random foreground voxel, or uniform."""
+        """Where the patch begins: centred on a random foreground voxel, else on a random annotated
+        voxel where the case is annotated sparsely, else uniform."""
         shape = case.target.shape
         low = [min(0, n - p) for n, p in zip(shape, self.patch_size)]
         high = [max(0, n - p) for n, p in zip(shape, self.patch_size)]
         present = [locations for locations in case.locations if len(locations)]
         if present and rng.random() < self.foreground_fraction:
             locations = present[rng.integers(len(present))]
-            centre = np.unravel_index(locations[rng.integers(len(locations))], shape)
-            return tuple(int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(centre, self.patch_size, low, high))
-        return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high))
+        elif case.annotated is not None and len(case.annotated):
+            locations = case.annotated
+        else:
+            return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high))
+        centre = np.unravel_index(locations[rng.integers(len(locations))], shape)
+        return tuple(int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(centre, self.patch_size, low, high))
 
 
 class EpochSampler(Sampler[int]):

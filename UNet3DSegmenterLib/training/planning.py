@@ -28,7 +28,7 @@ from ..datalist import Case, Datalist, load_case
 from ..errors import UserError
 from ..fingerprint import TrainingFingerprint, intensity_percentiles
 from ..io import read_volume
-from ..labels import Label, default_color
+from ..labels import IGNORE_NAME, Label, default_color, ignore_value
 from ..models import ARCHITECTURES, build_model, default_arguments
 from ..preprocess import Preprocessing
 from ..volume import float3, int3
@@ -57,14 +57,18 @@ class TrainingPlan:
     init: Checkpoint | None = None
     median_spacing: tuple[float, float, float] | None = None  # (x, y, z) of the cases once resized
     fingerprint: TrainingFingerprint | None = None
+    ignore_value: int | None = None  # the label value of unannotated voxels (sparse annotation)
 
     @property
     def label_values(self) -> list[int]:
+        """The label value of each output class, in order (the ``ignore`` value is none of them)."""
         return [label.value for label in self.labels]
 
     @property
     def label_map(self) -> dict[int, str]:
-        return {label.value: label.name for label in self.labels}
+        """Every value a training labelmap may hold, with its name: the classes, and ``ignore``."""
+        ignored = {self.ignore_value: IGNORE_NAME} if self.ignore_value is not None else {}
+        return {label.value: label.name for label in self.labels} | ignored
 
     def spacing_zyx(self) -> tuple[float, float, float]:
         """The voxel size of the training patches in mm: the spacing, or the median one after resizing."""
@@ -80,13 +84,19 @@ class TrainingPlan:
             _load_matching_weights(model, self.init, self.labels)
         return model
 
-    def loss(self, cases: Sequence[PreparedCase]) -> nn.Module:
-        weights = self.class_weights
-        if self.loss_name == "weighted_dice" and weights is None:
-            counts = np.zeros(len(self.labels), np.int64)
-            for case in cases:
-                counts += np.bincount(np.asarray(case.target).ravel(), minlength=len(self.labels))[:len(self.labels)]
-            weights = [0.0] + inverse_frequency_weights(counts[1:].tolist())
+    def loss_weights(self, cases: Sequence[PreparedCase]) -> list[float] | None:
+        """The class weights the loss is trained with: the user's, or for 'weighted_dice' without them
+        the inverse frequencies of the foreground classes in the (annotated voxels of the) training
+        cases, background weighed zero. The one place they are resolved: the checkpoint records them
+        and cross-validation scores its test loss with them."""
+        if self.loss_name != "weighted_dice" or self.class_weights is not None:
+            return self.class_weights
+        counts = np.zeros(len(self.labels), np.int64)
+        for case in cases:  # the ignore index lies beyond the classes, so it is not counted
+            counts += np.bincount(np.asarray(case.target).ravel(), minlength=len(self.labels))[:len(self.labels)]
+        return [0.0] + inverse_frequency_weights(counts[1:].tolist())
+
+    def loss(self, weights: list[float] | None) -> nn.Module:
         return build_loss(self.loss_name, len(self.labels), weights)
 
 
@@ -104,8 +114,9 @@ def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_fr
         return TrainingPlan(previous.labels, previous.preprocessing, previous.patch_size, previous.architecture,
                             previous.architecture_args, lr, weight_decay, config.loss, config.class_weights,
                             median_spacing=_median_resized_spacing(train_cases, previous.preprocessing),
-                            fingerprint=previous.fingerprint or training_fingerprint(fingerprint_cases, datalist.modality))
-    labels = _labels(config, datalist)
+                            fingerprint=previous.fingerprint or training_fingerprint(fingerprint_cases, datalist.modality),
+                            ignore_value=previous.ignore_value)
+    labels, ignored = _labels(config, datalist)
     init = load_single_checkpoint(config.init, "fine-tuning (--init)") if config.init else None
     if init is not None and init.preprocessing.nnunet is not None:
         raise UserError(f"--init {config.init} was trained by nnU-Net, whose preprocessing this trainer does not "
@@ -129,7 +140,7 @@ def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_fr
         assert init is not None
         preprocessing = init.preprocessing
     else:
-        preprocessing = _preprocessing(config, datalist, train_cases, labels)
+        preprocessing = _preprocessing(config, datalist, train_cases, labels, ignored)
     if config.patch_size is not None:
         patch_size = _checked_patch_size(config.patch_size, divisor)
     elif keep_init_preprocessing:
@@ -143,7 +154,7 @@ def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_fr
                         "background first")
     return TrainingPlan(labels, preprocessing, patch_size, architecture, arguments, lr, weight_decay, config.loss,
                         config.class_weights, init, _median_resized_spacing(train_cases, preprocessing),
-                        training_fingerprint(fingerprint_cases, datalist.modality))
+                        training_fingerprint(fingerprint_cases, datalist.modality), ignored)
 
 
 def _check_architecture(architecture: str, arguments: dict) -> None:
@@ -157,17 +168,24 @@ def _check_architecture(architecture: str, arguments: dict) -> None:
 
 
 def _optimiser_defaults(config) -> tuple[float, float]:
-    defaults = {"adamw": (1e-3, 1e-2), "sgd": (1e-2, 3e-5)}[config.optimizer]
+    defaults = {"adamw": (1e-3, 1e-2), "adam": (1e-3, 0.0), "sgd": (1e-2, 3e-5)}[config.optimizer]
     return (config.lr if config.lr is not None else defaults[0],
             config.weight_decay if config.weight_decay is not None else defaults[1])
 
 
-def _labels(config, datalist: Datalist) -> list[Label]:
-    """Label values with names and colours: the user's, else the dataset's, else those in the files."""
+def _labels(config, datalist: Datalist) -> tuple[list[Label], int | None]:
+    """Label values with names and colours: the user's, else the dataset's, else those in the files;
+    and the value named ``ignore`` (unannotated voxels, not a class), if any."""
     names = config.label_names or datalist.label_names
     if names is None:
         names = {value: f"label {value}" for value in discover_label_values(datalist.cases)}
     names = {int(value): str(name) for value, name in names.items()}
+    try:
+        ignored = ignore_value(names)
+    except ValueError as error:
+        raise UserError(f"{config.data}: {error}") from None
+    if ignored is not None:
+        del names[ignored]
     names.setdefault(0, "background")
     if len(names) < 2:
         raise UserError(f"the labelmaps of {config.data} hold no foreground label: nothing to learn")
@@ -175,7 +193,7 @@ def _labels(config, datalist: Datalist) -> list[Label]:
         raise UserError(f"{len(names)} labels: at most 255 classes are supported")
     colors = config.label_colors or datalist.label_colors or {}
     return [Label(value, name, tuple(colors.get(value, default_color(index))))
-            for index, (value, name) in enumerate(sorted(names.items()))]
+            for index, (value, name) in enumerate(sorted(names.items()))], ignored
 
 
 def _init_architecture(config, init: Checkpoint, classes: int) -> tuple[str, dict]:
@@ -296,7 +314,8 @@ def _checked_patch_size(patch_size, divisor: int) -> tuple[int, int, int]:
     return patch_size
 
 
-def _preprocessing(config, datalist: Datalist, train_cases: list[Case], labels: list[Label]) -> Preprocessing:
+def _preprocessing(config, datalist: Datalist, train_cases: list[Case], labels: list[Label],
+                   ignored: int | None) -> Preprocessing:
     if config.resize is not None:
         spacing, size = None, config.resize
     else:
@@ -309,7 +328,8 @@ def _preprocessing(config, datalist: Datalist, train_cases: list[Case], labels: 
         return Preprocessing(spacing, "window", config.window, channels=channels, size=size)
     if normalization != "ct":
         return Preprocessing(spacing, normalization, channels=channels, size=size)
-    clip, mean, std = ct_statistics(train_cases, {label.value: label.name for label in labels}, config.resample_labels)
+    names = {label.value: label.name for label in labels} | ({ignored: IGNORE_NAME} if ignored is not None else {})
+    clip, mean, std = ct_statistics(train_cases, names, config.resample_labels, ignore=ignored)
     return Preprocessing(spacing, "ct", clip, mean, std, channels, size)
 
 
@@ -318,16 +338,17 @@ def _is_ct(modality: str | None) -> bool:
 
 
 def ct_statistics(cases: Sequence[Case], label_names: dict[int, str], resample_labels: bool = False,
-                  seed: int = 0) -> tuple[tuple[float, float], float, float]:
+                  seed: int = 0, ignore: int | None = None) -> tuple[tuple[float, float], float, float]:
     """The CT window (0.5 and 99.5 percentiles of foreground intensities) and the mean and std of
-    foreground intensities inside it, over (a sample of) the training cases, as nnU-Net does."""
+    foreground intensities inside it, over (a sample of) the training cases, as nnU-Net does;
+    ``ignore`` (the value of unannotated voxels) is not foreground."""
     rng = np.random.default_rng(seed)
     chosen = np.unique(np.linspace(0, len(cases) - 1, min(len(cases), _CT_CASES)).round().astype(int))
     samples = []
     for case in (cases[index] for index in chosen):
         image, labels = load_case(case, label_names, resample_labels)
         channels = image.array if image.array.ndim == 4 else image.array[None]
-        values = channels[:, labels.array > 0].ravel()
+        values = channels[:, (labels.array > 0) & (labels.array != (-1 if ignore is None else ignore))].ravel()
         values = values if values.size else channels.ravel()
         samples.append(rng.choice(values, min(values.size, _CT_VOXELS_PER_CASE), replace=False))
     values = np.concatenate(samples).astype(np.float64)

@@ -25,13 +25,15 @@ CHANNELS_LAST = torch.channels_last_3d
 
 
 def build_optimizer(parameters, name: str, lr: float, weight_decay: float, device: torch.device):
-    """AdamW, or SGD with Nesterov momentum 0.99 (nnU-Net's); fused kernels where PyTorch has them."""
+    """AdamW, plain Adam (weight decay as an L2 term of the gradient), or SGD with Nesterov momentum 0.99
+    (nnU-Net's); fused kernels where PyTorch has them."""
     parameters = list(parameters)
-    if name == "adamw":
+    if name in ("adamw", "adam"):
+        kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         try:
-            return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+            return kind(parameters, lr=lr, weight_decay=weight_decay, fused=True)
         except RuntimeError:  # PyTorch before 2.4 fuses on CUDA only
-            return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+            return kind(parameters, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=0.99, nesterov=True, weight_decay=weight_decay,
                                fused=device.type == "cuda" or None)

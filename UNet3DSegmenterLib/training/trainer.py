@@ -12,6 +12,9 @@ a loadable checkpoint and ``resume`` continues it exactly. Randomness is a funct
 ``(seed, rank, step)`` and patches of ``(seed, sample id)``, so the step counter is the whole random
 state: the same seed on the CPU gives the same losses, and a resumed run the same as an unbroken one.
 
+With a time budget (``time_budget`` minutes) the trainer times its first iterations and plans the
+epochs that fit (see :mod:`~UNet3DSegmenterLib.training.time_budget`); ``run.json`` records the plan.
+
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1), it trains with DistributedDataParallel (NCCL on
 CUDA, gloo on CPU); each rank draws its own patches and only rank 0 validates and writes.
 
@@ -49,7 +52,15 @@ from .patches import EpochSampler, PatchDataset, make_loader, prepare_cases
 from .planning import plan_training
 from .splits import check_groups, check_split_cases, make_split, read_split, write_split
 from .step import TrainingLog, TrainingStep, learning_rate
-from .validation import case_report, test_event, validate, write_validation_report
+from .time_budget import (
+    PROBE_ITERATIONS,
+    PROBE_WARM_UP,
+    TimePlan,
+    estimated_validation_seconds,
+    final_seconds,
+    plan_epochs,
+)
+from .validation import case_report, test_event, validate, validation_windows, write_validation_report
 
 log = logging.getLogger("UNet3DSegmenterLib")
 
@@ -59,8 +70,9 @@ STATE_FORMAT = 1
 
 @dataclass
 class TrainingResult:
-    """What a run produced. ``stopped`` is 'completed', 'patience', 'dice_threshold' or 'cancelled';
-    ``best_dice`` is the mean foreground Dice of best.pt (NaN without validation cases)."""
+    """What a run produced. ``stopped`` is 'completed', 'patience', 'dice_threshold', 'time_budget' (an
+    epoch ended early to keep the budget) or 'cancelled'; ``best_dice`` is the mean foreground Dice of
+    best.pt (NaN without validation cases); ``time_plan`` what a time budget planned."""
 
     output: Path
     best_checkpoint: Path
@@ -72,6 +84,7 @@ class TrainingResult:
     history: list[dict] = field(default_factory=list)
     validation_report: Path | None = None
     test_report: Path | None = None
+    time_plan: TimePlan | None = None
 
 
 def train(config: TrainingConfig, progress: ProgressCallback | None = None,
@@ -100,6 +113,9 @@ class _Run:
 
     def __init__(self, config: TrainingConfig, distributed: Distributed, progress: ProgressCallback, cancel):
         self.config, self.distributed, self.progress, self.cancel = config, distributed, progress, cancel
+        self.clock_started = time.perf_counter()  # a time budget counts from here, preparation included
+        self.time_plan: TimePlan | None = None
+        self.out_of_time = False
         self.device = distributed.device
         self.output = config.output
         self.paths = {name: self.output / name for name in
@@ -110,7 +126,7 @@ class _Run:
 
     def run(self) -> TrainingResult:
         config = self.config
-        datalist = load_datalist(config.data, config.input_spacing)
+        datalist = load_datalist(config.data, config.input_spacing, config.case_pattern)
         # Resuming reads last.pt, last.state.pt and split.json to write them on: those are the run's own.
         check_outputs([path for name, path in self.paths.items() if not config.resume or name not in
                        ("last.pt", "last.state.pt", "split.json")],
@@ -130,12 +146,12 @@ class _Run:
         prepared = self._prepare(train_cases, config.crop_foreground, "training")
         self.validation_files = validation_cases
         self.validation_cases = self._prepare(validation_cases, False, "validation") if self.distributed.main else []
+        self.loss_weights = self.plan.loss_weights(prepared)
         self.step_fn = TrainingStep.create(
-            self.plan.build_model(config.seed), self.plan.loss(prepared), config.optimizer, self.plan.base_lr,
+            self.plan.build_model(config.seed), self.plan.loss(self.loss_weights), config.optimizer, self.plan.base_lr,
             self.plan.weight_decay, config.grad_clip, self.device, training_dtype(config.precision, self.device),
             self.distributed.enabled, deep_supervision=config.deep_supervision)
-        self.total_steps = config.epochs * config.iterations_per_epoch
-        self.warmup_steps = min(config.warmup_epochs * config.iterations_per_epoch, self.total_steps // 10)
+        self._set_epochs(config.epochs)
         self.epoch, self.iteration, self.partial = 0, 0, {"loss_sum": 0.0, "seconds": 0.0}
         self.best: dict[str, Any] = {"dice": -math.inf, "epoch": 0}
         if state:
@@ -183,24 +199,42 @@ class _Run:
                 self.progress(PreparingEvent(event="preparing", kind=kind, done=done, total=total))
 
         return prepare_cases(cases, self.plan.preprocessing, self.plan.label_values, crop, self.config.resample_labels,
-                             self.plan.label_map, self.config.cache_dir, report)
+                             self.plan.label_map, self.config.cache_dir, report, self.plan.ignore_value)
+
+    def _set_epochs(self, epochs: int) -> None:
+        """Train ``epochs`` epochs in all; the learning-rate schedule stretches over them."""
+        config = self.config
+        self.epochs = epochs
+        if self.time_plan is not None:
+            self.time_plan.epochs = epochs
+        self.total_steps = epochs * config.iterations_per_epoch
+        self.warmup_steps = min(config.warmup_epochs * config.iterations_per_epoch, self.total_steps // 10)
 
     # --- the loop ----------------------------------------------------------------------------
 
     def _epochs(self) -> TrainingResult:
         config = self.config
         started, steps_at_start = time.perf_counter(), self._step()
+        probe = min(PROBE_ITERATIONS, config.iterations_per_epoch)
+        warm_up = min(PROBE_WARM_UP, probe - 1)  # the loader's start and the first kernels are not the pace
+        probe_started = started
         stopped = "completed"
-        while self.epoch < config.epochs:
+        while self.epoch < self.epochs:
             epoch_started = time.perf_counter() - self.partial["seconds"]
             self.sampler.set_epoch(self.epoch, self.iteration * config.batch_size)
+            self.out_of_time = False
             for images, labels in self.loader:
                 loss = self._train_step(images, labels)
                 self.iteration += 1
                 self.partial["loss_sum"] += loss
                 done = self._step() - steps_at_start
-                eta = (time.perf_counter() - started) / done * (self.total_steps - self._step())
-                self._emit(IterationEvent(event="iteration", epoch=self.epoch + 1, epochs=config.epochs,
+                if config.time_budget is not None and done == warm_up:
+                    probe_started = time.perf_counter()
+                if config.time_budget is not None and done == probe:
+                    self._plan_time((time.perf_counter() - probe_started) / (probe - warm_up))
+                eta = self._budget_left() if config.time_budget is not None else \
+                    (time.perf_counter() - started) / done * (self.total_steps - self._step())
+                self._emit(IterationEvent(event="iteration", epoch=self.epoch + 1, epochs=self.epochs,
                                           iteration=self.iteration, iterations=config.iterations_per_epoch,
                                           loss=loss, eta=round(eta, 1)))
                 if self.distributed.any(bool(self.cancel and self.cancel())):
@@ -209,7 +243,13 @@ class _Run:
                         self._save_last()
                         self.log.write(self.paths["log.csv"], self.paths["curves.png"])
                     return self._result("cancelled")
+                if self.time_plan is not None and self.distributed.any(self._past_deadline()):
+                    self.out_of_time = True  # the end of the run must still fit: this epoch is the last
+                    self._set_epochs(self.epoch + 1)
+                    break
             stopped = self._end_epoch(time.perf_counter() - epoch_started, started, steps_at_start)
+            if self.out_of_time and stopped == "completed":
+                stopped = "time_budget"
             if stopped != "completed":
                 break
         self._finish()
@@ -217,6 +257,47 @@ class _Run:
 
     def _step(self) -> int:
         return self.epoch * self.config.iterations_per_epoch + self.iteration
+
+    # --- the time budget ---------------------------------------------------------------------
+
+    def _plan_time(self, seconds_per_iteration: float) -> None:
+        """The first plan, once the first iterations are timed; written to run.json."""
+        config = self.config
+        assert config.time_budget is not None
+        seconds_per_iteration = self.distributed.maximum(seconds_per_iteration)
+        windows = validation_windows(self.validation_cases, self.plan.patch_size, config.overlap)
+        validation = self.distributed.maximum(estimated_validation_seconds(windows, seconds_per_iteration,
+                                                                           config.batch_size))
+        self.time_plan = TimePlan(config.time_budget * 60, seconds_per_iteration, validation, 0.0, 0,
+                                  min(PROBE_ITERATIONS, config.iterations_per_epoch))
+        self._replan()
+
+    def _replan(self) -> None:
+        """The epochs that fit what is left of the budget, from the latest times: the epoch under way
+        counts from its start, so it is planned as a whole."""
+        plan, config = self.time_plan, self.config
+        assert plan is not None
+        plan.validation_seconds = self.distributed.maximum(plan.validation_seconds)
+        plan.final_seconds = final_seconds(plan.validation_seconds, len(self.split.validation), len(self.split.test))
+        seconds_left = plan.budget_seconds - (time.perf_counter() - self.clock_started)
+        seconds_left += self.iteration * plan.seconds_per_iteration
+        epochs = self.epoch + plan_epochs(seconds_left, config.iterations_per_epoch, plan.seconds_per_iteration,
+                                          plan.validation_seconds, config.val_every, plan.final_seconds)
+        self._set_epochs(max(epochs, self.epoch + 1) if self.iteration else epochs)
+        if self.distributed.main:  # run.json records the budget and what it planned
+            dataclasses.replace(config, resume=False, overwrite=False).save(self.paths["run.json"], plan.to_json())
+
+    def _budget_left(self) -> float:
+        """Seconds left in the time budget: what a run with one reports as its ``eta``."""
+        assert self.config.time_budget is not None
+        return max(0.0, self.config.time_budget * 60 - (time.perf_counter() - self.clock_started))
+
+    def _past_deadline(self) -> bool:
+        """True when one more iteration would leave too little for the end of the run."""
+        plan = self.time_plan
+        assert plan is not None
+        elapsed = time.perf_counter() - self.clock_started
+        return elapsed + plan.seconds_per_iteration + plan.validation_seconds + plan.final_seconds >= plan.budget_seconds
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         step = self._step()
@@ -233,15 +314,20 @@ class _Run:
 
     def _end_epoch(self, seconds: float, started: float, steps_at_start: int) -> str:
         config = self.config
-        train_loss = self.distributed.mean(self.partial["loss_sum"] / config.iterations_per_epoch)
+        train_loss = self.distributed.mean(self.partial["loss_sum"] / max(1, self.iteration))
         lr = self.step_fn.optimizer.param_groups[0]["lr"]
         self.epoch, self.iteration, self.partial = self.epoch + 1, 0, {"loss_sum": 0.0, "seconds": 0.0}
         row = {"epoch": self.epoch, "train_loss": train_loss, "lr": lr}
-        validating = self.validation_cases and (self.epoch % config.val_every == 0 or self.epoch == config.epochs)
+        validating = self.validation_cases and (self.epoch % config.val_every == 0 or self.epoch == self.epochs)
         if validating:
             row.update(validate(self.step_fn.module, self.validation_cases, self.log.class_names,
                                 self.plan.patch_size, self.device, self.step_fn.loss, config.overlap))
-        row["seconds"] = seconds + row.pop("validation_seconds", 0.0)
+        validation_seconds = row.pop("validation_seconds", None)
+        if self.time_plan is not None and validation_seconds is not None:
+            self.time_plan.validation_seconds = validation_seconds
+        row["seconds"] = seconds + (validation_seconds or 0.0)
+        if self.time_plan is not None and not self.out_of_time:
+            self._replan()  # before the epoch is announced, so that its event says how many epochs remain
         self.log.rows.append(row)
         stopped = "completed"
         if self.distributed.main:
@@ -255,12 +341,15 @@ class _Run:
                 save_checkpoint(self._checkpoint(), self.paths["best.pt"])
             self.log.write(self.paths["log.csv"], self.paths["curves.png"])
             stopped = self._stopping(row if validating else None)
-            eta = (time.perf_counter() - started) / max(1, self._step() - steps_at_start) * \
+            eta = self._budget_left() if config.time_budget is not None else \
+                (time.perf_counter() - started) / max(1, self._step() - steps_at_start) * \
                 (self.total_steps - self._step())
-            ended = EpochEvent(event="epoch", epoch=self.epoch, epochs=config.epochs, train_loss=train_loss, lr=lr,
+            ended = EpochEvent(event="epoch", epoch=self.epoch, epochs=self.epochs, train_loss=train_loss, lr=lr,
                                seconds=round(row["seconds"], 2), eta=round(eta, 1))
             if validating:
                 ended["dice"], ended["mean_dice"] = row["dice"], row["mean_dice"]
+            if "scored_on" in row:
+                ended["scored_on"] = row["scored_on"]
             self._emit(ended)
         codes = ("completed", "patience", "dice_threshold")
         flag = [self.distributed.any(stopped == code) for code in codes[1:]]
@@ -278,10 +367,11 @@ class _Run:
     def _finish(self) -> None:
         if self.distributed.main and self.validation_cases:
             write_validation_report(self.paths["best.pt"], self.validation_files, str(self.device),
-                                    self.paths["validation_report.json"], self.config.resample_labels)
+                                    self.paths["validation_report.json"], self.config.resample_labels,
+                                    self.plan.ignore_value)
         if self.distributed.main and self.test_files:
             report = case_report(self.paths["best.pt"], self.test_files, str(self.device), self.config.resample_labels,
-                                 self.step_fn.loss)
+                                 self.step_fn.loss, self.plan.ignore_value)
             write_json(report, self.paths["test_report.json"])
             self._emit(test_event(report, self.paths["best.pt"], self.paths["test_report.json"]))
 
@@ -308,6 +398,12 @@ class _Run:
             training["init"] = str(config.init)
         if config.class_weights is not None:
             training["class_weights"] = list(config.class_weights)
+        if self.loss_weights is not None:
+            training["loss_class_weights"] = [float(weight) for weight in self.loss_weights]
+        if plan.ignore_value is not None:
+            training["ignore_label"] = plan.ignore_value
+        if self.time_plan is not None:
+            training["time_budget_minutes"] = config.time_budget
         if best_row is not None:
             training["best_mean_dice"] = float(best_row["mean_dice"])
             training["validation_dice"] = {name: float(value) for name, value in best_row["dice"].items()}
@@ -350,7 +446,7 @@ class _Run:
         self.step_fn.load_scaler_state(state["scaler"])
         self.epoch, self.iteration, self.partial = state["epoch"], state["iteration"], dict(state["partial"])
         self.log.rows, self.best = list(state["history"]), dict(state["best"])
-        if self.epoch >= self.config.epochs:
+        if self.epoch >= self.epochs:
             log.info("the run in %s already finished %d epochs; raise --epochs to train longer",
                      self.output, self.epoch)
 
@@ -362,4 +458,5 @@ class _Run:
                                  last_checkpoint=str(self.paths["last.pt"]), best_dice=best_dice, stopped=stopped))
         return TrainingResult(self.output, self.paths["best.pt"], self.paths["last.pt"], best_dice,
                               self.best["epoch"], self.epoch, stopped, list(self.log.rows),
-                              report if report.is_file() else None, test_report if test_report.is_file() else None)
+                              report if report.is_file() else None, test_report if test_report.is_file() else None,
+                              self.time_plan)

@@ -99,6 +99,17 @@ def probabilities_onto_the_labelmap(folder):
             "--probabilities", folder / "seg.nrrd"], "seg.nrrd"
 
 
+def uncertainty_onto_the_probabilities(folder):
+    return ["predict", "-c", model(folder), "-i", image(folder), "-o", folder / "seg.nrrd",
+            "--probabilities", folder / "p.nrrd", "--uncertainty", folder / "p.nrrd"], "p.nrrd"
+
+
+def case_pattern_without_a_group(folder):
+    image(folder / "data" / "images", "a_LFOV.nii.gz")
+    image(folder / "data" / "labels", "a_SEMANTIC_LFOV.nii.gz")
+    return ["train", "--data", folder / "data", "--output", folder / "run", "--case-pattern", "_LFOV$"], "group"
+
+
 def predict_to_a_picture_name(folder):
     return ["predict", "-c", model(folder), "-i", image(folder), "-o", folder / "seg.png"], "seg.png"
 
@@ -270,7 +281,8 @@ def input_spacing_for_a_file_that_has_one(folder):
 
 CASES: list[Callable[[Path], tuple[list, str]]] = [
     predict_onto_its_input, predict_onto_a_symlink_of_its_input, predict_onto_a_hard_link_of_its_input,
-    predict_a_folder_into_itself, probabilities_onto_the_labelmap, predict_to_a_picture_name,
+    predict_a_folder_into_itself, probabilities_onto_the_labelmap, uncertainty_onto_the_probabilities,
+    case_pattern_without_a_group, predict_to_a_picture_name,
     evaluate_json_onto_the_reference, convert_onto_its_input, overlay_onto_a_symlink_of_the_prediction,
     ensemble_onto_a_member, nrrd_declaring_gigabytes_raw, nrrd_declaring_gigabytes_gzip, mha_compressed_bomb,
     mha_reading_dev_zero, mha_reading_outside_its_folder, nrrd_reading_outside_its_folder, half_downloaded_nifti,

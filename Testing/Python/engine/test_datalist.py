@@ -247,3 +247,30 @@ def test_hippocampus_folder_pair_is_discovered(shared_dataset):
     image, labels = load_case(datalist.subset(["hippocampus_003"])[0], {0: "bg", 1: "anterior", 2: "posterior"})
     assert labels.array.dtype == np.uint8 and set(np.unique(labels.array)) == {0, 1, 2}
     assert labels.same_grid(image)
+
+
+def test_a_case_pattern_pairs_hipmri_names(tmp_path):
+    for name in ("B006_Week0", "B006_Week5"):
+        write_volume(Volume(np.zeros((4, 5, 6), np.float32)), tmp_path / "images" / f"{name}_LFOV.nii.gz")
+        write_volume(Volume(np.zeros((4, 5, 6), np.uint8)), tmp_path / "labels" / f"{name}_SEMANTIC_LFOV.nii.gz")
+    with pytest.raises(UserError, match="has no label file"):
+        load_datalist(tmp_path)
+    datalist = load_datalist(tmp_path, case_pattern="^(.+?)(?:_SEMANTIC)?_LFOV$")
+    assert [(case.name, case.image.name, case.label.name) for case in datalist.cases] == [
+        ("B006_Week0", "B006_Week0_LFOV.nii.gz", "B006_Week0_SEMANTIC_LFOV.nii.gz"),
+        ("B006_Week5", "B006_Week5_LFOV.nii.gz", "B006_Week5_SEMANTIC_LFOV.nii.gz")]
+
+
+@pytest.mark.parametrize(("pattern", "message"), [
+    ("^(.+?)_LFOV$", "case B006_Week0 has no label file"),
+    ("^(B006)", "are both case 'B006'"),
+    ("^B006", "has no group"),
+    ("^(B006", "not a valid regular expression"),
+    ("^(.+)_T2$", "does not match --case-pattern"),
+])
+def test_a_case_pattern_that_cannot_pair_the_files_is_refused_in_one_line(tmp_path, pattern, message):
+    for name in ("B006_Week0", "B006_Week5"):
+        write_volume(Volume(np.zeros((4, 5, 6), np.float32)), tmp_path / "images" / f"{name}_LFOV.nii.gz")
+        write_volume(Volume(np.zeros((4, 5, 6), np.uint8)), tmp_path / "labels" / f"{name}_SEMANTIC_LFOV.nii.gz")
+    with pytest.raises(UserError, match=message):
+        load_datalist(tmp_path, case_pattern=pattern)

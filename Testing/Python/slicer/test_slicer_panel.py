@@ -562,6 +562,7 @@ def _fine_tuning_setup(logic, state, checkpoint_path, folder, epochs: int):
     parameters = state.parameters
     parameters.trainingOutputFolder, parameters.trainingRunName = folder.parent, folder.name
     parameters.epochs, parameters.trainingDevice = epochs, "cpu"
+    parameters.trainingMinutes = 0  # these runs count epochs
     parameters.batchSize = 1
     parameters.startFrom = panel.START_FROM[1]
     return parameters
@@ -726,3 +727,36 @@ def test_a_broken_pytorch_shows_the_install_section_with_the_error(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "panel built" in result.stdout
+
+
+# --- sparse annotation and the time budget ---------------------------------------------------------
+
+
+def test_a_pair_added_with_only_some_slices_annotated_ticked_is_marked_and_shows_it(slicer_scene, logic, state):
+    from UNet3DSegmenterLib.slicer.export import isSparselyAnnotated
+
+    (volume, segmentation, _), (dense, denseSegmentation, _) = phantom_pair(logic, seed=5), phantom_pair(logic, seed=6)
+    state.parameters.sparsePair = True
+    assert state.addPair(volume, segmentation)
+    state.parameters.sparsePair = False
+    assert state.addPair(dense, denseSegmentation)
+    assert isSparselyAnnotated(segmentation) and not isSparselyAnnotated(denseSegmentation)  # saved with the scene
+    pairs = state.view().pairs
+    assert pairs[0][1].endswith("; only some slices are annotated") and "slices" not in pairs[1][1]
+    assert state.setPairSparse(0, False) and not isSparselyAnnotated(segmentation)
+    assert not state.setPairSparse(2, True)
+
+
+def test_the_time_budget_is_the_panels_main_control(logic, state):
+    assert state.parameters.trainingMinutes == panel.DEFAULT_TRAINING_MINUTES > 0
+
+
+@posix
+def test_a_run_from_the_panel_trains_for_the_minutes_asked(slicer_scene, logic, state, checkpoint_path, tmp_path):
+    parameters = _fine_tuning_setup(logic, state, checkpoint_path, tmp_path / "timed", epochs=1000)
+    parameters.trainingMinutes = 0.1
+    assert state.startTraining()
+    _wait(state)
+    record = json.loads((tmp_path / "timed" / "run.json").read_text())
+    assert state.messages == [] and state.view().trainingStatus == f"Done: {tmp_path / 'timed' / 'best.pt'}"
+    assert record["time_budget"] == 0.1 and 1 <= record["time_plan"]["epochs"] < 1000
