@@ -21,7 +21,7 @@ to warm up (the engine measures its fastest path once per network and machine, a
 the second pass is timed; the child's peak resident memory is reported. Agreement is the fraction of
 equal voxels per case; Dice per class against the dataset's labels for both sides.
 
-    flock /work/cpu.lock .venv-bench/bin/python bench/nnunet_agreement.py --output /tmp/nnunet-bench
+    .venv-bench/bin/python bench/nnunet_agreement.py --output /tmp/nnunet-bench
     # as an AVX2-only CPU would run it:
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ... --skip-training --models mri
 """

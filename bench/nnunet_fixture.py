@@ -1,8 +1,8 @@
 """Make the tiny nnU-Net v2 model fixture of the test suite, with nnU-Net's own predictions beside it.
 
-Run once, in the bench environment (nnunetv2 installed), under the shared CPU lock::
+Run once, in the bench environment (nnunetv2 installed), with the machine to itself::
 
-    flock /work/cpu.lock .venv-bench/bin/python bench/nnunet_fixture.py
+    .venv-bench/bin/python bench/nnunet_fixture.py
 
 What it does, all with nnU-Net's own code, driven in-process (its command-line tools import every
 trainer, and through timm a torchvision that does not load beside the CPU build of torch):
