@@ -379,9 +379,9 @@ class UNet3DSegmenterWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if dialog == "file":
             path = qt.QFileDialog.getOpenFileName(
                 slicer.util.mainWindow(), _("Choose a UNet3DSegmenter checkpoint"), "", _("PyTorch checkpoint (*.pt)"))
-        elif dialog == "folder":
-            path = qt.QFileDialog.getExistingDirectory(
-                slicer.util.mainWindow(), _("Choose a folder of fold checkpoints (a cross-validation's output)"))
+        elif dialog:  # a folder: a cross-validation's folds ('folder') or an nnU-Net model folder ('nnunet')
+            path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Choose a folder of fold checkpoints")
+                                                       if dialog == "folder" else _("Choose an nnU-Net model folder"))
         if path:
             self.state.addModel(path)
         self.updateGUI()

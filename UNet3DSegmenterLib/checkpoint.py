@@ -7,7 +7,8 @@ leaves a broken checkpoint.
 
 One network::
 
-    format_version     int: 1, or 2 when the preprocessing resizes to a fixed grid or scales a window
+    format_version     int: 1, or 2 when the preprocessing resizes to a fixed grid or scales a window, or 3
+                       when the network was trained by nnU-Net (preprocessing 'nnunet': its own steps)
     architecture       a name of models.ARCHITECTURES ('unet3d', 'resunet3d', 'resnet18unet', 'vnet')
     architecture_args  constructor arguments of the network
     state_dict         weights
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,13 +57,15 @@ from .checkpoint_checks import check_record
 from .errors import UserError
 from .fingerprint import TrainingFingerprint
 from .labels import Label
-from .models import architecture_name, build_model, count_parameters
+from .models import NNUNET_ARCHITECTURES, architecture_name, build_model, count_parameters
+from .nnunet_folder import load_nnunet_folder, nnunet_model_files, nnunet_source
+from .nnunet_networks import describe as describe_nnunet_network
 from .preprocess import Preprocessing
 from .volume import float3, int3
 
 ENSEMBLE_FORMAT = 2
-FORMAT_VERSION = 2
-"""The newest checkpoint format this version reads."""
+FORMAT_VERSION = 3
+"""The newest checkpoint format this version reads (3: a network trained by nnU-Net, with its preprocessing)."""
 _REQUIRED = ("format_version", "architecture", "architecture_args", "state_dict", "labels",
              "preprocessing", "inference")
 
@@ -117,6 +120,8 @@ class Checkpoint:
     def format_version(self) -> int:
         """The oldest format that holds this checkpoint (see the module docstring)."""
         preprocessing = self.preprocessing
+        if preprocessing.nnunet is not None:
+            return 3
         return 2 if preprocessing.size is not None or preprocessing.normalization == "window" else 1
 
     def to_dict(self) -> dict:
@@ -144,7 +149,8 @@ class Checkpoint:
         model = build_model(self.architecture, self.architecture_args)
         args = self.architecture_args
         items: list[tuple[str | None, str]] = [
-            ("architecture", f"{self.architecture} (depth {args.get('depth')}, base width {args.get('base_width')}, "
+            ("architecture", describe_nnunet_network(args) if self.architecture in NNUNET_ARCHITECTURES else
+                             f"{self.architecture} (depth {args.get('depth')}, base width {args.get('base_width')}, "
                              f"{args.get('norm')} norm, dropout {args.get('dropout')})"),
             ("parameters", f"{count_parameters(model):,}"),
             ("input channels", f"{self.in_channels}"),
@@ -235,7 +241,7 @@ class Ensemble:
                             "inference": {"patch_size": record["inference"]["patch_size"]},
                             "training": record["training"],
                             **({"fingerprint": record["fingerprint"]} if "fingerprint" in record else {})})
-        return {"format_version": ENSEMBLE_FORMAT, "labels": shared["labels"],
+        return {"format_version": max(ENSEMBLE_FORMAT, shared["format_version"]), "labels": shared["labels"],
                 "preprocessing": shared["preprocessing"], "inference": {"overlap": shared["inference"]["overlap"]},
                 "members": members, "training": self.training}
 
@@ -244,8 +250,9 @@ class Ensemble:
         descriptions = [member._description() for member in self.members]
         shared = [item for item in descriptions[0]
                   if item[0] not in ("training", None) and all(item in other for other in descriptions[1:])]
-        lines = [_lines([("ensemble", f"{len(self.members)} networks; predictions average their softmax "
-                                      "probabilities (the lines below hold for every network)")] + shared)]
+        averaged = "logits, as nnU-Net does" if self.preprocessing.nnunet is not None else "softmax probabilities"
+        lines = [_lines([("ensemble", f"{len(self.members)} networks; predictions average their {averaged} "
+                                      "(the lines below hold for every network)")] + shared)]
         if self.training:
             made = _training_items(self.training)
             lines.append(_lines([("made by", made[0][1])] + made[1:]))
@@ -322,7 +329,7 @@ def save_checkpoint(checkpoint: Checkpoint | Ensemble, path: str | os.PathLike) 
 
 
 CheckpointSource = str | os.PathLike | Sequence[str | os.PathLike]
-"""A checkpoint file, a folder of checkpoints, or several of either."""
+"""A checkpoint file, a folder of checkpoints, an nnU-Net model folder (or one of its folds), or several."""
 
 
 def load_checkpoint(source: CheckpointSource) -> Checkpoint | Ensemble:
@@ -330,10 +337,15 @@ def load_checkpoint(source: CheckpointSource) -> Checkpoint | Ensemble:
 
     ``source`` is a ``.pt`` file (one network, or an ensemble file), a folder (see
     :func:`checkpoint_files`) or a list of either. One network gives a :class:`Checkpoint`; several
-    give an :class:`Ensemble` of all their networks (an ensemble file counts as its members).
+    give an :class:`Ensemble` of all their networks (an ensemble file counts as its members). An
+    nnU-Net model folder, one of its ``fold_N`` folders or a fold's ``.pth`` file is read by
+    :mod:`.nnunet_folder` (see :func:`~.nnunet_folder.nnunet_source`).
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        nnunet = nnunet_source(path)
+        if nnunet is not None:
+            return load_nnunet_folder(*nnunet)
         if not path.is_dir():
             return _load_file(path)
         files = checkpoint_files(path)
@@ -374,9 +386,12 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
 
     A cross-validation output (``fold_0/best.pt``, ``fold_1/best.pt``, ...) stands for its folds'
     best checkpoints; a training output (``best.pt`` beside ``last.pt``) for its ``best.pt``; any
-    other folder for every ``.pt`` file in it, in name order.
+    other folder for every ``.pt`` file in it, in name order; an nnU-Net model folder for its records
+    and the checkpoints of its trained folds.
     """
     folder = Path(folder)
+    if nnunet_source(folder) is not None:
+        return nnunet_model_files(folder)
     folds = sorted((path for path in folder.glob("fold_*") if path.is_dir() and path.name[5:].isdigit()),
                    key=lambda path: int(path.name[5:]))
     if folds:
@@ -397,7 +412,7 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
 def checkpoint_paths(sources: Sequence[str | os.PathLike]) -> list[Path]:
     """The checkpoint files that ``sources`` (files, or folders as :func:`checkpoint_files` reads them) stand for."""
     return [file for source in map(Path, sources)
-            for file in (checkpoint_files(source) if source.is_dir() else [source])]
+            for file in (checkpoint_files(source) if source.is_dir() or nnunet_source(source) else [source])]
 
 
 def _load_file(path: Path) -> Checkpoint | Ensemble:
@@ -428,7 +443,7 @@ def _ensemble_from_record(record: dict, path: Path) -> Ensemble:
     networks = []
     for index, member in enumerate(members, start=1):
         inference = {**dict(member.get("inference") or {}), "overlap": dict(record["inference"]).get("overlap", 0.5)}
-        network = {**member, **shared, "inference": inference, "format_version": ENSEMBLE_FORMAT}
+        network = {**member, **shared, "inference": inference, "format_version": record["format_version"]}
         networks.append(_from_record(network, path, f" (member {index})"))
     return Ensemble(networks, dict(record.get("training") or {}))
 
@@ -447,10 +462,11 @@ def _from_record(record, path: Path, part: str = "") -> Checkpoint:
     missing = [key for key in _REQUIRED if key not in record]
     if missing:
         raise UserError(f"{path}{part} is missing checkpoint fields: {', '.join(missing)}")
-    try:
+
+    def make() -> Checkpoint:
         labels = [Label(int(item["value"]), str(item["name"]), float3(item["color"]))
                   for item in record["labels"]]
-        checkpoint = Checkpoint(
+        return Checkpoint(
             architecture=record["architecture"],
             architecture_args=dict(record["architecture_args"]),
             state_dict=record["state_dict"],
@@ -461,9 +477,18 @@ def _from_record(record, path: Path, part: str = "") -> Checkpoint:
             training=dict(record.get("training") or {}),
             fingerprint=TrainingFingerprint.from_dict(record["fingerprint"]) if record.get("fingerprint") else None,
         )
-        check_record(checkpoint)  # as a whole, before a network is built from it
-        checkpoint.build_model()  # the weights must load
+
+    return checked_checkpoint(make, f"{path}{part}")
+
+
+def checked_checkpoint(make: Callable[[], Checkpoint], source: str) -> Checkpoint:
+    """The checkpoint ``make()`` describes, its record checked as a whole before a network is built from it
+    and its weights loaded once; any inconsistency is a one-line :class:`UserError` naming ``source``."""
+    try:
+        checkpoint = make()
+        check_record(checkpoint)
+        checkpoint.build_model()
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0][:160]
-        raise UserError(f"{path}{part} is an inconsistent checkpoint ({type(error).__name__}: {reason})") from None
+        raise UserError(f"{source} is an inconsistent checkpoint ({type(error).__name__}: {reason})") from None
     return checkpoint

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .choices import MAX_PATCH_SIZE, MAX_RESIZE, NORMS
-from .models import ARCHITECTURES, build_model
+from .models import ARCHITECTURES, NNUNET_ARCHITECTURES, build_model
+from .nnunet_networks import check_arguments, size_divisors
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -38,6 +39,9 @@ def check_record(checkpoint: Checkpoint) -> None:
 
 
 def _check_architecture(architecture: str, arguments: dict) -> None:
+    if architecture in NNUNET_ARCHITECTURES:  # nnU-Net's arguments, as its plans spell them
+        check_arguments(arguments)
+        return
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}: one of {', '.join(ARCHITECTURES)} is needed")
     known = set(inspect.signature(ARCHITECTURES[architecture]).parameters)
@@ -72,11 +76,18 @@ def _check_labels(checkpoint: Checkpoint) -> None:
 
 
 def _check_inference(checkpoint: Checkpoint) -> None:
-    depth = checkpoint.architecture_args.get("depth", 2)
-    divisor = 2 ** (depth - 1)
-    if any(size < divisor or size > MAX_PATCH_SIZE or size % divisor for size in checkpoint.patch_size):
-        raise ValueError(f"patch size {checkpoint.patch_size} must be three multiples of {divisor} (the network's "
-                         f"depth {depth}) up to {MAX_PATCH_SIZE}")
+    if checkpoint.architecture in NNUNET_ARCHITECTURES:
+        divisors = size_divisors(checkpoint.architecture_args)
+        if any(size < divisor or size > MAX_PATCH_SIZE or size % divisor
+               for size, divisor in zip(checkpoint.patch_size, divisors)):
+            raise ValueError(f"patch size {checkpoint.patch_size} must be multiples of {divisors} (the network's "
+                             f"strides) up to {MAX_PATCH_SIZE}")
+    else:
+        depth = checkpoint.architecture_args.get("depth", 2)
+        divisor = 2 ** (depth - 1)
+        if any(size < divisor or size > MAX_PATCH_SIZE or size % divisor for size in checkpoint.patch_size):
+            raise ValueError(f"patch size {checkpoint.patch_size} must be three multiples of {divisor} (the "
+                             f"network's depth {depth}) up to {MAX_PATCH_SIZE}")
     if not 0 <= checkpoint.overlap < 1:
         raise ValueError(f"window overlap {checkpoint.overlap} must lie in [0, 1)")
 

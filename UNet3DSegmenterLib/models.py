@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .choices import NORMS
+from .nnunet_networks import PlainConvUNet, ResidualEncoderUNet
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -297,10 +298,15 @@ ARCHITECTURES: dict[str, type[_SegmentationNetwork]] = {
     "resnet18unet": ResNet18UNet3D,
     "vnet": VNet,
 }
+NNUNET_ARCHITECTURES: dict[str, type[nn.Module]] = {"nnunet_plain": PlainConvUNet, "nnunet_resenc": ResidualEncoderUNet}
+"""nnU-Net's networks, read from its model folders (nnunet_folder.py) with nnU-Net's arguments; not trained here."""
 
 
 def build_model(architecture: str, architecture_args: dict) -> _SegmentationNetwork:
-    """Build a network by registry name (see :data:`ARCHITECTURES`) and constructor arguments."""
+    """Build a network by registry name (see :data:`ARCHITECTURES`, :data:`NNUNET_ARCHITECTURES`) and
+    constructor arguments."""
+    if architecture in NNUNET_ARCHITECTURES:
+        return NNUNET_ARCHITECTURES[architecture](**architecture_args)  # type: ignore[return-value]
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}: choose one of {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[architecture](**architecture_args)
@@ -314,7 +320,7 @@ def default_arguments(architecture: str) -> dict:
 
 
 def architecture_name(model: nn.Module) -> str:
-    for name, cls in ARCHITECTURES.items():
+    for name, cls in {**ARCHITECTURES, **NNUNET_ARCHITECTURES}.items():
         if type(model) is cls:
             return name
     raise ValueError(f"{type(model).__name__} is not a registered architecture")

@@ -39,6 +39,8 @@ class Preprocessing:
         channels: image channels the network expects.
         size: resize every input to this grid (z, y, x) in voxels instead of resampling it to a
             spacing (``spacing`` must then be None).
+        nnunet: for a model trained by nnU-Net, its own preprocessing and export as its plans record
+            them (see nnunet_preprocess.py); the other fields then only describe it.
     """
 
     spacing: tuple[float, float, float] | None = None
@@ -48,6 +50,7 @@ class Preprocessing:
     std: float = 1.0
     channels: int = 1
     size: tuple[int, int, int] | None = None
+    nnunet: dict | None = None
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -64,20 +67,26 @@ class Preprocessing:
             raise ValueError(f"the 'window' normalisation needs a window low < high, got {self.clip}")
 
     def to_dict(self) -> dict:
-        record = {"spacing": list(self.spacing) if self.spacing else None, "normalization": self.normalization,
+        record: dict = {"spacing": list(self.spacing) if self.spacing else None, "normalization": self.normalization,
                   "clip": list(self.clip) if self.clip else None, "mean": float(self.mean),
                   "std": float(self.std), "channels": int(self.channels)}
         if self.size is not None:  # only when used: older records (and cache keys) stay as they were
             record["size"] = list(self.size)
+        if self.nnunet is not None:
+            record["nnunet"] = self.nnunet
         return record
 
     @classmethod
     def from_dict(cls, record: dict) -> Preprocessing:
         return cls(spacing=record.get("spacing"), normalization=record["normalization"],
                    clip=record.get("clip"), mean=record.get("mean", 0.0), std=record.get("std", 1.0),
-                   channels=record.get("channels", 1), size=record.get("size"))
+                   channels=record.get("channels", 1), size=record.get("size"), nnunet=record.get("nnunet"))
 
     def describe(self) -> str:
+        if self.nnunet is not None:
+            from .nnunet_preprocess import describe
+
+            return describe(self.nnunet)
         if self.normalization == "ct":
             window = f"clip {self.clip[0]:g}..{self.clip[1]:g}, " if self.clip else ""
             return f"ct ({window}then (x - {self.mean:.4g}) / {self.std:.4g})"

@@ -56,7 +56,8 @@ class SegmentOptions:
                          choices=DEVICES, parameter="device")
     overlap: float | None = option(None, "fraction of a window shared with its neighbours, in [0, 1) "
                                    "(default: the checkpoint's)", parameter="overlap")
-    tta: bool = option(False, "mirroring test-time augmentation: average over the eight axis flips (8x slower)",
+    tta: bool = option(False, "mirroring test-time augmentation: average over the eight axis flips (8x slower; "
+                       "an nnU-Net model: the flips its trainer allowed)",
                        parameter="testTimeAugmentation")
     largest_component: bool = option(False, "keep the largest connected component of each class",
                                      parameter="largestComponent")

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``predict`` subcommand's options."""
     parser.add_argument("--checkpoint", "-c", required=True, type=Path, nargs="+", metavar="CHECKPOINT",
                         help="model checkpoint (.pt); several, or a folder of fold checkpoints, make an ensemble "
-                             "that averages their probabilities")
+                             "that averages their probabilities; or an nnU-Net v2 model folder (or one of its "
+                             "fold_N folders), whose folds' logits are averaged")
     parser.add_argument("--input", "-i", required=True, type=Path,
                         help="a volume file (.nii.gz, .nrrd, .mha, .npy), a DICOM series folder, or a folder of "
                              "volumes (files or DICOM series folders)")

@@ -132,7 +132,7 @@ def _rewrite_sequence(sequence: nn.Sequential, fuse: bool) -> None:
         if not (isinstance(item, nn.InstanceNorm3d) and index and isinstance(items[index - 1], nn.Conv3d)):
             continue
         following = items[index + 1] if index + 1 < len(items) else None
-        if isinstance(following, (nn.ReLU, nn.PReLU)):
+        if isinstance(following, (nn.ReLU, nn.PReLU, nn.LeakyReLU)):
             sequence[index], sequence[index + 1] = _InstanceNormActivation(item, following, True), nn.Identity()
         else:
             sequence[index] = _InstanceNormActivation(item, None, True)
@@ -178,11 +178,24 @@ def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.d
     fast = _frozen_copy(model)
     if device.type == "cpu":
         fuse = fused_kernels_available() if fuse is None else fuse
-        _rewrite(fast, fuse, keep=getattr(fast, "head", None))
+        holder, name = _head_place(fast)
+        head = getattr(holder, name, None)
+        _rewrite(fast, fuse, keep=head)
         fast = fast.to(dtype=dtype, memory_format=CHANNELS_LAST)  # type: ignore[call-overload]
-        if isinstance(getattr(fast, "head", None), nn.Conv3d):
-            fast.head = _Float32Head(fast.head.float(), fuse)
+        if isinstance(head, nn.Conv3d):
+            setattr(holder, name, _Float32Head(head.float(), fuse))
     return fast.to(device)
+
+
+def _head_place(model: nn.Module) -> tuple[nn.Module, str]:
+    """Where the final 1x1 convolution sits: ``model.head``, or the last entry of the module list that
+    ``model.head_path`` names (nnU-Net's networks keep a head per decoder stage and run the last)."""
+    path = getattr(model, "head_path", None)
+    if path is None:
+        return model, "head"
+    heads = model.get_submodule(path)
+    assert isinstance(heads, nn.ModuleList)
+    return heads, str(len(heads) - 1)
 
 
 def input_layout(batch: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import nnunet_preprocess
 from ..checkpoint import Checkpoint, CheckpointSource, Ensemble, load_checkpoint, members_of
 from ..choices import UNCERTAINTIES, check_choice
 from ..errors import UserError
@@ -56,7 +58,7 @@ from .postprocess import (
     uncertainty_from_probabilities,
     uncertainty_on_grid,
 )
-from .sliding_window import CancelCheck, ProgressCallback, sliding_window_slabs, window_positions
+from .sliding_window import CancelCheck, ProgressCallback, WindowGrid, sliding_window_slabs, window_positions
 
 log = logging.getLogger("UNet3DSegmenterLib")
 
@@ -157,6 +159,9 @@ class Predictor:
     def _segment(self, volume: Volume, probabilities: bool, progress, cancel,
                  uncertainty: str | None = None) -> Prediction:
         """The pipeline proper: preprocess, sliding window, back to ``volume``'s grid."""
+        if self.checkpoint.preprocessing.nnunet is not None:
+            return self._segment_as_nnunet(volume, self.checkpoint.preprocessing.nnunet, probabilities, progress,
+                                           cancel)
         preprocessed = preprocess_image(volume, self.checkpoint.preprocessing)
         values = [label.value for label in self.checkpoint.labels]
         image = torch.from_numpy(preprocessed.array)
@@ -181,6 +186,43 @@ class Predictor:
             labelmap = keep_largest_component(labelmap, values)
         measured = None if unsure is None else uncertainty_on_grid(preprocessed.with_array(unsure), volume)
         return Prediction(volume.with_array(labelmap), on_input if probabilities else None, uncertainty=measured)
+
+    def _segment_as_nnunet(self, volume: Volume, plan: dict, probabilities: bool, progress, cancel) -> Prediction:
+        """A model trained by nnU-Net: its preprocessing, its window grid and weights, the networks' logits
+        averaged (as nnU-Net averages folds), its export back to ``volume``'s grid (nnunet_preprocess.py)."""
+        prepared = nnunet_preprocess.prepare(volume, plan)
+        classes, total = len(self.checkpoint.labels), None
+        padded = [nnunet_preprocess.pad_to_patch(prepared.array, member.patch_size) for member in self.members]
+        windows = [len(self._nnunet_windows(member).positions(array.shape[1:], member.patch_size))  # type: ignore[misc]
+                   for member, (array, _) in zip(self.members, padded)]
+        for member, (array, unpad) in enumerate(padded):
+            report = None if progress is None else _offset_progress(progress, sum(windows[:member]), sum(windows))
+            logits = self._infer(torch.from_numpy(array), member, _Logits(classes, array.shape[1:]), report, cancel)
+            logits = logits[(slice(None), *unpad)]
+            total = logits if total is None else np.add(total, logits, out=total)  # float16, as nnU-Net sums folds
+        assert total is not None
+        if len(self.members) > 1:
+            total /= np.float16(len(self.members))
+        values = [label.value for label in self.checkpoint.labels]
+        labelmap, on_input = nnunet_preprocess.labels_back(total, prepared, plan, values, probabilities)
+        if self.largest_component:
+            labelmap = keep_largest_component(labelmap, values)
+        return Prediction(volume.with_array(labelmap),
+                          None if on_input is None else volume.with_array(on_input))
+
+    def _nnunet_windows(self, member: Checkpoint) -> WindowGrid:
+        """nnU-Net's window corners (its step is 1 - overlap), its Gaussian and the mirroring axes its
+        trainer allowed."""
+        plan = member.preprocessing.nnunet
+        assert plan is not None
+        step = 1 - self.overlap
+
+        def positions(shape, patch_size) -> list[tuple[int, ...]]:
+            return list(itertools.product(*(nnunet_preprocess.window_starts(size, patch, step)
+                                            for size, patch in zip(shape, patch_size))))
+
+        return WindowGrid(positions, torch.from_numpy(nnunet_preprocess.gaussian_weights(member.patch_size)),
+                          tuple(plan["mirror_axes"] or ()), accumulate_dtype=torch.float16)
 
     def _check_input(self, volume: Volume) -> None:
         expected = self.checkpoint.in_channels
@@ -228,10 +270,12 @@ class Predictor:
         memory = reuse_freed_memory() if compute.type == "cpu" else contextlib.nullcontext()
         with torch.inference_mode(), memory:
             # the image lives where the sums do: with sums on the CPU, only each batch visits the GPU
+            network = self.members[member]
+            windows = self._nnunet_windows(network) if network.preprocessing.nnunet is not None else None
             for z, slab in sliding_window_slabs(
-                    image.to(accumulate), forward, self.members[member].patch_size, len(self.checkpoint.labels),
+                    image.to(accumulate), forward, network.patch_size, len(self.checkpoint.labels),
                     overlap=self.overlap, batch_size=self.batch_size, mirror=self.tta, accumulate_device=accumulate,
-                    normalize=output.normalized, progress=progress, cancel=cancel):
+                    normalize=output.normalized, progress=progress, cancel=cancel, windows=windows):
                 output.write(z, slab)
         return output.array
 
@@ -296,6 +340,19 @@ class _Probabilities(_Output):
 
     def write(self, z: int, slab: torch.Tensor) -> None:
         self.array[:, z: z + slab.shape[1]] = torch.softmax(slab, dim=0).cpu().numpy()
+
+
+class _Logits(_Output):
+    """The weighted averages of the logits in float16, written slab by slab: nnU-Net's models average
+    logits, and nnU-Net keeps them in float16."""
+
+    normalized = True
+
+    def __init__(self, classes: int, shape: tuple[int, ...]):
+        self.array = np.empty((classes, *shape), np.float16)
+
+    def write(self, z: int, slab: torch.Tensor) -> None:
+        self.array[:, z: z + slab.shape[1]] = slab.cpu().numpy()
 
 
 def predict_file(predictor: Predictor, input_path: Path, output_path: Path,

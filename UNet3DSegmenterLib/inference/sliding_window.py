@@ -12,9 +12,11 @@ are padded and cropped back.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -117,15 +119,36 @@ def _window(position: Sequence[int], patch_size: Sequence[int]) -> tuple[slice, 
     return tuple(slice(start, start + size) for start, size in zip(position, patch_size))
 
 
-def _mirrored_forward(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, mirror: bool) -> torch.Tensor:
-    """The model's output, averaged over all eight axis flips when ``mirror`` (test-time augmentation)."""
+def _mirrored_forward(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, mirror: bool,
+                      mirror_axes: Sequence[int] = (0, 1, 2)) -> torch.Tensor:
+    """The model's output, averaged over every combination of flips of ``mirror_axes`` (spatial axes
+    z, y, x as 0, 1, 2; all three: the eight flips) when ``mirror`` (test-time augmentation)."""
     output = model(batch).float()
-    if not mirror:
+    if not mirror or not mirror_axes:
         return output
-    for count in range(1, 4):
-        for axes in itertools.combinations(MIRROR_AXES, count):
-            output += torch.flip(model(torch.flip(batch, axes)).float(), axes)
-    return output / 8
+    axes_to_flip = [MIRROR_AXES[axis] for axis in mirror_axes]
+    combinations = [axes for count in range(1, len(axes_to_flip) + 1)
+                    for axes in itertools.combinations(axes_to_flip, count)]
+    for axes in combinations:
+        output += torch.flip(model(torch.flip(batch, axes)).float(), axes)
+    return output / (len(combinations) + 1)
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """Where windows sit, how each is weighted and which axes mirroring flips, where they are not this
+    engine's own (a model from nnU-Net runs on nnU-Net's grid and Gaussian).
+
+    ``positions(shape, patch_size)`` gives the window corners over a (padded) ``shape``; ``weights`` the
+    importance map of one window; ``mirror_axes`` the spatial axes (0, 1, 2 = z, y, x) flipped;
+    ``accumulate_dtype`` the type the weighted sums are kept in (nnU-Net keeps them in float16, which
+    rounds where the weights are tiny, at the corners of windows: to give its results, so do we).
+    """
+
+    positions: Callable[[Sequence[int], Sequence[int]], list[tuple[int, ...]]] | None = None
+    weights: torch.Tensor | None = None
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    accumulate_dtype: torch.dtype = torch.float32
 
 
 def sliding_window_slabs(
@@ -141,6 +164,7 @@ def sliding_window_slabs(
     normalize: bool = True,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
+    windows: WindowGrid | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Like :func:`sliding_window_inference`, but yields the result in slabs along z, each as soon
     as no later window can touch it, so that memory holds a band of windows, not the whole output.
@@ -151,16 +175,21 @@ def sliding_window_slabs(
     weight total. A slab is only valid until the next one is asked for: copy what you keep.
 
     Windows run in the same order as in :func:`window_positions`, and each voxel's sum adds them in
-    that order, so the values are those of one whole-volume accumulator.
+    that order, so the values are those of one whole-volume accumulator. ``windows`` replaces the grid,
+    weights and mirrored axes by another tool's (see :class:`WindowGrid`).
     """
     shape = image.shape[-3:]
     padded = _pad_to(image, patch_size)
-    positions = window_positions(padded.shape[-3:], patch_size, overlap)
+    windows = windows or WindowGrid()
+    positions = (windows.positions or functools.partial(window_positions, overlap=overlap))(
+        padded.shape[-3:], patch_size)
     bands = _bands(positions, batch_size)
     depth = max(band[-1][0] + patch_size[0] - band[0][0] for band in bands)
-    weights = gaussian_weights(patch_size).to(accumulate_device)
-    sums = torch.zeros((out_channels, depth, *padded.shape[-2:]), dtype=torch.float32, device=accumulate_device)
-    totals = torch.zeros(sums.shape[1:], dtype=torch.float32, device=accumulate_device) if normalize else None
+    weights = (gaussian_weights(patch_size) if windows.weights is None else windows.weights).to(
+        accumulate_device, windows.accumulate_dtype)
+    sums = torch.zeros((out_channels, depth, *padded.shape[-2:]), dtype=windows.accumulate_dtype,
+                       device=accumulate_device)
+    totals = torch.zeros(sums.shape[1:], dtype=windows.accumulate_dtype, device=accumulate_device) if normalize else None
     done = 0
     for index, band in enumerate(bands):
         base = band[0][0]
@@ -169,7 +198,7 @@ def sliding_window_slabs(
                 raise Cancelled("segmentation cancelled")
             chunk = band[first: first + batch_size]
             batch = torch.stack([padded[(slice(None), *_window(position, patch_size))] for position in chunk])
-            output = _mirrored_forward(model, prepare_batch(batch), mirror).to(accumulate_device)
+            output = _mirrored_forward(model, prepare_batch(batch), mirror, windows.mirror_axes).to(accumulate_device)
             for logits, (z, y, x) in zip(output, chunk):
                 region = _window((z - base, y, x), patch_size)
                 sums[(slice(None), *region)].addcmul_(logits, weights)

@@ -35,7 +35,8 @@ MINIMUM_PYTHON = (3, 10)
 
 # Python packages the engine needs beyond what Slicer ships (numpy and SimpleITK come with Slicer),
 # as pyproject.toml lists them: import name -> pip requirement.
-ENGINE_REQUIREMENTS = {"torch": "torch>=2.1", "nibabel": "nibabel>=5.0", "matplotlib": "matplotlib>=3.7"}
+ENGINE_REQUIREMENTS = {"torch": "torch>=2.1", "nibabel": "nibabel>=5.0", "matplotlib": "matplotlib>=3.7",
+                       "scipy": "scipy>=1.10"}
 TORCH_REQUIREMENT = ENGINE_REQUIREMENTS["torch"]
 # Optional: OpenVINO's CPU runtime, the engine's fastest path on processors without native bfloat16.
 OPENVINO_REQUIREMENT = "openvino>=2025.1"

@@ -76,6 +76,7 @@ START_FROM = ("new network", "selected model")
 PAIR_ROLE = "UNet3DSegmenter.TrainingPair"
 CHOOSE_FILE = "Choose a checkpoint file..."
 CHOOSE_FOLDER = "Choose a folder of fold checkpoints..."
+CHOOSE_NNUNET = "Choose an nnU-Net model folder..."
 SHUTDOWN_SECONDS = 10.0
 """Longest wait for background runs at Reload or application exit."""
 DOUBLE_CLICK_SECONDS = 1.0
@@ -104,7 +105,8 @@ class Button:
 @dataclass
 class ModelItem:
     """One entry of the model box; ``path`` is empty for the entries that open a dialog, whose ``dialog``
-    says which: 'file' (a checkpoint) or 'folder' (a cross-validation's folds, used as one ensemble)."""
+    says which: 'file' (a checkpoint), 'folder' (a cross-validation's folds, used as one ensemble) or
+    'nnunet' (an nnU-Net v2 model folder, its trained folds used as one ensemble)."""
 
     text: str
     path: str
@@ -306,6 +308,9 @@ class PanelState:
             ModelItem(CHOOSE_FILE, "", "Open any UNet3DSegmenter checkpoint (.pt), one network or an ensemble", "file"),
             ModelItem(CHOOSE_FOLDER, "", "Open the folder of a cross-validation (fold_*/best.pt) or a folder of "
                       ".pt files: its networks segment together, as one ensemble", "folder"),
+            ModelItem(CHOOSE_NNUNET, "", "Open a model trained with nnU-Net v2: its Trainer__Plans__configuration "
+                      "folder (plans.json, dataset.json, fold_*); its folds segment together, as nnU-Net runs them",
+                      "nnunet"),
         ]
 
     def modelsFolder(self) -> pathlib.Path | None:
@@ -954,7 +959,15 @@ def modelName(path: pathlib.Path) -> str:
         return path.parent.name
     if path.name == "last.pt":
         return path.parent.name + STOPPED_MARK
+    if isNnunetFolder(path):
+        return f"{path.parent.name} (nnU-Net {path.name.split('__')[-1]})"
     return path.name if path.is_dir() else path.stem
+
+
+def isNnunetFolder(path: pathlib.Path) -> bool:
+    """Whether ``path`` is an nnU-Net model folder, as the engine tells them (nnunet_folder.is_nnunet_folder,
+    which this side cannot import before PyTorch is installed)."""
+    return path.is_dir() and (path / "plans.json").is_file() and (path / "dataset.json").is_file()
 
 
 def defaultRunName(labelNames, now: datetime | None = None) -> str:

@@ -118,6 +118,9 @@ def plan_training(config, datalist: Datalist, train_cases: list[Case], resume_fr
                             ignore_value=previous.ignore_value)
     labels, ignored = _labels(config, datalist)
     init = load_single_checkpoint(config.init, "fine-tuning (--init)") if config.init else None
+    if init is not None and init.preprocessing.nnunet is not None:
+        raise UserError(f"--init {config.init} was trained by nnU-Net, whose preprocessing this trainer does not "
+                        "repeat: fine-tune it with nnU-Net, or train a new network here")
     if init is not None:
         architecture, arguments = _init_architecture(config, init, len(labels))
     else:

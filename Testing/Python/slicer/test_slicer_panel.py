@@ -174,15 +174,25 @@ def test_the_model_box_lists_bundled_opened_and_missing_models_and_opens_files(s
     state.parameters.checkpointPath = str(tmp_path / "gone.pt")  # a scene saved on another computer
     items = state.modelItems()
     assert [item.path for item in items[:len(bundled)]] == bundled
-    assert items[-3].text == "gone (file not found)"
-    assert [item.text for item in items[-2:]] == [panel.CHOOSE_FILE, panel.CHOOSE_FOLDER]
+    assert items[-4].text == "gone (file not found)"
+    assert [item.text for item in items[-3:]] == [panel.CHOOSE_FILE, panel.CHOOSE_FOLDER, panel.CHOOSE_NNUNET]
     view = state.view()
-    assert view.modelIndex == len(items) - 3 and not view.segment.enabled
-    assert state.selectModel(len(items) - 2) == "file" and state.selectModel(len(items) - 1) == "folder"
+    assert view.modelIndex == len(items) - 4 and not view.segment.enabled
+    assert state.selectModel(len(items) - 3) == "file" and state.selectModel(len(items) - 2) == "folder"
+    assert state.selectModel(len(items) - 1) == "nnunet"
     state.addModel(checkpoint_path)
     assert state.view().modelLabels == "organ, lesion"
     if bundled:
         assert not state.selectModel(0) and state.parameters.checkpointPath == bundled[0]
+
+
+def test_an_nnunet_model_folder_is_one_model_named_from_its_dataset(slicer_scene, logic, state):
+    folder = REPOSITORY / "Testing" / "Python" / "engine" / "data" / "nnunet" / \
+        "nnUNetTrainerTiny__nnUNetPlans__3d_fullres"
+    state.addModel(folder)
+    view = state.view()
+    assert view.models[view.modelIndex].text == "nnunet (nnU-Net 3d_fullres)"
+    assert view.modelLabels == "anterior, posterior"  # the segments' names, from its dataset.json
 
 
 def test_a_folder_of_fold_checkpoints_is_one_model_in_the_box(slicer_scene, logic, state, checkpoint_path, tmp_path):
