@@ -7,7 +7,7 @@ sees it, and the CPU seconds of its processes (less disturbed by other jobs on a
 inference-path cache is warmed first, so that no run measures its paths. The outputs of the runs are
 compared byte for byte, and where files differ, voxel by voxel.
 
-    flock /work/cpu.lock .venv/bin/python bench/predict_processes.py \
+    .venv/bin/python bench/predict_processes.py \
         --checkpoint Resources/Models/hippocampus.pt --images ../shared/data/msd_hippocampus/images
 """
 
