@@ -101,7 +101,13 @@ def _uncertainty_outputs(args: argparse.Namespace, options: SegmentOptions, case
         planned = _plan(argparse.Namespace(**{**vars(args), "probabilities": args.uncertainty}), options)
     except UserError as error:
         raise UserError(str(error).replace("--probabilities", "--uncertainty")) from None
-    return {case.output: case.probabilities for case in planned if case.probabilities is not None}
+    placed = {case.output: case.probabilities for case in planned if case.probabilities is not None}
+    segs = [path for path in placed.values() if is_dicom_seg_name(path)]
+    if segs:  # a SEG holds segments, not one float per voxel
+        raise UserError(f"--uncertainty {segs[0]}: a DICOM SEG cannot hold it; give a file name ending in .nii.gz, "
+                        ".nrrd or .mha (with a folder of DICOM SEG results, name the uncertainty files one by one "
+                        "or leave --uncertainty out)")
+    return placed
 
 
 def _check_writable(paths: list[Path]) -> None:

@@ -70,6 +70,15 @@ def test_seg_output_for_a_volume_file_is_refused(model_path, tmp_path):
     assert not (tmp_path / "result.dcm").exists() and not (tmp_path / "out").exists()
 
 
+def test_uncertainty_is_never_written_as_a_seg(model_path, tmp_path):
+    series = _series(tmp_path)
+    refused(run_cli("predict", "-c", model_path, "-i", series, "-o", tmp_path / "result.dcm", "--uncertainty",
+                    tmp_path / "unsure.dcm"), "--uncertainty", "unsure.dcm", ".nii.gz")
+    refused(run_cli("predict", "-c", model_path, "-i", series, "-o", tmp_path / "out", "--output-format", "dicom-seg",
+                    "--uncertainty", tmp_path / "unsure"), "--uncertainty", "DICOM SEG")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [series.name]
+
+
 def test_output_format_that_contradicts_the_output_name_is_refused(model_path, tmp_path):
     refused(run_cli("predict", "-c", model_path, "-i", _series(tmp_path), "-o", tmp_path / "labels.nii.gz",
                     "--output-format", "dicom-seg"), "--output-format dicom-seg", "labels.nii.gz")
