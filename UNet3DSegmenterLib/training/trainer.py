@@ -246,6 +246,7 @@ class _Run:
                 if self.time_plan is not None and self.distributed.any(self._past_deadline()):
                     self.out_of_time = True  # the end of the run must still fit: this epoch is the last
                     self._set_epochs(self.epoch + 1)
+                    self._record_plan()
                     break
             stopped = self._end_epoch(time.perf_counter() - epoch_started, started, steps_at_start)
             if self.out_of_time and stopped == "completed":
@@ -284,8 +285,13 @@ class _Run:
         epochs = self.epoch + plan_epochs(seconds_left, config.iterations_per_epoch, plan.seconds_per_iteration,
                                           plan.validation_seconds, config.val_every, plan.final_seconds)
         self._set_epochs(max(epochs, self.epoch + 1) if self.iteration else epochs)
-        if self.distributed.main:  # run.json records the budget and what it planned
-            dataclasses.replace(config, resume=False, overwrite=False).save(self.paths["run.json"], plan.to_json())
+        self._record_plan()
+
+    def _record_plan(self) -> None:
+        """run.json records the budget and the latest plan, the one the run then follows."""
+        if self.distributed.main and self.time_plan is not None:
+            dataclasses.replace(self.config, resume=False, overwrite=False).save(self.paths["run.json"],
+                                                                                 self.time_plan.to_json())
 
     def _budget_left(self) -> float:
         """Seconds left in the time budget: what a run with one reports as its ``eta``."""

@@ -54,6 +54,20 @@ def test_a_budget_plans_epochs_ends_in_time_and_is_recorded(phantoms, tmp_path):
     assert [event["epochs"] for event in events if event["event"] == "epoch"][-1] == result.epochs_completed
 
 
+
+def test_an_epoch_cut_short_by_the_deadline_is_the_plan_run_json_records(phantoms, tmp_path, monkeypatch):
+    """The deadline can end the run before the plan did: run.json then says how many epochs it ran."""
+    from UNet3DSegmenterLib.training import trainer
+
+    monkeypatch.setattr(trainer._Run, "_past_deadline", lambda self: self.epoch >= 1 and self.iteration >= 2)
+    config = TrainingConfig(data=phantoms, output=tmp_path / "run", depth=3, base_width=4, patch_size=(16, 32, 32),
+                            iterations_per_epoch=4, batch_size=2, workers=0, val_fraction=0.4, seed=0,
+                            time_budget=10)
+    result = train(config)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert result.stopped == "time_budget" and result.epochs_completed == 2
+    assert record["time_plan"]["epochs"] == result.time_plan.epochs == 2
+
 @pytest.mark.slow
 def test_a_budget_spent_before_the_first_epoch_ends_ends_that_epoch_with_validation_and_a_model(phantoms, tmp_path):
     # a budget of 0.06 s is spent before the first iterations are timed: the first epoch is the last
