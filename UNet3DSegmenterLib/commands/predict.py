@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     distributed = Distributed.start(options.device)  # under torchrun: this process's rank, and its GPU made current
     try:
         shard = parse_shard(options.shard) if options.shard is not None else None
-        cases = _my_cases(every, shard, distributed, folder=len(every) > 1 or every[0].source != args.input)
+        cases = _my_cases(every, shard, distributed, folder=len(every) > 1 or every[0].source != args.input,
+                          uncertainty=uncertainty)
         failures = _predict(args, Predictor(args.checkpoint, options), cases, uncertainty, single=len(every) == 1)
         failed = round(distributed.mean(len(failures)) * distributed.world_size)
     finally:
@@ -149,8 +150,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _my_cases(every: list[Case], shard: tuple[int, int] | None, distributed, folder: bool) -> list[Case]:
-    """This process's share of the cases (``--shard``, or its rank under torchrun), less those already done."""
+def _my_cases(every: list[Case], shard: tuple[int, int] | None, distributed, folder: bool,
+              uncertainty: dict[Path, Path]) -> list[Case]:
+    """This process's share of the cases (``--shard``, or its rank under torchrun), less those already done:
+    every output written, its ``--uncertainty`` file included."""
     if shard is not None and distributed.enabled:
         raise UserError("--shard and torchrun both share out the cases: use one of them")
     if distributed.enabled and distributed.any(_fingerprint(every) != distributed.mean(_fingerprint(every))):
@@ -158,7 +161,8 @@ def _my_cases(every: list[Case], shard: tuple[int, int] | None, distributed, fol
                         "give every machine the same input")
     index, count = shard or (distributed.rank, distributed.world_size)
     mine = share(every, index, count)
-    pending = [case for case in mine if not (folder and case.done)]
+    pending = [case for case in mine
+               if not (folder and case.done and (case.output not in uncertainty or uncertainty[case.output].exists()))]
     if len(pending) < len(mine):
         print(f"skipped {len(mine) - len(pending)} cases already done (their outputs exist; delete them to redo)",
               file=sys.stderr)

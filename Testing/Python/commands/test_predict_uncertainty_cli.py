@@ -40,3 +40,16 @@ def test_an_uncertainty_file_that_is_the_input_is_refused(model_path, case, tmp_
     result = run_cli("predict", "-c", model_path, "-i", case, "-o", tmp_path / "seg.nii.gz", "--uncertainty", case)
     refused(result, str(case))
     assert read_volume(case).array.dtype == np.float32
+
+
+def test_a_second_folder_run_redoes_a_case_whose_uncertainty_is_missing(model_path, case, tmp_path):
+    write_volume(read_volume(case), case.parent / "other.nii.gz")
+    outputs, unsure = tmp_path / "segs", tmp_path / "unsure"
+    command = ["predict", "-c", model_path, "-i", case.parent, "-o", outputs, "--device", "cpu", "--uncertainty", unsure]
+    assert run_cli(*command).returncode == 0
+    kept = (outputs / "other.nii.gz").stat().st_mtime_ns
+    (unsure / "case.nii.gz").unlink()  # as if the run had been cut off between the two files of this case
+    again = run_cli(*command)
+    assert again.returncode == 0, again.stderr
+    assert "skipped 1 cases already done" in again.stderr
+    assert (unsure / "case.nii.gz").exists() and (outputs / "other.nii.gz").stat().st_mtime_ns == kept
