@@ -25,6 +25,9 @@ The protocol at full size (n = 1, 2, 4, 8 at one budget; k = 1, 2, 4, 8, 16, all
     .venv/bin/python bench/sparse.py --output /tmp/sparse-bench --minutes 4 --every 1 4 8 --cases 2 8
 
 It prints one JSON line per run and a summary; record both in bench/RESULTS.md with the CPU.
+``--plot`` draws both curves from such printed lines (of one or more invocations) into a PNG::
+
+    .venv/bin/python bench/sparse.py --plot run-a.log run-b.log --figure docs/images/sparse-annotation.png
 """
 
 from __future__ import annotations
@@ -101,12 +104,13 @@ def held_out_dice(checkpoint: Path, cases: list[Case]) -> dict:
 
 
 def run(output: Path, training: list[Case], held_out: list[Case], every: int, count: int, minutes: float,
-        seed: int, depth: int, iterations: int) -> dict:
+        seed: int, depth: int, iterations: int, workers: int | None) -> dict:
     name = f"every{every}_cases{count}_{minutes:g}min"
     dataset = write_dataset(training[:count], every, output / "data" / name)
     started = time.perf_counter()
     result = train(TrainingConfig(data=dataset, output=output / "runs" / name, time_budget=minutes, val_fraction=0,
-                                  seed=seed, overwrite=True, depth=depth, iterations_per_epoch=iterations))
+                                  seed=seed, overwrite=True, depth=depth, iterations_per_epoch=iterations,
+                                  workers=workers))
     seconds = time.perf_counter() - started
     annotated = 1 / every
     record = {"every": every, "cases": count, "minutes": minutes, "annotated_slices": round(annotated, 3),
@@ -117,10 +121,56 @@ def run(output: Path, training: list[Case], held_out: list[Case], every: int, co
     return record
 
 
+def read_records(logs: list[Path]) -> list[dict]:
+    """The per-run lines that :func:`run` printed, from any number of logs."""
+    records = []
+    for log in logs:
+        for line in log.read_text().splitlines():
+            record = json.loads(line) if line.startswith("{") else {}
+            if "every" in record:  # (not the header or the summary)
+                records.append(record)
+    return records
+
+
+def plot(records: list[dict], figure: Path) -> None:
+    """Mean held-out Dice against annotated slices (left) and against labelled cases (right, one line a budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    everything = max(record["cases"] for record in records)
+    fig, (slices, cases) = plt.subplots(1, 2, figsize=(10, 4))
+    sparse = sorted((r for r in records if r["cases"] == everything and r["minutes"] == min(x["minutes"] for x in records)),
+                    key=lambda r: r["every"])
+    slices.plot([r["every"] for r in sparse], [r["dice"]["mean"] for r in sparse], "o-")
+    slices.set_xscale("log", base=2)
+    slices.set_xticks([r["every"] for r in sparse], [f"every {r['every']}" if r["every"] > 1 else "all" for r in sparse])
+    slices.set_xlabel(f"axial slices labelled ({everything} cases, {sparse[0]['minutes']:g} min)" if sparse else "")
+    slices.set_ylabel("mean Dice, held-out cases")
+    for minutes in sorted({r["minutes"] for r in records}):
+        dense = sorted((r for r in records if r["every"] == 1 and r["minutes"] == minutes), key=lambda r: r["cases"])
+        cases.plot([r["cases"] for r in dense], [r["dice"]["mean"] for r in dense], "o-", label=f"{minutes:g} min")
+    cases.set_xscale("log", base=2)
+    counts = sorted({r["cases"] for r in records if r["every"] == 1})
+    cases.set_xticks(counts, [str(count) for count in counts])
+    cases.set_xlabel("labelled training cases (every slice)")
+    cases.legend(title="training time")
+    for axes in (slices, cases):
+        axes.set_ylim(0, 1)
+        axes.grid(alpha=0.3)
+    fig.suptitle(f"Hippocampus (anterior and posterior): Dice on {records[0]['held_out_cases']} whole held-out cases")
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=100)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--output", type=Path, help="work folder of the training runs")
+    parser.add_argument("--plot", type=Path, nargs="+", help="draw the curves from these printed logs; trains nothing")
+    parser.add_argument("--figure", type=Path, default=Path("sparse-annotation.png"), help="the PNG --plot writes")
     parser.add_argument("--minutes", type=float, nargs="+", default=[5.0, 15.0],
                         help="time budgets; the slices curve uses the first")
     parser.add_argument("--every", type=int, nargs="*", default=[1, 2, 4, 8],
@@ -131,9 +181,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="PyTorch threads (1: on a shared machine, 2 OpenMP threads slow down tenfold with load)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="patch loader processes (default: the trainer's; 0 keeps each run on one core, "
+                             "for two invocations side by side)")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--iterations-per-epoch", type=int, default=50)
     args = parser.parse_args()
+    if args.plot:
+        plot(read_records(args.plot), args.figure)
+        return 0
+    if args.output is None:
+        parser.error("--output is required to train")
     if not args.data.is_dir():
         print(f"{args.data} not found: this benchmark needs the hippocampus data in ../shared/data", file=sys.stderr)
         return 2
@@ -142,7 +200,7 @@ def main() -> int:
     held_out = held_out[:args.held_out] if args.held_out else held_out
     print(json.dumps({"cpu": cpu_name(), "threads": torch.get_num_threads(), "training_cases": len(training),
                       "held_out_cases": len(held_out)}), flush=True)
-    settings = (args.seed, args.depth, args.iterations_per_epoch)
+    settings = (args.seed, args.depth, args.iterations_per_epoch, args.workers)
     records = [run(args.output, training, held_out, every, len(training), args.minutes[0], *settings)
                for every in args.every]
     for minutes in args.minutes:

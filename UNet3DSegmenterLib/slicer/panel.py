@@ -82,7 +82,8 @@ SHUTDOWN_SECONDS = 10.0
 DOUBLE_CLICK_SECONDS = 1.0
 """A Cancel or Stop this soon after the start is the second click of a double-click on Segment or Train."""
 DEFAULT_TRAINING_MINUTES = 5.0
-"""The panel's time budget for a training run (see bench/RESULTS.md, "Sparse annotation")."""
+"""The panel's time budget for a training run: on the hippocampus data it gave 94 to 98% of the Dice of 15
+minutes from 4 labelled cases up (bench/RESULTS.md, "Sparse annotation")."""
 SPARSE_TEXT = "Only some slices are annotated"
 """The mark of a pair whose segmentation was painted on some slices only (sparse annotation)."""
 MAX_OVERLAP = 0.9
