@@ -77,10 +77,16 @@ def test_a_record_inflated_to_gigabytes_is_refused_without_building_it(tmp_path)
     damaged = record()
     damaged["architecture_args"].update(depth=4, base_width=512)
     torch.save(damaged, tmp_path / "inflated.pt")
-    script = ("import resource, sys\nfrom UNet3DSegmenterLib.checkpoint import load_checkpoint\n"
+    # The child's own peak: VmHWM starts afresh at exec, while ru_maxrss keeps the parent's (this test
+    # process, large after a long suite) from the fork.
+    script = ("import resource, sys\nfrom pathlib import Path\nfrom UNet3DSegmenterLib.checkpoint import load_checkpoint\n"
               "from UNet3DSegmenterLib.errors import UserError\n"
               f"try:\n    load_checkpoint({str(tmp_path / 'inflated.pt')!r})\nexcept UserError as error:\n"
-              "    print(error)\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+              "    print(error)\n"
+              "status = Path('/proc/self/status')\n"
+              "lines = status.read_text().splitlines() if status.is_file() else []\n"
+              "print(next((int(line.split()[1]) for line in lines if line.startswith('VmHWM:')),\n"
+              "           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     message, peak_kilobytes = result.stdout.strip().splitlines()
     assert "the weights lack" in message, result.stderr
