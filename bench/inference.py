@@ -177,9 +177,10 @@ def single_conv_gflops() -> dict:
     conv = torch.nn.Conv3d(32, 32, 3, padding=1, bias=False).eval()
     x = torch.randn(2, 32, 96, 96, 96)
     flop = 2 * x.numel() * 32 * 27
-    results: dict = {} if cpu_supports_bf16() else {"bf16_channels_last": "not native here: not measured"}
+    native_bf16 = cpu_supports_bf16()
+    results: dict = {} if native_bf16 else {"bf16_channels_last": "not native here: not measured"}
     kinds = [("fp32", torch.float32, torch.contiguous_format)]
-    if cpu_supports_bf16():
+    if native_bf16:
         kinds.append(("bf16_channels_last", torch.bfloat16, torch.channels_last_3d))
     for name, dtype, layout in kinds:
         layer = conv.to(dtype=dtype, memory_format=layout)

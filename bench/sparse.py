@@ -140,13 +140,14 @@ def plot(records: list[dict], figure: Path) -> None:
     import matplotlib.pyplot as plt
 
     everything = max(record["cases"] for record in records)
+    shortest = min(record["minutes"] for record in records)  # the slices curve's budget
     fig, (slices, cases) = plt.subplots(1, 2, figsize=(10, 4))
-    sparse = sorted((r for r in records if r["cases"] == everything and r["minutes"] == min(x["minutes"] for x in records)),
+    sparse = sorted((r for r in records if r["cases"] == everything and r["minutes"] == shortest),
                     key=lambda r: r["every"])
     slices.plot([r["every"] for r in sparse], [r["dice"]["mean"] for r in sparse], "o-")
     slices.set_xscale("log", base=2)
     slices.set_xticks([r["every"] for r in sparse], [f"every {r['every']}" if r["every"] > 1 else "all" for r in sparse])
-    slices.set_xlabel(f"axial slices labelled ({everything} cases, {sparse[0]['minutes']:g} min)" if sparse else "")
+    slices.set_xlabel(f"axial slices labelled ({everything} cases, {shortest:g} min)")
     slices.set_ylabel("mean Dice, held-out cases")
     for minutes in sorted({r["minutes"] for r in records}):
         dense = sorted((r for r in records if r["every"] == 1 and r["minutes"] == minutes), key=lambda r: r["cases"])
