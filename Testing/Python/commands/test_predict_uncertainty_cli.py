@@ -26,10 +26,7 @@ def test_predict_writes_the_uncertainty_the_predictor_computes(model_path, case,
     written, image = read_volume(uncertainty), read_volume(case)
     expected = Predictor(model_path, device="cpu").predict(image, uncertainty=measure).uncertainty
     assert written.same_grid(image) and written.array.dtype == np.float32
-    # Within 1e-4, not bit for bit: two predictions of one checkpoint in one process have differed here by
-    # up to 3.4e-5 in a long suite (a determinism gap of the engine, not of the file this test checks);
-    # the wrong measure or grid would differ by far more.
-    np.testing.assert_allclose(written.array, expected.array, atol=1e-4)
+    np.testing.assert_array_equal(written.array, expected.array)
 
 
 def test_a_folder_of_inputs_writes_a_folder_of_uncertainties(model_path, case, tmp_path):

@@ -38,6 +38,16 @@ def test_entropy_is_zero_when_sure_and_one_when_undecided_and_probability_is_the
                                atol=1e-6)
 
 
+def test_entropy_is_that_of_float64_to_float32_rounding_with_zero_probabilities_allowed():
+    logits = np.random.default_rng(1).normal(scale=3, size=(3, 40, 30, 20))
+    exact = np.exp(logits) / np.exp(logits).sum(0)
+    exact[:, 0, 0, 0] = [1.0, 0.0, 0.0]
+    probabilities = exact.astype(np.float32)
+    wide = probabilities.astype(np.float64)
+    expected = -(wide * np.log(np.where(wide > 0, wide, 1.0))).sum(0) / np.log(3)
+    np.testing.assert_allclose(uncertainty_from_probabilities(probabilities, "entropy"), expected, rtol=0, atol=3e-7)
+
+
 @pytest.mark.parametrize("measure", ["entropy", "probability"])
 @pytest.mark.parametrize("spacing", [None, (1.5, 1.5, 1.5)])
 def test_uncertainty_from_the_labelmap_pass_equals_that_of_the_probabilities(measure, spacing):
