@@ -207,14 +207,44 @@ def reuse_freed_memory() -> Iterator[None]:
     with _reuse_lock:
         _reuse_depth += 1
         if _reuse_depth == 1:
-            libc.mallopt(_M_MMAP_MAX, 0)
-            libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+            _keep_freed(libc, True)
     try:
         yield
     finally:
         with _reuse_lock:
             _reuse_depth -= 1
             if _reuse_depth == 0:
-                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                _keep_freed(libc, False)
+
+
+@contextlib.contextmanager
+def return_freed_memory() -> Iterator[None]:
+    """Inside :func:`reuse_freed_memory`, a stretch of one-off work whose freed memory goes straight
+    back to the system: what it frees (converting a network once, say) is not what the windows
+    after it allocate, and kept in the heap beside theirs it only raised the process's peak."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _reuse_lock:
+        if _reuse_depth:
+            _keep_freed(libc, False)
+    try:
+        yield
+    finally:
+        with _reuse_lock:
+            if _reuse_depth:
                 libc.malloc_trim(0)
+                _keep_freed(libc, True)
+
+
+def _keep_freed(libc, keep: bool) -> None:
+    """glibc's settings for keeping freed memory in the heap (``keep``), or its defaults, which give
+    large blocks back when freed (and, switching to them, whatever the heap holds unused)."""
+    if keep:
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    else:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)

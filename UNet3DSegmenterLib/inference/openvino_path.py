@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..runtime import return_freed_memory
+
 log = logging.getLogger("UNet3DSegmenterLib")
 
 FOLDER = "openvino"
@@ -89,9 +91,10 @@ class OpenVINOForward:
         model_file = (self.cache or cache_folder()) / FOLDER / f"{self._key(openvino.__version__)}.xml"
         try:
             if self._network is None:
-                self._network = core.read_model(str(model_file)) if model_file.exists() else self._convert(batch)
-                if not model_file.exists():
-                    _save(openvino, self._network, model_file)
+                with return_freed_memory():  # tracing's activations are freed before any window runs
+                    self._network = core.read_model(str(model_file)) if model_file.exists() else self._convert(batch)
+                    if not model_file.exists():
+                        _save(openvino, self._network, model_file)
             network = self._network.clone()
             network.reshape({0: list(batch.shape)})
             properties = {"INFERENCE_PRECISION_HINT": "bf16" if self.dtype == torch.bfloat16 else "f32",

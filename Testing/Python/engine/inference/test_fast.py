@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from UNet3DSegmenterLib.inference.predictor import Predictor
 from UNet3DSegmenterLib.io import read_volume
 from UNet3DSegmenterLib.models import build_model
 from UNet3DSegmenterLib.preprocess import Preprocessing
-from UNet3DSegmenterLib.runtime import cpu_computes_bf16, reuse_freed_memory
+from UNet3DSegmenterLib.runtime import cpu_computes_bf16, return_freed_memory, reuse_freed_memory
 from UNet3DSegmenterLib.volume import Volume
 
 CPU = torch.device("cpu")
@@ -187,6 +188,29 @@ def test_reuse_freed_memory_nests_and_survives_errors():
     assert runtime._reuse_depth == 0
     with reuse_freed_memory():
         assert torch.ones(8).sum() == 8
+
+
+def _resident_mb() -> float:
+    return int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(runtime._glibc() is None, reason="the allocator settings are glibc's (Linux)")
+@pytest.mark.parametrize("returned", [False, True])
+def test_one_off_work_inside_a_reuse_block_gives_its_memory_back(returned):
+    """What a network conversion frees is kept by the heap inside a reuse block, unless it runs in
+    return_freed_memory; either way the block goes on keeping what the windows after it free."""
+    with reuse_freed_memory():
+        before = _resident_mb()
+        with return_freed_memory() if returned else contextlib.nullcontext():
+            one_off = torch.zeros(64, 1024, 1024).add_(1)  # 256 MB
+            del one_off
+        after_one_off = _resident_mb()
+        window = torch.zeros(64, 1024, 1024).add_(1)
+        del window
+        after_window = _resident_mb()
+    assert (after_one_off - before < 64) == returned
+    assert after_window - before > 192
 
 
 @needs_bf16_kernels
