@@ -10,8 +10,9 @@ the CPU build of torch), briefly (``--iterations``, batch 2), on ../shared/data:
          kidneys, liver, aorta); the plans' spacing set to 2.5 mm (the image is 3 mm: resampled there and
          back) and its features halved; trained and scored on the one case (fold "all").
   aniso: pyradiomics_brain_tumor, 0.78 x 0.78 x 6.5 mm MRI; the plans' spacing set to 5 x 1 x 1 mm so that
-         both cases are resampled with a separate z axis there and back; features halved; trained and
-         scored on both cases (fold "all").
+         both cases are resampled with a separate z axis there and back; features halved and the patch
+         24 x 128 x 128 (the plans' 24 x 256 x 256 trains too slowly on a CPU); trained and scored on
+         both cases (fold "all"), so more windows than one per case.
 
 Then, for each model and each setting (mirroring off and on), each side segments the scored cases in a
 child process of its own, one case at a time from the file to the labelmap on the input grid: nnU-Net's
@@ -52,7 +53,8 @@ MODELS = {
            "labels": {"spleen": [1], "kidney_right": [2], "kidney_left": [3], "liver": [5], "aorta": [52]},
            "train": 1, "score": 1, "fold": "all", "spacing": [2.5, 2.5, 2.5], "halve": True},
     "aniso": {"id": 913, "data": "pyradiomics_brain_tumor", "channel": "MRI", "labels": {"tumour": [1]},
-              "train": 2, "score": 2, "fold": "all", "spacing": [5.0, 1.0, 1.0], "halve": True},
+              "train": 2, "score": 2, "fold": "all", "spacing": [5.0, 1.0, 1.0], "halve": True,
+              "patch": [24, 128, 128]},
 }
 
 
@@ -105,6 +107,8 @@ def train(key: str, work: Path, iterations: int) -> Path:
     configuration["batch_size"] = 2
     if model["spacing"]:
         configuration["spacing"] = model["spacing"]
+    if model.get("patch"):
+        configuration["patch_size"] = model["patch"]
     if model["halve"]:
         arguments = configuration["architecture"]["arch_kwargs"]
         arguments["features_per_stage"] = [width // 2 for width in arguments["features_per_stage"]]
