@@ -67,7 +67,8 @@ class SegmentOptions:
         choices=UNCERTAINTIES)
     precision: str = option("auto", "compute precision (auto: bf16 on CPUs with native bf16, fp16 on CUDA, "
                             "else fp32)", choices=PRECISIONS)
-    batch_size: int | None = option(None, "windows per forward pass (default 2 on the CPU, 4 on a GPU)")
+    batch_size: int | None = option(
+        None, "windows per forward pass (default 2 on the CPU, 4 on a GPU, 1 for an nnU-Net model)")
     roi: tuple[float, float, float, float, float, float] | None = option(
         None, "segment only inside this box: two opposite corners in RAS mm, as Slicer shows them (the labelmap "
         "covers the whole input, 0 outside the box)", metavar=ROI_CORNERS)

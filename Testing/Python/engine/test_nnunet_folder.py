@@ -205,3 +205,12 @@ def test_fast_path_computes_the_same_network(folder):
         fast = prepare_for_inference(network, torch.device("cpu"), torch.float32)(
             batch.contiguous(memory_format=torch.channels_last_3d))
     torch.testing.assert_close(fast, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_nnunet_models_run_one_window_at_a_time_unless_asked():
+    """As nnU-Net runs them: two of its windows at a time compiled a network of twice the memory on the CPU."""
+    own = Checkpoint.from_model(build_model("unet3d", dict(in_channels=1, out_channels=2, depth=2, base_width=2)),
+                                load_nnunet_folder(PLAIN, folds=[0]).labels[:2], Preprocessing(), (16, 16, 16))
+    assert Predictor(PLAIN, device="cpu").batch_size == 1
+    assert Predictor(PLAIN, device="cpu", batch_size=3).batch_size == 3
+    assert Predictor(own, device="cpu").batch_size == 2
