@@ -55,8 +55,7 @@ MODELS = {
            "labels": {"spleen": [1], "kidney_right": [2], "kidney_left": [3], "liver": [5], "aorta": [52]},
            "train": 1, "score": 1, "fold": "all", "spacing": [2.5, 2.5, 2.5], "halve": True},
     "aniso": {"id": 913, "data": "pyradiomics_brain_tumor", "channel": "MRI", "labels": {"head": [1], "tumour": [2]},
-              "head": True,
-              "train": 2, "score": 2, "fold": "all", "spacing": [5.0, 1.0, 1.0], "halve": True,
+              "head": True, "train": 2, "score": 2, "fold": "all", "spacing": [5.0, 1.0, 1.0], "halve": True,
               "patch": [24, 128, 128]},
 }
 
@@ -69,21 +68,26 @@ def cases(model: dict) -> tuple[list[Path], list[Path]]:
 
 
 def source_labels(model: dict, image: Path):
-    """The case's label image, with the values ``model["labels"]`` names. With ``"head"`` set, 1 is the
-    head (the image above Otsu's threshold: its largest component, holes filled) and 2 the dataset's
-    label 1 inside it: a large structure that a short training learns, beside one it may not."""
+    """The case's labels as the model learns them: 1, 2, ... in the order of ``model["labels"]``, each from
+    the dataset's values listed there. With ``"head"`` set, the dataset's values are first replaced: 1 is
+    the head (the image above Otsu's threshold: its largest component, holes filled) and 2 the dataset's
+    label 1 inside it, a large structure that a short training learns beside one it may not."""
     import SimpleITK as sitk
 
     label = sitk.ReadImage(str(DATA / model["data"] / "labels" / image.name))
-    if not model.get("head"):
-        return label
-    foreground = sitk.OtsuThreshold(sitk.ReadImage(str(image), sitk.sitkFloat32), 0, 1)
-    largest = sitk.RelabelComponent(sitk.ConnectedComponent(foreground)) == 1
-    head = sitk.GetArrayFromImage(sitk.BinaryFillhole(largest)).astype(np.uint8)
-    head[sitk.GetArrayFromImage(label) == 1] = 2
-    derived = sitk.GetImageFromArray(head)
-    derived.CopyInformation(label)
-    return derived
+    original = sitk.GetArrayFromImage(label)
+    if model.get("head"):
+        foreground = sitk.OtsuThreshold(sitk.ReadImage(str(image), sitk.sitkFloat32), 0, 1)
+        largest = sitk.RelabelComponent(sitk.ConnectedComponent(foreground)) == 1
+        head = sitk.GetArrayFromImage(sitk.BinaryFillhole(largest)).astype(np.uint8)
+        head[original == 1] = 2
+        original = head
+    remapped = np.zeros(original.shape, np.uint8)
+    for value, originals in enumerate(model["labels"].values(), start=1):
+        remapped[np.isin(original, originals)] = value
+    result = sitk.GetImageFromArray(remapped)
+    result.CopyInformation(label)
+    return result
 
 
 def name_of(image: Path) -> str:
@@ -109,14 +113,7 @@ def train(key: str, work: Path, iterations: int) -> Path:
     training, _ = cases(model)
     for image in training:
         (raw / "imagesTr" / f"{name_of(image)}_0000.nii.gz").symlink_to(image)
-        label = source_labels(model, image)
-        array = sitk.GetArrayFromImage(label)
-        remapped = np.zeros(array.shape, np.uint8)
-        for value, (_, originals) in enumerate(model["labels"].items(), start=1):
-            remapped[np.isin(array, originals)] = value
-        written = sitk.GetImageFromArray(remapped)
-        written.CopyInformation(label)
-        sitk.WriteImage(written, str(raw / "labelsTr" / image.name))
+        sitk.WriteImage(source_labels(model, image), str(raw / "labelsTr" / image.name))
     labels = {"background": 0, **{name: value for value, name in enumerate(model["labels"], start=1)}}
     (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": model["channel"]}, "labels": labels,
                                                   "numTraining": len(training), "file_ending": ".nii.gz"}))
@@ -228,8 +225,6 @@ def compare(key: str, folder: Path, threads: int, bf16: bool, settings=(False, T
     _, scored = cases(model)
     images = [str(image) for image in scored]
     references = [sitk.GetArrayFromImage(source_labels(model, image)) for image in scored]
-    references = [np.select([np.isin(reference, originals) for originals in model["labels"].values()],
-                            list(range(1, len(model["labels"]) + 1)), 0) for reference in references]
     report: dict = {}
     for mirroring in settings:
         nnunet = in_child("nnunet", str(folder), images, mirroring, "fp32", threads)
