@@ -87,10 +87,11 @@ class Predictor:
             ``keywords`` replace single options: ``device`` ('auto', 'cpu', 'cuda', 'mps'),
             ``overlap`` (window overlap in [0, 1); default from the checkpoint, usually 0.5),
             ``batch_size`` (windows per forward pass; default 2 on the CPU, 4 on a GPU, 1 for an
-            nnU-Net model), ``tta`` (average over the eight axis flips, 8x slower), ``largest_component`` (keep only the
-            largest connected component of each class), ``precision`` ('auto': bfloat16 on CPUs
-            with native bf16, fp16 autocast on CUDA, else fp32; 'fp32', 'bf16', 'fp16') and ``roi``
-            (six numbers, two corners in RAS mm: :meth:`predict` segments inside that box).
+            nnU-Net model), ``tta`` (average over the eight axis flips, 8x slower),
+            ``largest_component`` (keep only the largest connected component of each class),
+            ``precision`` ('auto': bfloat16 on CPUs with native bf16, fp16 autocast on CUDA, else fp32;
+            'fp32', 'bf16', 'fp16') and ``roi`` (six numbers, two corners in RAS mm: :meth:`predict`
+            segments inside that box).
             ``output_format``, ``series_filter`` and ``shard`` pick and name the cases of a folder for
             ``predict`` (see batch.py); one volume at a time, a Predictor has no use for them.
 
