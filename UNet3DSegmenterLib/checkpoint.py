@@ -111,10 +111,19 @@ class Checkpoint:
         return cls(architecture_name(model), arguments, state_dict, list(labels),
                    preprocessing, int3(patch_size), float(overlap), dict(training or {}), fingerprint)
 
-    def build_model(self) -> nn.Module:
-        """The network with these weights, in eval mode, on the CPU."""
+    def build_model(self, share_weights: bool = False) -> nn.Module:
+        """The network with these weights, in eval mode, on the CPU.
+
+        ``share_weights``: its parameters are this checkpoint's own tensors rather than a copy of them
+        (a second copy of a large 3D network is hundreds of megabytes), for a network that is only
+        run; training it would change the checkpoint too. Tensors whose type or shape differ from
+        the network's own are copied all the same."""
         model = build_model(self.architecture, self.architecture_args)
-        model.load_state_dict(self.state_dict)
+        own = model.state_dict()
+        fits = share_weights and all(
+            key in own and tensor.dtype == own[key].dtype and tensor.shape == own[key].shape
+            for key, tensor in self.state_dict.items())
+        model.load_state_dict(self.state_dict, assign=fits)
         return model.eval()
 
     def format_version(self) -> int:

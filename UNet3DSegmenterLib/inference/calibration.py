@@ -3,7 +3,8 @@
 Whether the channels-last rewrite beats the untouched network under autocast depends on the
 network, the window size and the processor (small windows can favour the untouched network), so
 it is measured rather than assumed: at the first batch of a new shape each path runs on that very
-batch a few times, interleaved, and the fastest wins. A path that raises (a kernel this processor
+batch a few times, one path after the other, and the fastest wins; the others are released, so
+their copies of the network do not stay in memory. A path that raises (a kernel this processor
 lacks) is dropped and the next one is used. The choice is stored in a small JSON file in the user's
 cache folder (:func:`cache_folder`), keyed by everything that can change the answer: PyTorch
 version, processor and its flags, threads, network, batch shape and precision. Later runs, and
@@ -33,13 +34,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..atomic import write_text_atomically
-from ..runtime import processor_record
+from ..runtime import processor_record, return_freed_memory
 from .fast import Forward, inference_paths
 
 log = logging.getLogger("UNet3DSegmenterLib")
@@ -76,7 +78,7 @@ class CalibratedForward:
     """
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, calibrate: bool = True):
-        self.paths = inference_paths(model, device, dtype)
+        self.paths: dict[str, Forward] = dict(inference_paths(model, device, dtype))
         self.device, self.dtype = device, dtype
         self.signature = _network_signature(model)
         self.calibrate = calibrate and len(self.paths) > 1
@@ -103,6 +105,10 @@ class CalibratedForward:
         log.info("fastest inference path for %s windows: %s (%s)", "x".join(map(str, batch.shape[2:])), choice,
                  ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in working.items()))
         _chosen[key] = choice
+        kept = {choice, *self.choices.values()}  # the paths other batch shapes run stay
+        for name, path in self.paths.items():
+            if name not in kept:
+                _release(path)
         busy = processor_busy()
         if busy:
             log.info("other work kept the processor busy while measuring: delete %s to measure again",
@@ -118,29 +124,38 @@ class CalibratedForward:
                 "network": self.signature, "batch": list(shape)}
 
 
-def measure_paths(paths: dict[str, Forward], batch: torch.Tensor) -> dict[str, float]:
-    """Best wall-clock seconds of each path on ``batch``: one warm-up each, then interleaved rounds;
-    a path clearly slower than the best after the first round is not run again, and once one path
-    is left the measuring stops. A path whose warm-up raises (a kernel this processor lacks) gets
-    infinity and is not run again; when every path raises, the last error propagates."""
-    best = {name: float("inf") for name in paths}
+def measure_paths(paths: Mapping[str, Forward], batch: torch.Tensor) -> dict[str, float]:
+    """Best wall-clock seconds of each path on ``batch``, one path after the other: a warm-up run, then
+    up to ``_ROUNDS`` timed runs, fewer once it is clearly slower than the best so far. A path whose
+    warm-up raises (a kernel this processor lacks) gets infinity; when every path raises, the last
+    error propagates. Each path but the last is released when measured (see :func:`_release`), so a
+    first run on a new network never holds two paths' networks and activations at once."""
+    best: dict[str, float] = {}
     with torch.inference_mode():
-        working: list[str] = []
         for index, (name, forward) in enumerate(paths.items()):
-            if _runs(name, forward, batch, only_hope=not working and index == len(paths) - 1):
-                working.append(name)
-        for round_ in range(_ROUNDS):
-            contenders = [name for name in working if round_ == 0 or best[name] <= _CLEAR_MARGIN * min(best.values())]
-            if round_ > 0 and len(contenders) == 1:
-                break
-            for name in contenders:
-                forward = paths[name]
-                started = time.perf_counter()
-                forward(batch)
-                if batch.device.type == "cuda":
-                    torch.cuda.synchronize()
-                best[name] = min(best[name], time.perf_counter() - started)
+            last = index == len(paths) - 1
+            best[name] = float("inf")
+            if _runs(name, forward, batch, only_hope=last and all(value == float("inf") for value in best.values())):
+                for _ in range(_ROUNDS):
+                    started = time.perf_counter()
+                    forward(batch)
+                    if batch.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    best[name] = min(best[name], time.perf_counter() - started)
+                    if best[name] > _CLEAR_MARGIN * min(best.values()):
+                        break
+            if not last:
+                _release(forward)
     return best
+
+
+def _release(forward: Forward) -> None:
+    """Drop a path's network (a :class:`~.fast.LazyPath` builds it again when next called) and give the
+    memory its runs freed back to the system, rather than keep it in the heap beside the next path's."""
+    release = getattr(forward, "release", None)
+    with return_freed_memory():
+        if release is not None:
+            release()
 
 
 def _runs(name: str, forward: Forward, batch: torch.Tensor, only_hope: bool) -> bool:

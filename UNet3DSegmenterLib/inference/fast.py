@@ -12,7 +12,9 @@ and only changes how they are carried out:
 - the final 1x1 convolution computes class logits in float32.
 
 :func:`inference_paths` offers the ways to run a network on a device (the rewrite, or the
-untouched network under autocast); :mod:`.calibration` measures which is fastest here.
+untouched network under autocast); :mod:`.calibration` measures which is fastest here. Each way is
+built at its first batch and can be released again (:class:`LazyPath`): it holds a copy of the
+weights (OpenVINO a compiled network with memory of its own), so only the chosen one stays.
 The instance norm kernel (``models.instance_norm_per_sample``) and the allocator setting that keeps
 freed activations in the process (``runtime.reuse_freed_memory``) are the core's: training uses them too.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -158,12 +161,25 @@ def _rewrite(module: nn.Module, fuse: bool, keep: nn.Module | None = None) -> No
             _rewrite(child, fuse, keep)
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` itself, in eval mode and with parameters that ask for no gradients: ready to run as it is."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
 def _frozen_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` whose parameters ask for no gradients."""
-    frozen = copy.deepcopy(model).eval()
-    for parameter in frozen.parameters():
-        parameter.requires_grad_(False)
-    return frozen
+    return freeze(copy.deepcopy(model))
+
+
+def _untouched(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` as it is, on ``device``: itself where it is frozen there already (a copy would be a
+    second set of weights, hundreds of megabytes for a large 3D network), else a frozen copy."""
+    frozen = not model.training and not any(parameter.requires_grad for parameter in model.parameters())
+    on_device = all(tensor.device == device for tensor in (*model.parameters(), *model.buffers()))
+    return model if frozen and on_device else _frozen_copy(model).to(device)
 
 
 def prepare_for_inference(model: nn.Module, device: torch.device, dtype: torch.dtype,
@@ -209,27 +225,55 @@ def input_layout(batch: torch.Tensor, device: torch.device, dtype: torch.dtype) 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def inference_paths(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, Forward]:
-    """The ways to run ``model`` on batches of windows in ``dtype``, each a function batch -> logits.
+class LazyPath:
+    """One way to run a network, built by ``build`` at its first batch and dropped by :meth:`release`.
+
+    A path's network is a copy of the weights, with memory of its own; a 3D nnU-Net model's is
+    hundreds of megabytes. Built only when measured or chosen, and released when another path wins,
+    no more of them live at once than the run needs."""
+
+    def __init__(self, build: Callable[[], Forward]):
+        self._build = build
+        self._forward: Forward | None = None
+        self._lock = threading.Lock()  # two threads meeting an unbuilt path build it once
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            if self._forward is None:
+                self._forward = self._build()
+            forward = self._forward
+        return forward(batch)
+
+    @property
+    def built(self) -> bool:
+        return self._forward is not None
+
+    def release(self) -> None:
+        """Drop the built network (it is built again if another batch comes)."""
+        with self._lock:
+            self._forward = None
+
+
+def inference_paths(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, LazyPath]:
+    """The ways to run ``model`` on batches of windows in ``dtype``, each a :class:`LazyPath` batch -> logits.
 
     'rewritten' is :func:`prepare_for_inference`'s network. On the CPU the untouched network is
     offered too ('autocast' in a lower precision, 'plain' in float32): for small windows, or on
     processors where oneDNN has no fast channels-last kernels, it can be the faster one; and, where
     the optional OpenVINO runtime is installed, the network compiled by it ('openvino', see
     :mod:`.openvino_path`), often the fastest on processors without native bfloat16. All compute
-    the same function up to rounding; :mod:`.calibration` picks by measuring.
+    the same function up to rounding; :mod:`.calibration` picks by measuring. ``model`` itself is
+    never changed.
     """
-    rewritten = prepare_for_inference(model, device, dtype)
     if device.type != "cpu":  # CUDA or an Apple GPU: the network as it is, under autocast
-        return {"autocast": _under_autocast(rewritten, device, dtype)}
-    paths = {"rewritten": _with_layout(rewritten, device, dtype)}
-    untouched = _frozen_copy(model).to(device)
+        return {"autocast": LazyPath(lambda: _under_autocast(prepare_for_inference(model, device, dtype), device, dtype))}
+    paths = {"rewritten": LazyPath(lambda: _with_layout(prepare_for_inference(model, device, dtype), device, dtype))}
     if dtype == torch.float32:
-        paths["plain"] = untouched
+        paths["plain"] = LazyPath(lambda: _untouched(model, device))
     else:
-        paths["autocast"] = _under_autocast(untouched, device, dtype)
+        paths["autocast"] = LazyPath(lambda: _under_autocast(_untouched(model, device), device, dtype))
     if openvino_available():
-        paths["openvino"] = OpenVINOForward(untouched, dtype)
+        paths["openvino"] = LazyPath(lambda: OpenVINOForward(model, dtype))
     return paths
 
 

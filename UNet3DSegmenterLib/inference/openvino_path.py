@@ -18,6 +18,7 @@ follows the engine's: float32, or bfloat16 where asked for and native.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import hashlib
 import importlib.util
@@ -60,7 +61,8 @@ class OpenVINOForward:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, cache: Path | None = None):
         self.model, self.dtype, self.cache = model, dtype, cache
-        self._network: Any = None  # the network as OpenVINO read it, any input shape
+        self._network: Any = None  # the converted network, where the cache folder could not keep it
+        self._model_key = ""  # names the converted network in the cache folder (see _key)
         self._requests: dict[tuple[int, ...], Any] = {}  # batch shape -> infer request of its compiled network
         self._lock = threading.Lock()
 
@@ -88,23 +90,38 @@ class OpenVINOForward:
         from .calibration import cache_folder  # (calibration offers this path, so it is imported here)
 
         core = openvino.Core()
-        model_file = (self.cache or cache_folder()) / FOLDER / f"{self._key(openvino.__version__)}.xml"
+        self._model_key = self._model_key or self._key(openvino.__version__)
+        model_file = (self.cache or cache_folder()) / FOLDER / f"{self._model_key}.xml"
         try:
-            if self._network is None:
-                with return_freed_memory():  # tracing's activations are freed before any window runs
-                    self._network = core.read_model(str(model_file)) if model_file.exists() else self._convert(batch)
-                    if not model_file.exists():
-                        _save(openvino, self._network, model_file)
-            network = self._network.clone()
-            network.reshape({0: list(batch.shape)})
+            with return_freed_memory():  # tracing's activations are freed before any window runs
+                network = (self._network.clone() if self._network is not None
+                           else self._read_or_convert(openvino, core, model_file, batch))
+                network.reshape({0: list(batch.shape)})
             properties = {"INFERENCE_PRECISION_HINT": "bf16" if self.dtype == torch.bfloat16 else "f32",
-                          "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-                          "CACHE_DIR": str(model_file.parent / "compiled")}
+                          "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+            compiled = model_file.parent / "compiled"
+            try:
+                compiled.mkdir(parents=True, exist_ok=True)
+                properties["CACHE_DIR"] = str(compiled)
+            except OSError as error:  # a cache that cannot be written only costs compiling again
+                log.debug("could not keep OpenVINO's compiled kernels in %s: %s", compiled, error)
             return core.compile_model(network, "CPU", properties).create_infer_request()
         except RuntimeError:
             raise
         except Exception as error:  # OpenVINO's own failures (an operation it cannot read, say) mean: not here
             raise RuntimeError(f"OpenVINO cannot run this network: {type(error).__name__}: {error}") from error
+
+    def _read_or_convert(self, openvino: Any, core: Any, model_file: Path, batch: torch.Tensor) -> Any:
+        """The network as OpenVINO reads it: from the cache folder, or converted and kept there. Only a
+        network the cache could not keep stays in memory (its weights are a copy of the model's)."""
+        if model_file.exists():
+            return core.read_model(str(model_file))
+        network = self._convert(batch)
+        _save(openvino, network, model_file)
+        if not model_file.exists():
+            self._network = network
+            return network.clone()  # reshaped for this batch; the kept one stays as converted
+        return network
 
     def _key(self, version: str) -> str:
         """Everything the converted network depends on: its structure, its weights and both versions."""
@@ -122,7 +139,8 @@ class OpenVINOForward:
         example = batch.detach().to("cpu", torch.float32).contiguous()
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")  # tracing warns about every shape it records
-            decoder = TorchScriptPythonDecoder(self.model.eval(), example_input=(example,))
+            model = copy.deepcopy(self.model).eval() if self.model.training else self.model  # left as it is
+            decoder = TorchScriptPythonDecoder(model, example_input=(example,))
         front_end = FrontEndManager().load_by_framework("pytorch")
         return front_end.convert(front_end.load(decoder))
 
@@ -197,4 +215,5 @@ def _save(openvino: Any, network: Any, path: Path) -> None:
     except (OSError, RuntimeError) as error:
         log.debug("could not keep the OpenVINO network in %s: %s", path.parent, error)
         for leftover in (temporary, temporary.with_suffix(".bin")):
-            leftover.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (where the folder could not be made, there is none)
+                leftover.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +49,7 @@ from ..runtime import resolve_device, resolve_precision, reuse_freed_memory
 from ..segment_options import SegmentOptions
 from ..volume import Volume
 from .calibration import CalibratedForward
+from .fast import freeze
 from .postprocess import (
     keep_largest_component,
     label_dtype,
@@ -114,7 +116,7 @@ class Predictor:
         self.largest_component = self.options.largest_component
         self.precision = self.options.precision
         self.model_name = _model_name(checkpoint)  # recorded in DICOM SEG outputs
-        self._models = [member.build_model() for member in self.members]
+        self._models = [freeze(member.build_model(share_weights=True)) for member in self.members]
         self._prepared: dict = {}
 
     def predict(self, volume: Volume, probabilities: bool = False, progress: ProgressCallback | None = None,
@@ -268,10 +270,11 @@ class Predictor:
                         output: _Output, progress, cancel) -> np.ndarray:
         dtype = resolve_precision(self.precision, compute)
         forward = self._prepared_model(compute, dtype, member)
-        memory = reuse_freed_memory() if compute.type == "cpu" else contextlib.nullcontext()
-        with torch.inference_mode(), memory:
+        network = self.members[member]
+        keep_freed = compute.type == "cpu" and _reuse_pays(self._models[member], self.batch_size,
+                                                           network.patch_size, dtype)
+        with torch.inference_mode(), reuse_freed_memory() if keep_freed else contextlib.nullcontext():
             # the image lives where the sums do: with sums on the CPU, only each batch visits the GPU
-            network = self.members[member]
             windows = self._nnunet_windows(network) if network.preprocessing.nnunet is not None else None
             for z, slab in sliding_window_slabs(
                     image.to(accumulate), forward, network.patch_size, len(self.checkpoint.labels),
@@ -286,6 +289,22 @@ class Predictor:
         if key not in self._prepared:
             self._prepared[key] = CalibratedForward(self._models[member], device, dtype)
         return self._prepared[key]
+
+
+_REUSE_LIMIT = 128 * 2**20  # bytes of a batch's first activation, above which freed memory is given back
+
+
+def _reuse_pays(model: torch.nn.Module, batch_size: int, patch_size: Sequence[int], dtype: torch.dtype) -> bool:
+    """Whether to keep freed activations in the heap for the next batch (runtime.reuse_freed_memory).
+
+    For small batches it pays: faulting in fresh pages took a third of the bundled model's forward
+    pass. For large ones it does not: a full-size nnU-Net network on a 24x256x256 window (200 MB at
+    its first convolution) spends its time convolving, and its activations, of many sizes, kept side
+    by side, fragmented the heap far above what is ever in use at once. The size of the first
+    convolution's output tells the two apart (a 2x96^3 batch of 16 channels in float32 is 113 MB)."""
+    first = next((module for module in model.modules() if isinstance(module, torch.nn.Conv3d)), None)
+    channels = first.out_channels if first is not None else 1
+    return batch_size * math.prod(patch_size) * channels * dtype.itemsize <= _REUSE_LIMIT
 
 
 def _default_batch_size(device: torch.device, checkpoint: Checkpoint | Ensemble) -> int:

@@ -160,3 +160,44 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     if cache_folder().parent == tmp_path / "xdg":  # Linux and other XDG platforms
         assert cache_folder().name == "unet3d-segmenter"
+
+
+class _Watched:
+    """A path that notes, at each of its calls, which of ``lazy``'s paths hold a built network."""
+
+    def __init__(self, path, lazy: dict, notes: list):
+        self.path, self.lazy, self.notes = path, lazy, notes
+
+    def __call__(self, batch):
+        result = self.path(batch)
+        self.notes.append(sorted(name for name, path in self.lazy.items() if path.built))
+        return result
+
+    def release(self):
+        self.path.release()
+
+
+def test_paths_are_measured_one_at_a_time_and_only_the_chosen_one_stays(cache):
+    """Each path holds a copy of the weights (and its activations in the heap): measuring them side by
+    side held them all at once, and the losers stayed for the rest of the run."""
+    forward = CalibratedForward(model(), CPU, DTYPE)
+    lazy, notes = dict(forward.paths), []
+    assert not any(path.built for path in lazy.values())  # nothing is built before a batch comes
+    forward.paths = {name: _Watched(path, lazy, notes) for name, path in lazy.items()}
+    with torch.inference_mode():
+        forward(torch.randn(1, 1, 16, 16, 16))
+    chosen = forward.choices[(1, 1, 16, 16, 16)]
+    assert len(notes) >= 2 * len(lazy) and all(len(built) == 1 for built in notes)
+    assert [name for name, path in lazy.items() if path.built] == [chosen]
+    with torch.inference_mode():
+        forward(torch.randn(1, 1, 16, 16, 16))
+    assert notes[-1] == [chosen]
+
+
+def test_a_choice_read_from_the_cache_builds_that_path_only(cache):
+    with torch.inference_mode():
+        CalibratedForward(model(), CPU, DTYPE)(torch.randn(1, 1, 16, 16, 16))
+    again = CalibratedForward(model(), CPU, DTYPE)
+    with torch.inference_mode():
+        again(torch.randn(1, 1, 16, 16, 16))
+    assert [name for name, path in again.paths.items() if path.built] == [again.choices[(1, 1, 16, 16, 16)]]

@@ -18,7 +18,7 @@ from UNet3DSegmenterLib import runtime
 from UNet3DSegmenterLib.checkpoint import Checkpoint, Label, load_checkpoint
 from UNet3DSegmenterLib.choices import ARCHITECTURES, NORMS
 from UNet3DSegmenterLib.inference import fast
-from UNet3DSegmenterLib.inference.fast import inference_paths, input_layout, prepare_for_inference
+from UNet3DSegmenterLib.inference.fast import freeze, inference_paths, input_layout, prepare_for_inference
 from UNet3DSegmenterLib.inference.predictor import Predictor
 from UNet3DSegmenterLib.io import read_volume
 from UNet3DSegmenterLib.models import build_model
@@ -235,3 +235,25 @@ def test_bfloat16_labelmaps_equal_float32_on_the_bundled_model(shared_dataset):
             same[path] += int((predictor.predict(volume).labelmap.array == expected).sum())
     for path, count in same.items():
         assert count / total >= 0.999, f"{path}: {count / total:.5f}"
+
+
+def test_a_frozen_network_runs_as_it_is_and_any_other_is_copied_and_left_alone():
+    """The untouched path needs no second set of weights where the caller's network is ready to run
+    (the predictor's are); a network in training mode, or asking for gradients, is not changed."""
+    def network() -> nn.Module:
+        return build_model("unet3d", dict(in_channels=1, out_channels=2, depth=2, base_width=4, norm="batch"))
+
+    torch.manual_seed(0)
+    frozen = freeze(network())
+    plain = inference_paths(frozen, CPU, torch.float32)["plain"]
+    batch = torch.randn(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        expected = frozen(batch)
+        torch.testing.assert_close(plain(batch), expected, rtol=0, atol=0)
+    assert plain._forward is frozen
+    training = network().train()
+    plain = inference_paths(training, CPU, torch.float32)["plain"]
+    with torch.inference_mode():
+        plain(batch)
+    assert plain._forward is not training and training.training
+    assert all(parameter.requires_grad for parameter in training.parameters())

@@ -186,3 +186,28 @@ def test_compiled_networks_leave_the_thread_on_its_own_signal_stack():
     gc.collect()
     assert signal_stack() == before
 
+
+
+def test_the_converted_network_is_not_kept_in_memory_where_the_cache_keeps_it(offered, tmp_path):
+    """Its weights are a copy of the model's: read back from the cache folder for another batch shape,
+    and kept in memory only where that folder cannot be written."""
+    model = network("unet3d", "batch")
+    kept = OpenVINOForward(model, torch.float32)
+    kept(batch())
+    assert kept._network is None and list((offered / FOLDER).glob("*.xml"))
+    (tmp_path / "not a folder").write_text("")
+    unwritable = OpenVINOForward(model, torch.float32, cache=tmp_path / "not a folder")
+    unwritable(batch())
+    assert unwritable._network is not None
+    smaller = torch.randn(1, 1, 16, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(unwritable(smaller), model(smaller), rtol=1e-4, atol=1e-4)
+
+
+def test_a_network_in_training_mode_is_converted_as_in_eval_mode_and_left_as_it_was(offered):
+    model = network("unet3d", "batch").train()
+    result = OpenVINOForward(model, torch.float32)(batch())
+    assert model.training
+    with torch.inference_mode():
+        expected = model.eval()(batch())
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ import torch
 from UNet3DSegmenterLib.checkpoint import Checkpoint, Label
 from UNet3DSegmenterLib.errors import UserError
 from UNet3DSegmenterLib.inference.postprocess import keep_largest_component
-from UNet3DSegmenterLib.inference.predictor import Predictor
+from UNet3DSegmenterLib.inference.predictor import Predictor, _reuse_pays
 from UNet3DSegmenterLib.models import build_model
 from UNet3DSegmenterLib.preprocess import Preprocessing
 from UNet3DSegmenterLib.volume import Volume
@@ -221,3 +221,32 @@ def test_the_roi_option_segments_inside_its_box_as_the_roi_argument_does():
     np.testing.assert_array_equal(chosen, given.labelmap.array)
     whole = Predictor(checkpoint(), device="cpu").predict(volume).labelmap.array
     assert not np.array_equal(chosen, whole), "the box changed nothing: choose one that leaves voxels out"
+
+
+def test_the_predictor_runs_on_the_checkpoints_own_weights_and_training_gets_a_copy():
+    """A second copy of a large network's weights is hundreds of megabytes: the predictor only reads
+    them, so it shares the checkpoint's tensors; a network built to train copies them."""
+    source = checkpoint(norm="batch")
+    predictor = Predictor(source, device="cpu")
+    shared = {name: tensor.data_ptr() for name, tensor in predictor._models[0].state_dict().items()}
+    assert shared == {name: tensor.data_ptr() for name, tensor in source.state_dict.items()}
+    trained = source.build_model()
+    assert all(tensor.data_ptr() != shared[name] for name, tensor in trained.state_dict().items())
+    half = Checkpoint(source.architecture, source.architecture_args,
+                      {name: tensor.half() if tensor.is_floating_point() else tensor
+                       for name, tensor in source.state_dict.items()},
+                      source.labels, source.preprocessing, source.patch_size)
+    converted = half.build_model(share_weights=True)  # another type than the network's: copied, converted
+    assert all(parameter.dtype == torch.float32 for parameter in converted.parameters())
+    torch.testing.assert_close(converted(torch.ones(1, 1, 16, 16, 16)), trained(torch.ones(1, 1, 16, 16, 16)),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_freed_memory_is_kept_for_small_batches_and_given_back_for_large_ones():
+    """Kept, a large network's activations of many sizes fragmented the heap far above their use."""
+    sixteen = torch.nn.Sequential(torch.nn.Conv3d(1, 16, 3), torch.nn.Conv3d(16, 64, 3))
+    thirty_two = torch.nn.Sequential(torch.nn.Conv3d(1, 32, 3), torch.nn.Conv3d(32, 8, 3))
+    assert _reuse_pays(sixteen, 2, (96, 96, 96), torch.float32)  # 113 MB at the first convolution
+    assert not _reuse_pays(sixteen, 2, (128, 128, 128), torch.float32)  # 268 MB
+    assert not _reuse_pays(thirty_two, 1, (24, 256, 256), torch.float32)  # a full-size nnU-Net window: 201 MB
+    assert _reuse_pays(thirty_two, 1, (24, 256, 256), torch.bfloat16)
