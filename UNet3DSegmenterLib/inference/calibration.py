@@ -90,6 +90,13 @@ class CalibratedForward:
             self.choices[shape] = self._choose(batch) if self.calibrate else next(iter(self.paths))
         return self.paths[self.choices[shape]](batch)
 
+    def release_memory(self) -> None:
+        """Give back the working buffers that the paths keep between batches (see LazyPath.release_memory)."""
+        for path in self.paths.values():
+            release = getattr(path, "release_memory", None)
+            if release is not None:
+                release()
+
     def _choose(self, batch: torch.Tensor) -> str:
         if os.environ.get(PATH_ENVIRONMENT) in self.paths:
             return os.environ[PATH_ENVIRONMENT]

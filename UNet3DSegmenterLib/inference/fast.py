@@ -253,6 +253,12 @@ class LazyPath:
         with self._lock:
             self._forward = None
 
+    def release_memory(self) -> None:
+        """Keep the built network but give back its working buffers, where it has its own (OpenVINO's)."""
+        release = getattr(self._forward, "release_memory", None)
+        if release is not None:
+            release()
+
 
 def inference_paths(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, LazyPath]:
     """The ways to run ``model`` on batches of windows in ``dtype``, each a :class:`LazyPath` batch -> logits.

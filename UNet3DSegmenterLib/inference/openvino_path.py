@@ -76,6 +76,13 @@ class OpenVINOForward:
             request.infer([batch.detach().to("cpu", torch.float32).contiguous().numpy()])
             return torch.from_numpy(request.get_output_tensor(0).data.copy())
 
+    def release_memory(self) -> None:
+        """Give back the compiled networks' working buffers until the next batch (which allocates them
+        again); their weights stay. For networks that take turns: an ensemble's members."""
+        with self._lock:
+            for request in self._requests.values():
+                request.get_compiled_model().release_memory()
+
     def __del__(self) -> None:
         with signal_stack_kept():  # each compiled network puts back a signal stack of its own when it goes
             getattr(self, "_requests", {}).clear()

@@ -276,11 +276,16 @@ class Predictor:
         with torch.inference_mode(), reuse_freed_memory() if keep_freed else contextlib.nullcontext():
             # the image lives where the sums do: with sums on the CPU, only each batch visits the GPU
             windows = self._nnunet_windows(network) if network.preprocessing.nnunet is not None else None
-            for z, slab in sliding_window_slabs(
-                    image.to(accumulate), forward, network.patch_size, len(self.checkpoint.labels),
-                    overlap=self.overlap, batch_size=self.batch_size, mirror=self.tta, accumulate_device=accumulate,
-                    normalize=output.normalized, progress=progress, cancel=cancel, windows=windows):
-                output.write(z, slab)
+            try:
+                for z, slab in sliding_window_slabs(
+                        image.to(accumulate), forward, network.patch_size, len(self.checkpoint.labels),
+                        overlap=self.overlap, batch_size=self.batch_size, mirror=self.tta,
+                        accumulate_device=accumulate, normalize=output.normalized, progress=progress, cancel=cancel,
+                        windows=windows):
+                    output.write(z, slab)
+            finally:
+                if len(self.members) > 1:  # the members take turns: one set of working buffers at a time
+                    forward.release_memory()
         return output.array
 
     def _prepared_model(self, device: torch.device, dtype: torch.dtype, member: int = 0):

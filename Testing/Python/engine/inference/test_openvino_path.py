@@ -211,3 +211,15 @@ def test_a_network_in_training_mode_is_converted_as_in_eval_mode_and_left_as_it_
     with torch.inference_mode():
         expected = model.eval()(batch())
     torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_working_buffers_given_back_are_allocated_again_at_the_next_batch():
+    model = network("unet3d", "instance")
+    forward = inference_paths(model, CPU, torch.float32)["openvino"]  # as the calibration holds it
+    forward.release_memory()  # not built yet: nothing to give back
+    first = forward(batch())
+    forward.release_memory()
+    torch.testing.assert_close(forward(batch()), first, rtol=0, atol=0)
+    forward.release_memory()
+    forward.release_memory()  # twice in a row, and with nothing compiled, is harmless
+    OpenVINOForward(model, torch.float32).release_memory()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from UNet3DSegmenterLib.checkpoint import Checkpoint, Ensemble, save_checkpoint
+from UNet3DSegmenterLib.inference import calibration
 from UNet3DSegmenterLib.inference.postprocess import labelmap_from_probabilities
 from UNet3DSegmenterLib.inference.predictor import Predictor
 from UNet3DSegmenterLib.labels import Label
@@ -72,3 +73,15 @@ def test_a_folder_of_fold_checkpoints_predicts_as_their_ensemble(tmp_path):
         save_checkpoint(member, tmp_path / "cv" / f"fold_{fold}" / "best.pt")
     from_folder = predict(tmp_path / "cv")
     np.testing.assert_array_equal(from_folder.probabilities.array, predict(Ensemble(members)).probabilities.array)
+
+
+def test_the_members_of_an_ensemble_give_back_their_working_buffers_after_their_turn(monkeypatch):
+    """Each member's compiled network keeps buffers the size of its activations (1.35 GB each for a
+    full-size nnU-Net network): members that take turns need one set at a time."""
+    turns = []
+    monkeypatch.setattr(calibration.CalibratedForward, "release_memory", lambda self: turns.append(id(self)))
+    predict(Ensemble([network(0), network(1)]))
+    assert len(turns) == 2 and len(set(turns)) == 2
+    turns.clear()
+    predict(network(0))
+    assert turns == []  # one network keeps its buffers for the next volume
