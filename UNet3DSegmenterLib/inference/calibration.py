@@ -112,10 +112,6 @@ class CalibratedForward:
         log.info("fastest inference path for %s windows: %s (%s)", "x".join(map(str, batch.shape[2:])), choice,
                  ", ".join(f"{name} {value * 1000:.0f} ms" for name, value in working.items()))
         _chosen[key] = choice
-        kept = {choice, *self.choices.values()}  # the paths other batch shapes run stay
-        for name, path in self.paths.items():
-            if name not in kept:
-                _release(path)
         busy = processor_busy()
         if busy:
             log.info("other work kept the processor busy while measuring: delete %s to measure again",
@@ -135,8 +131,9 @@ def measure_paths(paths: Mapping[str, Forward], batch: torch.Tensor) -> dict[str
     """Best wall-clock seconds of each path on ``batch``, one path after the other: a warm-up run, then
     up to ``_ROUNDS`` timed runs, fewer once it is clearly slower than the best so far. A path whose
     warm-up raises (a kernel this processor lacks) gets infinity; when every path raises, the last
-    error propagates. Each path but the last is released when measured (see :func:`_release`), so a
-    first run on a new network never holds two paths' networks and activations at once."""
+    error propagates. Each path is released when measured (see :func:`_release`), so a first run on a
+    new network never holds two paths' networks and activations at once; only the last one stays
+    built, where it is the fastest (a path released is built again when next called)."""
     best: dict[str, float] = {}
     with torch.inference_mode():
         for index, (name, forward) in enumerate(paths.items()):
@@ -151,7 +148,7 @@ def measure_paths(paths: Mapping[str, Forward], batch: torch.Tensor) -> dict[str
                     best[name] = min(best[name], time.perf_counter() - started)
                     if best[name] > _CLEAR_MARGIN * min(best.values()):
                         break
-            if not last:
+            if not (last and best[name] == min(best.values())):
                 _release(forward)
     return best
 
