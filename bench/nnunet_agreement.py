@@ -19,9 +19,10 @@ the CPU build of torch), briefly (``--iterations``, batch 2), on ../shared/data:
 Then, for each model and each setting (mirroring off and on), each side segments the scored cases in a
 child process of its own, one case at a time from the file to the labelmap on the input grid: nnU-Net's
 ``nnUNetPredictor.predict_single_npy_array`` (float32, its defaults: step 0.5, Gaussian) and this engine's
-``Predictor`` (its fast CPU path; float32 where agreement is measured, and bf16). Every case runs once
-to warm up (the engine measures its fastest path once per network and machine, and keeps it), then
-the second pass is timed; the child's peak resident memory is reported. Agreement is the fraction of
+``Predictor`` (its fast CPU path; float32 where agreement is measured, and bf16: without mirroring
+only, unless the CPU has native bf16, where bf16 is the engine's default and its speed the one that
+counts). Every case runs once to warm up (the engine measures its fastest path once per network and
+machine, and keeps it), then the second pass is timed; the child's peak resident memory is reported. Agreement is the fraction of
 equal voxels per case; Dice per class against the dataset's labels for both sides.
 
     .venv-bench/bin/python bench/nnunet_agreement.py --output /tmp/nnunet-bench
@@ -221,11 +222,14 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def compare(key: str, folder: Path, threads: int, bf16: bool, settings=(False, True)) -> dict:
     import SimpleITK as sitk
 
+    from UNet3DSegmenterLib.runtime import cpu_supports_bf16
+
     model = MODELS[key]
     _, scored = cases(model)
     images = [str(image) for image in scored]
     references = [sitk.GetArrayFromImage(source_labels(model, image)) for image in scored]
     report: dict = {}
+    native_bf16 = cpu_supports_bf16()
     for mirroring in settings:
         nnunet = in_child("nnunet", str(folder), images, mirroring, "fp32", threads)
         ours = in_child("ours", str(folder), images, mirroring, "fp32", threads)
@@ -240,11 +244,16 @@ def compare(key: str, folder: Path, threads: int, bf16: bool, settings=(False, T
                                                      for labelmap, reference in zip(labelmaps, references)]
                                                     for labelmaps in (theirs, [np.asarray(m) for m in
                                                                                ours["labelmaps"]]))
-        if bf16 and not mirroring:  # bf16 once: without native bf16 (as here) it is emulated and slow
+        if bf16 and (native_bf16 or not mirroring):  # without native bf16 it is emulated and slow: once
             low = in_child("ours", str(folder), images, mirroring, "bf16", threads)
             entry["agreement_bf16"] = [round(float((np.asarray(a) == b).mean()), 5)
                                        for a, b in zip(low["labelmaps"], theirs)]
+            entry["dice_ours_bf16"] = [[round(dice(np.asarray(labelmap) == value, reference == value), 4)
+                                        for value in range(1, len(model["labels"]) + 1)]
+                                       for labelmap, reference in zip(low["labelmaps"], references)]
             entry["ours_bf16_seconds"] = round(low["seconds"], 2)
+            entry["speedup_bf16"] = round(nnunet["seconds"] / low["seconds"], 2)
+            entry["ours_bf16_peak_mb"] = round(low["peak_mb"])
         report["mirroring" if mirroring else "no_mirroring"] = entry
     return report
 
@@ -256,6 +265,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=40, help="training iterations per model (default 40)")
     parser.add_argument("--threads", type=int, default=1, help="PyTorch threads for each side (default 1)")
     parser.add_argument("--skip-training", action="store_true", help="reuse the models trained in --output")
+    parser.add_argument("--train-only", action="store_true", help="train the models, compare nothing")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 runs")
     parser.add_argument("--mirroring", nargs="+", choices=("off", "on"), default=["off", "on"],
                         help="which mirroring settings to run (default both)")
@@ -270,6 +280,8 @@ def main() -> None:
         if not (args.skip_training and found):
             shutil.rmtree(work, ignore_errors=True)
             found = [train(key, work, args.iterations)]
+        if args.train_only:
+            continue
         report[key] = compare(key, found[0], args.threads, not args.no_bf16,
                               tuple(setting == "on" for setting in args.mirroring))
         print(json.dumps({key: report[key]}), file=sys.stderr)
