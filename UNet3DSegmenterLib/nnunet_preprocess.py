@@ -25,6 +25,7 @@ in :class:`~UNet3DSegmenterLib.preprocess.Preprocessing` as ``nnunet``; see :fun
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -258,7 +259,13 @@ def pad_to_patch(array: np.ndarray, patch_size) -> tuple[np.ndarray, tuple[slice
 def gaussian_weights(patch_size) -> np.ndarray:
     """nnU-Net's window weights (``compute_gaussian``): a unit impulse at the centre voxel (size // 2)
     blurred by a Gaussian of sigma size / 8 cut at 4 sigma, scaled to 10 at the top and rounded to
-    float16 as nnU-Net keeps it; zeros are raised to the smallest value."""
+    float16 as nnU-Net keeps it; zeros are raised to the smallest value. Kept per patch size, as nnU-Net
+    keeps it: on small cases making it took a twentieth of the time. Callers must not change it."""
+    return _gaussian_weights(tuple(int(size) for size in patch_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_weights(patch_size: tuple[int, ...]) -> np.ndarray:
     axes = []
     for size in patch_size:
         sigma = size / 8

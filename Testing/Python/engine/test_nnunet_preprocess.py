@@ -17,6 +17,16 @@ def test_window_starts_are_nnunets():
     assert nnunet_preprocess.window_starts(10, 5, 0.5) == [0, 2, 5]
 
 
+def test_gaussian_weights_are_nnunets_and_made_once_per_patch_size():
+    weights = nnunet_preprocess.gaussian_weights([24, 40, 32])
+    assert weights.dtype == np.float32 and weights.shape == (24, 40, 32)
+    assert weights[12, 20, 16] == weights.max() == np.float16(10)  # the top, at size // 2, scaled to 10
+    assert weights.min() > 0  # float16's underflow raised to its smallest value, never zero
+    assert np.array_equal(weights, weights.astype(np.float16).astype(np.float32))  # float16 values
+    assert nnunet_preprocess.gaussian_weights((24, 40, 32)) is weights  # kept, list or tuple alike
+    assert nnunet_preprocess.gaussian_weights((24, 40, 33)) is not weights
+
+
 def test_padding_to_the_patch_is_centred_with_the_odd_voxel_after():
     array = np.ones((2, 5, 6, 7), np.float32)
     padded, unpad = nnunet_preprocess.pad_to_patch(array, (8, 6, 4))
