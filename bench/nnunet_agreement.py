@@ -22,8 +22,9 @@ child process of its own, one case at a time from the file to the labelmap on th
 ``Predictor`` (its fast CPU path; float32 where agreement is measured, and bf16: without mirroring
 only, unless the CPU has native bf16, where bf16 is the engine's default and its speed the one that
 counts). Every case runs once to warm up (the engine measures its fastest path once per network and
-machine, and keeps it), then the second pass is timed; the child's peak resident memory is reported. Agreement is the fraction of
-equal voxels per case; Dice per class against the dataset's labels for both sides.
+machine, and keeps it), then the second pass is timed; the child's peak resident memory is reported.
+Agreement is the fraction of equal voxels per case; Dice per class against the dataset's labels for
+both sides.
 
     .venv-bench/bin/python bench/nnunet_agreement.py --output /tmp/nnunet-bench
     # as an AVX2-only CPU would run it:
@@ -219,6 +220,17 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / total) if total else 1.0
 
 
+def agreement(labelmaps: list, theirs: list[np.ndarray]) -> list[float]:
+    """The fraction of voxels equal to nnU-Net's, per case."""
+    return [round(float((np.asarray(a) == b).mean()), 5) for a, b in zip(labelmaps, theirs)]
+
+
+def dices(labelmaps: list, references: list[np.ndarray], classes: int) -> list[list[float]]:
+    """Dice of each class 1..classes against the reference labels, per case."""
+    return [[round(dice(np.asarray(labelmap) == value, reference == value), 4) for value in range(1, classes + 1)]
+            for labelmap, reference in zip(labelmaps, references)]
+
+
 def compare(key: str, folder: Path, threads: int, bf16: bool, settings=(False, True)) -> dict:
     import SimpleITK as sitk
 
@@ -237,20 +249,14 @@ def compare(key: str, folder: Path, threads: int, bf16: bool, settings=(False, T
                  "speedup": round(nnunet["seconds"] / ours["seconds"], 2),
                  "nnunet_peak_mb": round(nnunet["peak_mb"]), "ours_peak_mb": round(ours["peak_mb"])}
         theirs = [np.asarray(labelmap) for labelmap in nnunet["labelmaps"]]
-        entry["agreement_fp32"] = [round(float((np.asarray(a) == b).mean()), 5)
-                                   for a, b in zip(ours["labelmaps"], theirs)]
-        entry["dice_nnunet"], entry["dice_ours"] = ([[round(dice(labelmap == value, reference == value), 4)
-                                                      for value in range(1, len(model["labels"]) + 1)]
-                                                     for labelmap, reference in zip(labelmaps, references)]
-                                                    for labelmaps in (theirs, [np.asarray(m) for m in
-                                                                               ours["labelmaps"]]))
+        classes = len(model["labels"])
+        entry["agreement_fp32"] = agreement(ours["labelmaps"], theirs)
+        entry["dice_nnunet"], entry["dice_ours"] = (dices(theirs, references, classes),
+                                                    dices(ours["labelmaps"], references, classes))
         if bf16 and (native_bf16 or not mirroring):  # without native bf16 it is emulated and slow: once
             low = in_child("ours", str(folder), images, mirroring, "bf16", threads)
-            entry["agreement_bf16"] = [round(float((np.asarray(a) == b).mean()), 5)
-                                       for a, b in zip(low["labelmaps"], theirs)]
-            entry["dice_ours_bf16"] = [[round(dice(np.asarray(labelmap) == value, reference == value), 4)
-                                        for value in range(1, len(model["labels"]) + 1)]
-                                       for labelmap, reference in zip(low["labelmaps"], references)]
+            entry["agreement_bf16"] = agreement(low["labelmaps"], theirs)
+            entry["dice_ours_bf16"] = dices(low["labelmaps"], references, classes)
             entry["ours_bf16_seconds"] = round(low["seconds"], 2)
             entry["speedup_bf16"] = round(nnunet["seconds"] / low["seconds"], 2)
             entry["ours_bf16_peak_mb"] = round(low["peak_mb"])
