@@ -187,7 +187,6 @@ def test_compiled_networks_leave_the_thread_on_its_own_signal_stack():
     assert signal_stack() == before
 
 
-
 def test_the_converted_network_is_not_kept_in_memory_where_the_cache_keeps_it(offered, tmp_path):
     """Its weights are a copy of the model's: read back from the cache folder for another batch shape,
     and kept in memory only where that folder cannot be written."""
